@@ -1,0 +1,466 @@
+//! The broker core: per-collection state (L1), single-flight refresh, the
+//! refresh policy, and fan-out to watchers.
+//!
+//! Contract:
+//! - Reads take a snapshot (`watch::Sender::borrow`, a read lock held for a few
+//!   field reads, never across `.await`) and do no I/O while a servable token
+//!   exists; a token is never handed out at or after its `expires_at`.
+//! - Exactly one task per collection (the refresher) ever calls the source, so
+//!   refreshes are single-flight by construction. Callers only record demand and
+//!   wait, bounded by their deadline, for the attempt that serves it.
+//! - L1 timestamps are copied from the store's row: no clock is restarted here.
+//! - This module knows nothing of protobuf or SQL.
+
+mod error;
+pub mod policy;
+mod refresher;
+mod watch;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, watch as tokio_watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::{Config, SourceConfig};
+use crate::source::{DemoSource, Source};
+use crate::store::{Backoff, MemoryStore, Store};
+use crate::token::Token;
+
+pub use error::BrokerError;
+pub use policy::Policy;
+pub use watch::TokenWatch;
+
+/// How many rotated tokens each collection keeps for watchers that fall behind
+/// or reconnect with `after_version`.
+const HISTORY: usize = 16;
+
+/// What one collection needs to run.
+pub struct CollectionSpec {
+    pub name: String,
+    pub source: Arc<dyn Source>,
+    pub policy: Policy,
+    /// Fetch at start-up and keep refreshed even before anyone asks.
+    pub prefetch: bool,
+}
+
+/// A point-in-time view of one collection, published by its refresher.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The current token (servable or not: check `expires_at`).
+    pub token: Option<Arc<Token>>,
+    /// Recent tokens in ascending version order; the last one is `token`.
+    pub history: VecDeque<Arc<Token>>,
+    /// Set while refreshing fails; cleared by the next success.
+    pub failure: Option<Backoff>,
+    pub refreshing: bool,
+    /// Attempts that reached the upstream: started / finished.
+    pub started: u64,
+    pub finished: u64,
+    pub last_attempt_at: Option<SystemTime>,
+}
+
+impl Snapshot {
+    fn servable(&self, now: SystemTime) -> Option<&Arc<Token>> {
+        self.token.as_ref().filter(|t| t.servable_at(now))
+    }
+
+    fn served(&self, token: &Arc<Token>, now: SystemTime) -> Served {
+        Served {
+            token: token.clone(),
+            stale: self.failure.is_some() && now >= token.refresh_at,
+        }
+    }
+
+    /// The earliest instant a new attempt may start: the shared backoff always
+    /// applies; the minimum interval applies only while a servable token exists.
+    fn attempt_allowed_at(&self, now: SystemTime, policy: &Policy) -> SystemTime {
+        let mut at = now;
+        if let Some(f) = &self.failure {
+            at = at.max(f.next_attempt_at);
+        }
+        if self.servable(now).is_some()
+            && let Some(last) = self.last_attempt_at
+        {
+            at = at.max(last + policy.min_refresh_interval);
+        }
+        at
+    }
+
+    fn error(&self, collection: &str, now: SystemTime) -> BrokerError {
+        match &self.failure {
+            Some(f) => BrokerError::UpstreamFailing {
+                collection: collection.to_owned(),
+                class: f.class,
+                failures: f.failures,
+                next_attempt_at: f.next_attempt_at,
+                retry_in: f.next_attempt_at.duration_since(now).unwrap_or_default(),
+            },
+            None => BrokerError::DeadlineExceeded {
+                collection: collection.to_owned(),
+            },
+        }
+    }
+}
+
+/// A token as handed to a caller.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub token: Arc<Token>,
+    /// Served past `refresh_at` because refreshing is failing.
+    pub stale: bool,
+}
+
+/// What a caller of `InvalidateToken` says the upstream rejected.
+#[derive(Debug, Clone, Copy)]
+pub enum Rejected<'a> {
+    Version(u64),
+    Value(&'a str),
+    Both(u64, &'a str),
+}
+
+/// Demand recorded by callers for the refresher. Atomics, so recording demand
+/// never waits on the refresher.
+#[derive(Debug, Default)]
+struct Demand {
+    /// Someone asked for this collection (prefetch collections start active).
+    active: AtomicBool,
+    /// A forced refresh is wanted while the current version is <= this.
+    force_version: AtomicU64,
+    /// A refresh is wanted while the current token expires before this
+    /// (milliseconds since the Unix epoch).
+    want_until_ms: AtomicU64,
+}
+
+pub(crate) struct Collection {
+    name: String,
+    source: Arc<dyn Source>,
+    policy: Policy,
+    prefetch: bool,
+    state: tokio_watch::Sender<Snapshot>,
+    demand: Demand,
+    /// Wakes the refresher after demand was recorded. `notify_one` stores a
+    /// permit, so a wake-up sent while the refresher is busy is not lost.
+    wake: Notify,
+}
+
+impl Collection {
+    fn activate(&self) {
+        if !self.demand.active.load(Ordering::Relaxed)
+            && !self.demand.active.swap(true, Ordering::Relaxed)
+        {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The broker: a cheap handle, clone it freely.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    collections: HashMap<String, Arc<Collection>>,
+    clock: Clock,
+    /// Bumped after any collection's state changes (for readiness).
+    epoch: tokio_watch::Sender<u64>,
+    shutdown: CancellationToken,
+}
+
+impl Broker {
+    /// Starts a broker with one refresher task per collection. Must be called
+    /// inside a tokio runtime; the tasks stop when `shutdown` is cancelled.
+    pub fn start(
+        specs: Vec<CollectionSpec>,
+        store: Arc<dyn Store>,
+        clock: Clock,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (epoch, _) = tokio_watch::channel(0);
+        let collections = specs
+            .into_iter()
+            .map(|spec| {
+                let (state, _) = tokio_watch::channel(Snapshot::default());
+                let c = Collection {
+                    demand: Demand {
+                        active: AtomicBool::new(spec.prefetch),
+                        ..Demand::default()
+                    },
+                    name: spec.name,
+                    source: spec.source,
+                    policy: spec.policy,
+                    prefetch: spec.prefetch,
+                    state,
+                    wake: Notify::new(),
+                };
+                (c.name.clone(), Arc::new(c))
+            })
+            .collect::<HashMap<_, _>>();
+        let inner = Arc::new(Inner {
+            collections,
+            clock,
+            epoch,
+            shutdown,
+        });
+        let holder = refresher::holder_id();
+        for c in inner.collections.values() {
+            tokio::spawn(refresher::run(
+                c.clone(),
+                store.clone(),
+                inner.clone_parts(),
+                holder.clone(),
+            ));
+        }
+        Self { inner }
+    }
+
+    /// Builds every collection's source from the config, with the in-memory store.
+    pub fn from_config(
+        config: &Config,
+        clock: Clock,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let specs = config
+            .collections
+            .iter()
+            .map(|c| {
+                let source: Arc<dyn Source> = match &c.source {
+                    SourceConfig::Demo { ttl } => Arc::new(DemoSource::new(*ttl)),
+                };
+                CollectionSpec {
+                    name: c.name.clone(),
+                    source,
+                    policy: c.policy.clone(),
+                    prefetch: c.prefetch,
+                }
+            })
+            .collect();
+        Ok(Self::start(
+            specs,
+            Arc::new(MemoryStore::new()),
+            clock,
+            shutdown,
+        ))
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.inner.clock
+    }
+
+    fn collection(&self, name: &str) -> Result<&Arc<Collection>, BrokerError> {
+        self.inner
+            .collections
+            .get(name)
+            .ok_or_else(|| BrokerError::UnknownCollection(name.to_owned()))
+    }
+
+    /// A servable token for `name`. Without one (or when `min_remaining` asks for
+    /// a longer-lived one), waits until `deadline` for the refresh that serves it.
+    pub async fn get(
+        &self,
+        name: &str,
+        min_remaining: Option<Duration>,
+        deadline: Instant,
+    ) -> Result<Served, BrokerError> {
+        let c = self.collection(name)?;
+        let now = self.inner.clock.now();
+        let want_until = min_remaining.map(|d| now + d);
+        {
+            let snap = c.state.borrow();
+            if let Some(t) = snap.servable(now)
+                && want_until.is_none_or(|u| t.expires_at >= u)
+            {
+                c.activate();
+                return Ok(snap.served(t, now));
+            }
+        }
+        c.activate();
+        let need = match want_until {
+            Some(u) => Need::ExpiringAfter(u),
+            None => Need::Servable,
+        };
+        self.refresh_and_wait(c, need, deadline)
+            .await
+            .map(|(served, _)| served)
+    }
+
+    /// Compare-and-invalidate: when `rejected` names the current token, forces
+    /// one (rate-limited) refresh and waits for it; otherwise returns the current
+    /// token at once. The bool says whether the token was replaced.
+    pub async fn invalidate(
+        &self,
+        name: &str,
+        rejected: Rejected<'_>,
+        deadline: Instant,
+    ) -> Result<(Served, bool), BrokerError> {
+        let c = self.collection(name)?;
+        c.activate();
+        let current_version = {
+            let snap = c.state.borrow();
+            snap.token.as_ref().and_then(|t| {
+                let matches = match rejected {
+                    Rejected::Version(v) => t.version == v,
+                    Rejected::Value(value) => t.value.ct_eq(value),
+                    Rejected::Both(v, value) => t.version == v && t.value.ct_eq(value),
+                };
+                matches.then_some(t.version)
+            })
+        };
+        match current_version {
+            Some(version) => {
+                c.demand.force_version.fetch_max(version, Ordering::Relaxed);
+                self.refresh_and_wait(c, Need::NewerThan(version), deadline)
+                    .await
+            }
+            None => {
+                // Not the current token (an older version, or a value we never
+                // served): hand out the current one without a refresh.
+                let served = self.get(name, None, deadline).await?;
+                Ok((served, false))
+            }
+        }
+    }
+
+    /// A stream of the tokens owed to a watcher that has seen `after_version`.
+    pub fn watch(&self, name: &str, after_version: u64) -> Result<TokenWatch, BrokerError> {
+        let c = self.collection(name)?;
+        c.activate();
+        Ok(TokenWatch::new(
+            c.state.subscribe(),
+            after_version,
+            self.inner.clock,
+            self.inner.shutdown.clone(),
+        ))
+    }
+
+    /// True when every prefetch collection holds a servable token; also returns
+    /// the earliest hard expiry among them (readiness changes then).
+    pub fn readiness(&self) -> (bool, Option<SystemTime>) {
+        let now = self.inner.clock.now();
+        let mut ready = true;
+        let mut earliest: Option<SystemTime> = None;
+        for c in self.inner.collections.values().filter(|c| c.prefetch) {
+            match c.state.borrow().servable(now) {
+                Some(t) => earliest = Some(earliest.map_or(t.expires_at, |e| e.min(t.expires_at))),
+                None => ready = false,
+            }
+        }
+        (ready, earliest)
+    }
+
+    /// Changes whenever any collection's state changes.
+    pub fn changes(&self) -> tokio_watch::Receiver<u64> {
+        self.inner.epoch.subscribe()
+    }
+
+    /// Records the demand `need`, wakes the refresher and waits (until
+    /// `deadline`) for an attempt that started after the demand was recorded.
+    async fn refresh_and_wait(
+        &self,
+        c: &Collection,
+        need: Need,
+        deadline: Instant,
+    ) -> Result<(Served, bool), BrokerError> {
+        let clock = self.inner.clock;
+        if let Need::ExpiringAfter(u) = need {
+            c.demand
+                .want_until_ms
+                .fetch_max(epoch_ms(u), Ordering::Relaxed);
+        }
+        let target = {
+            let now = clock.now();
+            let snap = c.state.borrow();
+            if let Some(t) = snap.servable(now) {
+                if need.satisfied_by(t) {
+                    return Ok((snap.served(t, now), need.replaced(t)));
+                }
+                // A servable token exists: wait only if a refresh can start
+                // before the caller gives up; otherwise answer now.
+                if snap.attempt_allowed_at(now, &c.policy) > clock.wall_at(deadline) {
+                    return Ok((snap.served(t, now), false));
+                }
+            } else if let Some(f) = &snap.failure
+                && f.next_attempt_at > now
+                && !snap.refreshing
+            {
+                // Backing off with nothing to serve: fail fast, do not queue.
+                return Err(snap.error(&c.name, now));
+            }
+            snap.started + 1
+        };
+        c.wake.notify_one();
+        let mut rx = c.state.subscribe();
+        let waited = tokio::time::timeout_at(
+            deadline,
+            rx.wait_for(|s| {
+                s.finished >= target
+                    || s.servable(clock.now())
+                        .is_some_and(|t| need.satisfied_by(t))
+            }),
+        )
+        .await;
+        if self.inner.shutdown.is_cancelled() && waited.is_err() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let now = clock.now();
+        let snap = c.state.borrow();
+        match snap.servable(now) {
+            Some(t) => Ok((snap.served(t, now), need.replaced(t))),
+            None if waited.is_err() => Err(BrokerError::DeadlineExceeded {
+                collection: c.name.clone(),
+            }),
+            None => Err(snap.error(&c.name, now)),
+        }
+    }
+}
+
+/// What a waiting caller needs from a refresh.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    Servable,
+    NewerThan(u64),
+    ExpiringAfter(SystemTime),
+}
+
+impl Need {
+    fn satisfied_by(self, t: &Token) -> bool {
+        match self {
+            Need::Servable => true,
+            Need::NewerThan(v) => t.version > v,
+            Need::ExpiringAfter(u) => t.expires_at >= u,
+        }
+    }
+
+    fn replaced(self, t: &Token) -> bool {
+        matches!(self, Need::NewerThan(v) if t.version > v)
+    }
+}
+
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// What refresher tasks share with the broker.
+#[derive(Clone)]
+struct Shared {
+    clock: Clock,
+    epoch: tokio_watch::Sender<u64>,
+    shutdown: CancellationToken,
+}
+
+impl Inner {
+    fn clone_parts(&self) -> Shared {
+        Shared {
+            clock: self.clock,
+            epoch: self.epoch.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}

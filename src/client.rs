@@ -1,0 +1,210 @@
+//! Client subcommands for people at a terminal: `get`, `watch`, `invalidate`.
+//!
+//! Contract: token values are printed only when asked for (`--value`); every
+//! other line is safe to paste into a ticket. `watch` reconnects after a
+//! transport error or UNAVAILABLE, resuming with `after_version` so that no
+//! rotation is missed.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::grpc::pb::token_broker_client::TokenBrokerClient;
+use crate::grpc::pb::{self, GetCollectionTokenRequest, InvalidateTokenRequest, WatchTokenRequest};
+use crate::listen::ListenAddr;
+
+/// Connects to a broker at `addr` (TCP or `unix:` path).
+pub async fn connect(addr: &ListenAddr) -> anyhow::Result<TokenBrokerClient<Channel>> {
+    let channel = match addr {
+        ListenAddr::Tcp(a) => Endpoint::from_shared(format!("http://{a}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?,
+        ListenAddr::Unix(path) => {
+            let path = path.clone();
+            // The URI is required by the API but unused: the connector decides.
+            Endpoint::try_from("http://localhost")?
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    }
+                }))
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?
+        }
+    };
+    Ok(TokenBrokerClient::new(channel))
+}
+
+fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(timeout);
+    req
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+pub async fn get(
+    addr: &ListenAddr,
+    collection: String,
+    min_remaining: Option<Duration>,
+    timeout: Duration,
+    value_only: bool,
+) -> anyhow::Result<()> {
+    let mut client = connect(addr).await?;
+    let msg = GetCollectionTokenRequest {
+        collection,
+        min_remaining: min_remaining.map(|d| d.try_into()).transpose()?,
+    };
+    let resp = client
+        .get_collection_token(with_timeout(msg, timeout))
+        .await
+        .map_err(status_error)?;
+    let token = resp.into_inner().token.context("response has no token")?;
+    let mut out = std::io::stdout().lock();
+    if value_only {
+        writeln!(out, "{}", token.value)?;
+    } else {
+        write!(out, "{}", describe(&token))?;
+    }
+    Ok(())
+}
+
+pub async fn invalidate(
+    addr: &ListenAddr,
+    collection: String,
+    version: u64,
+    reason: String,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut client = connect(addr).await?;
+    let msg = InvalidateTokenRequest {
+        collection,
+        version,
+        value: String::new(),
+        reason,
+    };
+    let resp = client
+        .invalidate_token(with_timeout(msg, timeout))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let token = resp.token.context("response has no token")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "refreshed:  {}", resp.refreshed)?;
+    write!(out, "{}", describe(&token))?;
+    Ok(())
+}
+
+pub async fn watch(
+    addr: &ListenAddr,
+    collection: String,
+    mut after_version: u64,
+    count: Option<u64>,
+    show_value: bool,
+) -> anyhow::Result<()> {
+    let mut seen = 0u64;
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let result: anyhow::Result<()> = async {
+            let mut client = connect(addr).await?;
+            let req = WatchTokenRequest {
+                collection: collection.clone(),
+                after_version,
+            };
+            let mut stream = client
+                .watch_token(req)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(msg) = stream.message().await.map_err(status_error)? {
+                let token = msg.token.context("response has no token")?;
+                after_version = token.version;
+                delay = Duration::from_millis(250);
+                let mut out = std::io::stdout().lock();
+                write!(
+                    out,
+                    "version={} expires_at={} refresh_at={} stale={}",
+                    token.version,
+                    ts(&token.expires_at),
+                    ts(&token.refresh_at),
+                    token.stale
+                )?;
+                if show_value {
+                    write!(out, " value={}", token.value)?;
+                }
+                writeln!(out)?;
+                out.flush()?;
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("stream ended by the server")
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if is_retryable(&e) => {
+                eprintln!(
+                    "watch interrupted ({e}); reconnecting in {delay:?} after version {after_version}"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_retryable(e: &anyhow::Error) -> bool {
+    let text = e.to_string();
+    text.starts_with("Unavailable")
+        || text.starts_with("cannot connect")
+        || text.starts_with("stream ended")
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| SystemTime::try_from(*t).ok())
+        .map_or_else(
+            || "-".to_owned(),
+            |t| humantime::format_rfc3339_millis(t).to_string(),
+        )
+}
+
+fn describe(t: &pb::Token) -> String {
+    let rel = |ts: &Option<prost_types::Timestamp>| {
+        let at = ts.as_ref().and_then(|t| SystemTime::try_from(*t).ok());
+        match at.map(|at| at.duration_since(SystemTime::now())) {
+            Some(Ok(d)) => format!(
+                " (in {})",
+                humantime::format_duration(Duration::from_secs(d.as_secs()))
+            ),
+            Some(Err(e)) => format!(
+                " ({} ago)",
+                humantime::format_duration(Duration::from_secs(e.duration().as_secs()))
+            ),
+            None => String::new(),
+        }
+    };
+    format!(
+        "collection: {}\nversion:    {}\nvalue:      <{} characters; --value prints it>\nfetched_at: {}\nrefresh_at: {}{}\nexpires_at: {}{}\nstale:      {}\n",
+        t.collection,
+        t.version,
+        t.value.chars().count(),
+        ts(&t.fetched_at),
+        ts(&t.refresh_at),
+        rel(&t.refresh_at),
+        ts(&t.expires_at),
+        rel(&t.expires_at),
+        t.stale,
+    )
+}

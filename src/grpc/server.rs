@@ -1,0 +1,146 @@
+//! Server assembly: the `TokenBroker` service with its limits, health and
+//! reflection (v1 and v1alpha), HTTP/2 keepalive, and graceful shutdown.
+//!
+//! Contract: `serve` takes an already-bound listener (tests bind port 0) and a
+//! cancellation token; on cancellation it stops accepting, ends watch streams,
+//! lets in-flight calls finish and returns within `shutdown_grace`. Health says
+//! SERVING exactly while every prefetch collection holds a servable token.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+use super::pb::token_broker_server::TokenBrokerServer;
+use super::service::TokenBrokerService;
+use super::{DESCRIPTOR, SERVICE_NAME};
+use crate::broker::Broker;
+use crate::config::ServerConfig;
+use crate::listen::Listener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+pub async fn serve(
+    broker: Broker,
+    cfg: &ServerConfig,
+    listener: Listener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    tokio::spawn(health_loop(broker.clone(), reporter, shutdown.clone()));
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(DESCRIPTOR)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let service = TokenBrokerServer::new(TokenBrokerService::new(broker, cfg))
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes);
+    let router = Server::builder()
+        .http2_keepalive_interval(Some(cfg.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(cfg.http2_keepalive_timeout))
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(service);
+
+    let stop = shutdown.clone();
+    let signal = async move { stop.cancelled().await };
+    let grace = cfg.shutdown_grace;
+    match listener {
+        Listener::Tcp(l) => {
+            info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+            let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+            drain(
+                router.serve_with_incoming_shutdown(incoming, signal),
+                &shutdown,
+                grace,
+            )
+            .await
+        }
+        Listener::Unix(l, socket_file) => {
+            info!(listen = ?socket_file, "serving");
+            let incoming = UnixListenerStream::new(l);
+            let result = drain(
+                router.serve_with_incoming_shutdown(incoming, signal),
+                &shutdown,
+                grace,
+            )
+            .await;
+            drop(socket_file);
+            result
+        }
+    }
+}
+
+/// Runs the server; once shutdown starts, gives it at most `grace` to drain.
+async fn drain(
+    serving: impl Future<Output = Result<(), tonic::transport::Error>>,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> Result<(), ServeError> {
+    tokio::select! {
+        result = serving => {
+            info!("server stopped");
+            Ok(result?)
+        }
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            warn!(grace = ?grace, "shutdown grace period elapsed; closing remaining connections");
+            Ok(())
+        }
+    }
+}
+
+/// Keeps the health status in step with the broker's readiness.
+async fn health_loop(broker: Broker, reporter: HealthReporter, shutdown: CancellationToken) {
+    let clock = broker.clock();
+    let mut changes = broker.changes();
+    let mut last: Option<bool> = None;
+    loop {
+        let (ready, earliest_expiry) = broker.readiness();
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status(SERVICE_NAME, status).await;
+            info!(ready, "readiness changed");
+            last = Some(ready);
+        }
+        // Readiness can also change without any event: when a token expires.
+        let sleep = earliest_expiry.map_or(Duration::from_secs(60), |t| {
+            clock.until(t) + Duration::from_millis(1)
+        });
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                reporter.set_service_status("", ServingStatus::NotServing).await;
+                reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+                return;
+            }
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(sleep) => {}
+        }
+    }
+}

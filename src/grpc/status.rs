@@ -1,0 +1,67 @@
+//! The one place where errors become gRPC statuses.
+//!
+//! | error | code |
+//! |---|---|
+//! | malformed field | INVALID_ARGUMENT (message names the field) |
+//! | collection not configured | NOT_FOUND |
+//! | no servable token, upstream failing transiently | UNAVAILABLE (class, next retry time) |
+//! | no servable token, upstream failing permanently | FAILED_PRECONDITION (class, next retry time) |
+//! | caller's deadline passed while waiting | DEADLINE_EXCEEDED |
+//! | concurrency or stream limit reached | RESOURCE_EXHAUSTED |
+//! | server shutting down | UNAVAILABLE |
+//!
+//! Messages carry collection names, failure classes and times only: never
+//! tokens, secrets, upstream bodies or store errors. UNAVAILABLE and
+//! FAILED_PRECONDITION for a failing upstream also carry `grpc-retry-pushback-ms`.
+
+use tonic::{Code, Status};
+
+use crate::broker::BrokerError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("{0}")]
+    Overloaded(&'static str),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl ApiError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let message = e.to_string();
+        match e {
+            ApiError::InvalidArgument { .. } => Status::invalid_argument(message),
+            ApiError::Overloaded(_) => Status::resource_exhausted(message),
+            ApiError::Broker(b) => match b {
+                BrokerError::UnknownCollection(_) => Status::not_found(message),
+                BrokerError::UpstreamFailing {
+                    class, retry_in, ..
+                } => {
+                    let code = if class.is_permanent() {
+                        Code::FailedPrecondition
+                    } else {
+                        Code::Unavailable
+                    };
+                    let mut status = Status::new(code, message);
+                    if let Ok(v) = retry_in.as_millis().to_string().parse() {
+                        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+                    }
+                    status
+                }
+                BrokerError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
+                BrokerError::ShuttingDown => Status::unavailable(message),
+            },
+        }
+    }
+}

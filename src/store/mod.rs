@@ -1,0 +1,116 @@
+//! The shared tier (L2) seam: one row per collection holding the current token,
+//! the refresh lease and the backoff state.
+//!
+//! Contract (every implementation):
+//! - `version` only increases; a commit whose value equals the current value
+//!   keeps the version (a refetch, not a rotation).
+//! - Writes are fenced: `commit_*` succeed only while the caller's lease is the
+//!   current one, and they release it. A lease expires on its own, so a holder
+//!   that dies never blocks a collection for longer than the lease TTL.
+//! - Errors never carry token values.
+//!
+//! The in-memory store is the embedded default; a Postgres store shares rows
+//! across sidecars.
+
+mod memory;
+
+use std::time::{Duration, SystemTime};
+
+use crate::source::{BoxFuture, FailureClass};
+use crate::token::{Secret, Token};
+
+pub use memory::MemoryStore;
+
+/// Shared backoff state after consecutive failures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backoff {
+    pub failures: u32,
+    pub next_attempt_at: SystemTime,
+    pub class: FailureClass,
+    /// Safe to log; never contains secrets or upstream bodies.
+    pub detail: String,
+}
+
+/// A collection's row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Row {
+    pub token: Option<Token>,
+    pub backoff: Option<Backoff>,
+    /// Start of the last refresh attempt (success or failure), for the minimum
+    /// interval between refreshes.
+    pub last_attempt_at: Option<SystemTime>,
+}
+
+/// The right to call the upstream for one collection until `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub collection: String,
+    pub holder: String,
+    /// Increases with every grant; writes carry it so a stale holder is refused.
+    pub fence: u64,
+    pub until: SystemTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// The lease is ours; `row` is the row as of the grant.
+    Granted { lease: Lease, row: Row },
+    /// Someone else holds it until `until`; `row` is the row as it is.
+    Held { until: SystemTime, row: Row },
+}
+
+/// A freshly fetched token, before the store assigns its version.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub value: Secret,
+    pub fetched_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub refresh_at: SystemTime,
+}
+
+/// What a token commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub token: Token,
+    /// True when the value changed and the version went up.
+    pub rotated: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("lease on collection {0} was lost before the write")]
+    LeaseLost(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// L2 storage shared by every sidecar of a deployment.
+pub trait Store: Send + Sync + 'static {
+    /// Reads a collection's row (an empty row if there is none).
+    fn load(&self, collection: &str) -> BoxFuture<'_, Result<Row, StoreError>>;
+
+    /// Takes the lease if it is free or expired at `now`, recording `now` as the
+    /// start of an attempt.
+    fn acquire(
+        &self,
+        collection: &str,
+        holder: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<Acquired, StoreError>>;
+
+    /// Writes a fetched token under the lease (fenced), clears the backoff and
+    /// releases the lease.
+    fn commit_token(
+        &self,
+        lease: Lease,
+        token: NewToken,
+    ) -> BoxFuture<'_, Result<Committed, StoreError>>;
+
+    /// Records a failed attempt under the lease (fenced) and releases it.
+    fn commit_failure(
+        &self,
+        lease: Lease,
+        backoff: Backoff,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+}
