@@ -47,10 +47,17 @@ pub async fn serve(
         .await;
     tokio::spawn(health_loop(broker.clone(), reporter, shutdown.clone()));
 
+    // Both reflection versions advertise both reflection services (each builder
+    // would otherwise list only its own), health, and ours.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
             .register_encoded_file_descriptor_set(DESCRIPTOR)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
     };
     let service = TokenBrokerServer::new(TokenBrokerService::new(broker, cfg))
         .max_decoding_message_size(cfg.max_message_bytes)

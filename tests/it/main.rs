@@ -1,1 +1,12 @@
+//! One integration-test binary: the real server on 127.0.0.1:0 (or a Unix
+//! socket in a temp dir), called through the generated client, with scripted
+//! upstream sources that count calls. Time-dependent tests pause tokio's clock;
+//! the broker's wall clock follows it.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
+mod api;
+mod cli;
+mod refresh;
+mod server;
+mod support;
+mod watch;

@@ -1,0 +1,266 @@
+//! The real binary: `serve --dev`, the client subcommands, `check-config`, exit
+//! codes, signals, and that no token value reaches the logs.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Kills the child if a test fails half-way.
+struct Server(Option<Child>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "server did not create {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn dev_server_answers_the_client_subcommands_without_leaking_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("tb.sock");
+    let addr = format!("unix:{}", sock.display());
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--dev", "--dev-token-ttl", "2s", "--listen", &addr])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut server = Server(Some(child));
+    wait_for_socket(&sock);
+
+    let out = run(&["get", "demo", "--addr", &addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("collection: demo") && text.contains("version:"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("demo-"),
+        "the summary printed the token value: {text}"
+    );
+
+    let out = run(&["get", "demo", "--addr", &addr, "--value"]);
+    let value = stdout(&out).trim().to_owned();
+    assert!(value.starts_with("demo-") && value.len() == 37, "{value:?}");
+
+    // Two rotations of a 2 s token, printed as they happen.
+    let out = run(&["watch", "demo", "--addr", &addr, "--count", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let versions: Vec<u64> = stdout(&out)
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .next()
+                .unwrap()
+                .trim_start_matches("version=")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(versions.len(), 3);
+    assert!(
+        versions.windows(2).all(|w| w[1] == w[0] + 1),
+        "{versions:?}"
+    );
+
+    let out = run(&[
+        "invalidate",
+        "demo",
+        "--addr",
+        &addr,
+        "--version",
+        "1",
+        "--reason",
+        "test",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("refreshed:  false"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = run(&["get", "nope", "--addr", &addr]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));
+
+    // SIGTERM: a clean exit, socket removed.
+    let mut child = server.0.take().unwrap();
+    sigterm(&child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists());
+
+    // No token value appears in the debug logs.
+    let logs = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(logs.contains("token rotated"), "logs missing: {logs}");
+    assert!(!logs.contains(&value), "a token value leaked into the logs");
+    assert!(
+        !logs.contains("demo-"),
+        "a token value leaked into the logs"
+    );
+}
+
+#[test]
+fn check_config_accepts_good_files_and_names_the_bad_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[collections.demo]\nsource = { kind = \"demo\", ttl = \"10s\" }\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("config ok: 1 collection(s): demo"));
+
+    let cases = [
+        (
+            "[collections.demo]\nsource = { kind = \"demo\", ttl = \"soon\" }\n",
+            "collections.demo.source.ttl",
+        ),
+        (
+            "[collections.demo]\nsource = { kind = \"oauth9\" }\n",
+            "collections.demo.source.kind",
+        ),
+        (
+            "[server]\nlisten = \"nowhere\"\n[collections.a]\nsource = { kind = \"demo\" }\n",
+            "server.listen",
+        ),
+        (
+            "[server]\nmax_message_bytes = 10\n[collections.a]\nsource = { kind = \"demo\" }\n",
+            "server.max_message_bytes",
+        ),
+        (
+            "[collections.a]\nsource = { kind = \"demo\" }\npolicy = { backoff_initial = \"10s\", backoff_max = \"1s\" }\n",
+            "collections.a.policy.backoff_max",
+        ),
+        (
+            "[collections.a]\nsource = { kind = \"demo\" }\nprefetch = \"yes\"\n",
+            "collections.a.prefetch",
+        ),
+        (
+            "[collections.a]\nsource = { kind = \"demo\" }\ncolour = 1\n",
+            "collections.a.colour",
+        ),
+        ("[server]\n", "collections"),
+    ];
+    for (text, field) in cases {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, text).unwrap();
+        let out = run(&["check-config", bad.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{text}");
+        let err = stderr(&out);
+        assert!(
+            err.starts_with(&format!("config error: {field}: ")),
+            "{text}\n=> {err}"
+        );
+    }
+    let out = run(&["check-config", "/nonexistent/x.toml"]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn serve_with_a_bad_config_exits_64_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("never.sock");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "[server]\nlisten = \"unix:{}\"\n[collections.a]\nsource = {{ kind = \"demo\" }}\npolicy = {{ refresh_fraction = 2.0 }}\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let out = run(&["serve", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("collections.a.policy.refresh_fraction"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !sock.exists(),
+        "a socket was bound before the config was validated"
+    );
+
+    let out = run(&["serve", "--dev", "--listen", "0.0.0.0"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("--listen"), "{}", stderr(&out));
+}
+
+#[test]
+fn serve_runs_from_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("cfg.sock");
+    let cfg = dir.path().join("tb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"unix:{}\"\n[collections.lazy]\nprefetch = false\nsource = {{ kind = \"demo\", ttl = \"1h\" }}\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Server(Some(child));
+    wait_for_socket(&sock);
+    let out = run(&["get", "lazy", "--addr", &format!("unix:{}", sock.display())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("version:    1"));
+}

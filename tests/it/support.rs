@@ -1,0 +1,242 @@
+//! Test support: a scripted upstream source that counts calls, and a real
+//! broker + gRPC server on 127.0.0.1:0 driven through the generated client.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use token_broker::broker::{Broker, CollectionSpec, Policy};
+use token_broker::clock::Clock;
+use token_broker::config::ServerConfig;
+use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
+use token_broker::grpc::pb::{self, GetCollectionTokenRequest};
+use token_broker::listen::{ListenAddr, Listener};
+use token_broker::source::{BoxFuture, FailureClass, FetchContext, FetchError, Fetched, Source};
+use token_broker::store::MemoryStore;
+use token_broker::token::Secret;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// What the scripted upstream does on one call.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// A fresh token `tok-N` (N = call number) living `ttl` (None: opaque).
+    Token(Option<Duration>),
+    /// A token with this exact value, living `ttl`.
+    Value(&'static str, Duration),
+    Fail(FailureClass),
+    Panic,
+}
+
+/// An upstream that counts calls, follows a script (then repeats `then`), can
+/// be slowed down, and can be gated so calls block until the test opens it.
+pub struct Scripted {
+    calls: AtomicUsize,
+    script: Mutex<VecDeque<Step>>,
+    then: Mutex<Step>,
+    delay: Mutex<Duration>,
+    gate: Option<Arc<Semaphore>>,
+    /// Wall-clock time of each call, as the broker saw it.
+    pub call_times: Mutex<Vec<SystemTime>>,
+}
+
+impl Scripted {
+    pub fn new(script: impl IntoIterator<Item = Step>, then: Step) -> Arc<Self> {
+        Arc::new(Self {
+            calls: AtomicUsize::new(0),
+            script: Mutex::new(script.into_iter().collect()),
+            then: Mutex::new(then),
+            delay: Mutex::new(Duration::ZERO),
+            gate: None,
+            call_times: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Tokens living `ttl`, forever.
+    pub fn tokens(ttl: Duration) -> Arc<Self> {
+        Self::new([], Step::Token(Some(ttl)))
+    }
+
+    /// Like `new`, but every call waits for a permit from the returned gate.
+    pub fn gated(
+        script: impl IntoIterator<Item = Step>,
+        then: Step,
+    ) -> (Arc<Self>, Arc<Semaphore>) {
+        let gate = Arc::new(Semaphore::new(0));
+        let mut s = Arc::into_inner(Self::new(script, then)).unwrap();
+        s.gate = Some(gate.clone());
+        (Arc::new(s), gate)
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().unwrap() = d;
+    }
+
+    pub fn set_then(&self, step: Step) {
+        *self.then.lock().unwrap() = step;
+    }
+}
+
+impl Source for Scripted {
+    fn kind(&self) -> &'static str {
+        "scripted"
+    }
+
+    fn fetch(&self, ctx: FetchContext) -> BoxFuture<'_, Result<Fetched, FetchError>> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            self.call_times.lock().unwrap().push(ctx.now);
+            let step = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or_else(|| self.then.lock().unwrap().clone());
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            let delay = *self.delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+            match step {
+                Step::Token(ttl) => Ok(Fetched {
+                    value: Secret::new(format!("tok-{n}")),
+                    expires_at: ttl.map(|t| ctx.now + t),
+                }),
+                Step::Value(v, ttl) => Ok(Fetched {
+                    value: Secret::new(v),
+                    expires_at: Some(ctx.now + ttl),
+                }),
+                Step::Fail(class) => Err(FetchError::new(class, format!("scripted failure {n}"))),
+                Step::Panic => panic!("scripted panic"),
+            }
+        })
+    }
+}
+
+pub fn spec(name: &str, source: Arc<Scripted>, policy: Policy, prefetch: bool) -> CollectionSpec {
+    CollectionSpec {
+        name: name.to_owned(),
+        source,
+        policy,
+        prefetch,
+    }
+}
+
+/// A running broker with its gRPC server on 127.0.0.1:0.
+pub struct TestServer {
+    pub addr: ListenAddr,
+    pub clock: Clock,
+    pub shutdown: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(specs: Vec<CollectionSpec>) -> Self {
+        Self::start_with(specs, ServerConfig::default()).await
+    }
+
+    pub async fn start_with(specs: Vec<CollectionSpec>, cfg: ServerConfig) -> Self {
+        let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        Self::start_on(specs, cfg, listener).await
+    }
+
+    pub async fn start_on(
+        specs: Vec<CollectionSpec>,
+        cfg: ServerConfig,
+        listener: Listener,
+    ) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let clock = Clock::tokio_anchored(SystemTime::now());
+        let shutdown = CancellationToken::new();
+        let broker = Broker::start(specs, Arc::new(MemoryStore::new()), clock, shutdown.clone());
+        let stop = shutdown.clone();
+        let handle = tokio::spawn(async move {
+            token_broker::grpc::serve(broker, &cfg, listener, stop)
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            clock,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    /// Starts shutdown and waits (at most `within`) for the server to return.
+    pub async fn stop(mut self, within: Duration) {
+        self.shutdown.cancel();
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(within, handle)
+            .await
+            .expect("server did not stop in time")
+            .expect("server task failed");
+    }
+
+    /// A client on a new connection.
+    pub async fn client(&self) -> TokenBrokerClient<Channel> {
+        token_broker::client::connect(&self.addr).await.unwrap()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        match &self.addr {
+            ListenAddr::Tcp(a) => tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+            ListenAddr::Unix(_) => panic!("tcp only"),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// `GetCollectionToken` with a deadline.
+pub async fn get(
+    client: &mut TokenBrokerClient<Channel>,
+    collection: &str,
+    timeout: Duration,
+) -> Result<pb::Token, tonic::Status> {
+    let mut req = tonic::Request::new(GetCollectionTokenRequest {
+        collection: collection.to_owned(),
+        min_remaining: None,
+    });
+    req.set_timeout(timeout);
+    client
+        .get_collection_token(req)
+        .await
+        .map(|r| r.into_inner().token.expect("token"))
+}
+
+pub fn ts(t: &Option<prost_types::Timestamp>) -> SystemTime {
+    SystemTime::try_from(t.expect("timestamp")).unwrap()
+}
+
+/// A policy with short, test-friendly numbers and no refresh jitter.
+pub fn policy() -> Policy {
+    Policy {
+        refresh_jitter: 0.0,
+        ..Policy::default()
+    }
+}
+
+/// Lets spawned tasks run without letting (paused) time move much.
+pub async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
