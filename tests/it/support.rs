@@ -79,9 +79,6 @@ impl Scripted {
         *self.delay.lock().unwrap() = d;
     }
 
-    pub fn set_then(&self, step: Step) {
-        *self.then.lock().unwrap() = step;
-    }
 }
 
 impl Source for Scripted {
