@@ -1,8 +1,9 @@
 //! A watcher's view of one collection: yields every token it is owed, in version
 //! order, never one past its hard expiry.
 //!
-//! Contract: after a token with version `v` was yielded, only versions greater
-//! than `v` follow. A watcher that fell behind by more than the history gets the
+//! Contract: a new watcher first gets the current token; after a token with
+//! version `v` was yielded, only versions greater than `v` follow, every one of
+//! them still servable and held in the history. A watcher that fell behind by more than the history gets the
 //! oldest still-held versions (the latest at least). If the broker's versions are
 //! lower than the watcher's `after_version` (the in-memory store restarted), the
 //! current token is sent so the watcher is not stuck.
@@ -60,7 +61,9 @@ fn owed(snap: &Snapshot, last: u64, now: std::time::SystemTime) -> Vec<Served> {
     let Some(current) = snap.servable(now) else {
         return Vec::new();
     };
-    if current.version < last {
+    // A new watcher (no `after_version`) is owed the current token only; a
+    // watcher from a restarted broker's past (its version is ahead of ours) too.
+    if last == 0 || current.version < last {
         return vec![snap.served(current, now)];
     }
     snap.history

@@ -145,3 +145,25 @@ async fn a_watch_on_a_lazy_collection_fetches_it() {
         1
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_watcher_gets_only_the_current_token_first() {
+    let source = Scripted::tokens(Duration::from_secs(400));
+    let server = TestServer::start(vec![spec("c", source.clone(), policy(), true)]).await;
+    let mut client = server.client().await;
+    // Rotate once by invalidation: version 1 is superseded but not expired.
+    get(&mut client, "c", Duration::from_secs(5)).await.unwrap();
+    let resp = client
+        .invalidate_token(token_broker::grpc::pb::InvalidateTokenRequest {
+            collection: "c".into(),
+            version: 1,
+            value: String::new(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.token.unwrap().version, 2);
+    let mut stream = client.watch_token(req(0)).await.unwrap().into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().token.unwrap().version, 2);
+}
