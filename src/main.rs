@@ -218,7 +218,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     token_broker::run(config, listener, shutdown).await
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+/// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at
+/// once without waiting for the grace period.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -234,4 +235,10 @@ async fn signals(shutdown: CancellationToken) {
     };
     tracing::info!(signal = name, "shutting down");
     shutdown.cancel();
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::warn!(signal = name, "second signal; exiting without draining");
+    std::process::exit(130);
 }
