@@ -78,7 +78,6 @@ impl Scripted {
     pub fn set_delay(&self, d: Duration) {
         *self.delay.lock().unwrap() = d;
     }
-
 }
 
 impl Source for Scripted {

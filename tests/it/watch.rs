@@ -165,5 +165,15 @@ async fn a_new_watcher_gets_only_the_current_token_first() {
         .into_inner();
     assert_eq!(resp.token.unwrap().version, 2);
     let mut stream = client.watch_token(req(0)).await.unwrap().into_inner();
-    assert_eq!(stream.message().await.unwrap().unwrap().token.unwrap().version, 2);
+    assert_eq!(
+        stream
+            .message()
+            .await
+            .unwrap()
+            .unwrap()
+            .token
+            .unwrap()
+            .version,
+        2
+    );
 }
