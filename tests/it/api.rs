@@ -12,18 +12,12 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::support::{Scripted, Step, TestServer, get, policy, spec};
+use crate::support::{Scripted, Step, TestServer, get, policy, spec, steady};
 
 const T: Duration = Duration::from_secs(30);
 
 async fn demo_server() -> TestServer {
-    TestServer::start(vec![spec(
-        "demo",
-        Scripted::tokens(Duration::from_secs(300)),
-        policy(),
-        true,
-    )])
-    .await
+    TestServer::start(vec![steady("demo")]).await
 }
 
 #[tokio::test]
@@ -131,16 +125,7 @@ async fn oversized_messages_are_rejected_and_the_server_keeps_serving() {
         max_message_bytes: 4096,
         ..ServerConfig::default()
     };
-    let server = TestServer::start_with(
-        vec![spec(
-            "demo",
-            Scripted::tokens(Duration::from_secs(300)),
-            policy(),
-            true,
-        )],
-        cfg,
-    )
-    .await;
+    let server = TestServer::start_with(vec![steady("demo")], cfg).await;
     let mut client = server.client().await;
     let err = client
         .invalidate_token(InvalidateTokenRequest {

@@ -7,7 +7,7 @@ use token_broker::grpc::pb::WatchTokenRequest;
 use token_broker::listen::{ListenAddr, Listener};
 use tonic::Code;
 
-use crate::support::{Scripted, TestServer, get, policy, spec};
+use crate::support::{TestServer, get, steady};
 
 #[tokio::test]
 async fn serves_over_a_unix_socket_and_removes_it_on_exit() {
@@ -16,17 +16,7 @@ async fn serves_over_a_unix_socket_and_removes_it_on_exit() {
     let listener = Listener::bind(&ListenAddr::Unix(path.clone()))
         .await
         .unwrap();
-    let server = TestServer::start_on(
-        vec![spec(
-            "c",
-            Scripted::tokens(Duration::from_secs(300)),
-            policy(),
-            true,
-        )],
-        ServerConfig::default(),
-        listener,
-    )
-    .await;
+    let server = TestServer::start_on(vec![steady("c")], ServerConfig::default(), listener).await;
     let mut client = server.client().await;
     assert_eq!(
         get(&mut client, "c", Duration::from_secs(10))
@@ -46,16 +36,7 @@ async fn shutdown_ends_streams_cleanly_and_returns() {
         shutdown_grace: Duration::from_secs(5),
         ..ServerConfig::default()
     };
-    let server = TestServer::start_with(
-        vec![spec(
-            "c",
-            Scripted::tokens(Duration::from_secs(300)),
-            policy(),
-            true,
-        )],
-        cfg,
-    )
-    .await;
+    let server = TestServer::start_with(vec![steady("c")], cfg).await;
     let mut client = server.client().await;
     let mut stream = client
         .watch_token(WatchTokenRequest {

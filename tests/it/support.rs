@@ -116,6 +116,27 @@ impl Source for Scripted {
     }
 }
 
+/// A prefetched collection whose upstream always answers with a 300 s token.
+pub fn steady(name: &str) -> CollectionSpec {
+    spec(
+        name,
+        Scripted::tokens(Duration::from_secs(300)),
+        policy(),
+        true,
+    )
+}
+
+/// The next token on a watch stream (panics on an error or end of stream).
+pub async fn next_token(stream: &mut tonic::Streaming<pb::WatchTokenResponse>) -> pb::Token {
+    stream
+        .message()
+        .await
+        .expect("stream error")
+        .expect("stream ended")
+        .token
+        .expect("token")
+}
+
 pub fn spec(name: &str, source: Arc<Scripted>, policy: Policy, prefetch: bool) -> CollectionSpec {
     CollectionSpec {
         name: name.to_owned(),

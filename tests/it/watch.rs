@@ -7,7 +7,7 @@ use token_broker::config::ServerConfig;
 use token_broker::grpc::pb::WatchTokenRequest;
 use tonic::Code;
 
-use crate::support::{Scripted, TestServer, get, policy, spec};
+use crate::support::{Scripted, TestServer, get, next_token, policy, spec, steady};
 
 fn req(after_version: u64) -> WatchTokenRequest {
     WatchTokenRequest {
@@ -25,7 +25,7 @@ async fn a_watcher_sees_every_rotation_in_order() {
     let mut versions = Vec::new();
     let mut values = Vec::new();
     while versions.len() < 6 {
-        let token = stream.message().await.unwrap().unwrap().token.unwrap();
+        let token = next_token(&mut stream).await;
         versions.push(token.version);
         values.push(token.value);
     }
@@ -43,7 +43,7 @@ async fn reconnecting_with_after_version_misses_nothing() {
     let server = TestServer::start(vec![spec("c", source.clone(), policy(), true)]).await;
     let mut client = server.client().await;
     let mut stream = client.watch_token(req(0)).await.unwrap().into_inner();
-    let first = stream.message().await.unwrap().unwrap().token.unwrap();
+    let first = next_token(&mut stream).await;
     assert_eq!(first.version, 1);
     drop(stream);
     // Two rotations happen while the watcher is away (300 s apart each).
@@ -58,13 +58,13 @@ async fn reconnecting_with_after_version_misses_nothing() {
     // Back with after_version = 1: versions 2 and 3 come, in order, then 4 live.
     let mut stream = client.watch_token(req(1)).await.unwrap().into_inner();
     for expected in 2..=4 {
-        let token = stream.message().await.unwrap().unwrap().token.unwrap();
+        let token = next_token(&mut stream).await;
         assert_eq!(token.version, expected);
     }
     // A watcher already current waits for the next rotation instead of
     // re-sending what it has.
     let mut stream = client.watch_token(req(4)).await.unwrap().into_inner();
-    let token = stream.message().await.unwrap().unwrap().token.unwrap();
+    let token = next_token(&mut stream).await;
     assert_eq!(token.version, 5);
 }
 
@@ -74,16 +74,7 @@ async fn a_client_that_goes_away_frees_its_stream() {
         max_streams: 1,
         ..ServerConfig::default()
     };
-    let server = TestServer::start_with(
-        vec![spec(
-            "c",
-            Scripted::tokens(Duration::from_secs(300)),
-            policy(),
-            true,
-        )],
-        cfg,
-    )
-    .await;
+    let server = TestServer::start_with(vec![steady("c")], cfg).await;
     let mut client = server.client().await;
     let mut first = client.watch_token(req(0)).await.unwrap().into_inner();
     first.message().await.unwrap().unwrap();
@@ -108,17 +99,7 @@ async fn a_client_that_goes_away_frees_its_stream() {
         }
     }
     let mut stream = reopened.expect("the abandoned stream was never freed");
-    assert_eq!(
-        stream
-            .message()
-            .await
-            .unwrap()
-            .unwrap()
-            .token
-            .unwrap()
-            .version,
-        1
-    );
+    assert_eq!(next_token(&mut stream).await.version, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -133,17 +114,7 @@ async fn a_watch_on_a_lazy_collection_fetches_it() {
     );
     let mut client = server.client().await;
     let mut stream = client.watch_token(req(0)).await.unwrap().into_inner();
-    assert_eq!(
-        stream
-            .message()
-            .await
-            .unwrap()
-            .unwrap()
-            .token
-            .unwrap()
-            .version,
-        1
-    );
+    assert_eq!(next_token(&mut stream).await.version, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -165,15 +136,5 @@ async fn a_new_watcher_gets_only_the_current_token_first() {
         .into_inner();
     assert_eq!(resp.token.unwrap().version, 2);
     let mut stream = client.watch_token(req(0)).await.unwrap().into_inner();
-    assert_eq!(
-        stream
-            .message()
-            .await
-            .unwrap()
-            .unwrap()
-            .token
-            .unwrap()
-            .version,
-        2
-    );
+    assert_eq!(next_token(&mut stream).await.version, 2);
 }
