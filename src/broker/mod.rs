@@ -395,23 +395,25 @@ impl Broker {
         };
         c.wake.notify_one();
         let mut rx = c.state.subscribe();
-        let waited = tokio::time::timeout_at(
+        let wait = tokio::time::timeout_at(
             deadline,
             rx.wait_for(|s| {
                 s.finished >= target
                     || s.servable(clock.now())
                         .is_some_and(|t| need.satisfied_by(t))
             }),
-        )
-        .await;
-        if self.inner.shutdown.is_cancelled() && waited.is_err() {
-            return Err(BrokerError::ShuttingDown);
-        }
+        );
+        // Reduce the outcome to a bool at once: `wait_for` returns a `Ref` that
+        // holds the channel's read lock, and the snapshot is borrowed again below.
+        let timed_out = tokio::select! {
+            waited = wait => waited.is_err(),
+            () = self.inner.shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+        };
         let now = clock.now();
         let snap = c.state.borrow();
         match snap.servable(now) {
             Some(t) => Ok((snap.served(t, now), need.replaced(t))),
-            None if waited.is_err() => Err(BrokerError::DeadlineExceeded {
+            None if timed_out => Err(BrokerError::DeadlineExceeded {
                 collection: c.name.clone(),
             }),
             None => Err(snap.error(&c.name, now)),

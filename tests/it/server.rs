@@ -64,3 +64,28 @@ async fn shutdown_ends_streams_cleanly_and_returns() {
         "shutdown waited for the whole grace period"
     );
 }
+
+#[tokio::test]
+async fn shutdown_releases_callers_waiting_for_a_refresh() {
+    let (source, _gate) = crate::support::Scripted::gated(
+        [],
+        crate::support::Step::Token(Some(Duration::from_secs(60))),
+    );
+    let server = TestServer::start(vec![crate::support::spec(
+        "cold",
+        source,
+        crate::support::policy(),
+        false,
+    )])
+    .await;
+    let mut client = server.client().await;
+    let waiting =
+        tokio::spawn(async move { get(&mut client, "cold", Duration::from_secs(60)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    server.stop(Duration::from_secs(5)).await;
+    let err = waiting.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("shutting down"), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
