@@ -272,3 +272,31 @@ async fn reflection_lists_every_service_in_v1_and_v1alpha() {
         "{msg:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn health_drops_to_not_serving_when_a_prefetch_token_expires() {
+    // One 100 s token (hard expiry after 90 s), then the upstream fails for ever.
+    let source = Scripted::new(
+        [Step::Token(Some(Duration::from_secs(100)))],
+        Step::Fail(token_broker::source::FailureClass::Timeout),
+    );
+    let started = tokio::time::Instant::now();
+    let server = TestServer::start(vec![spec("c", source, policy(), true)]).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut updates = health
+        .watch(HealthCheckRequest {
+            service: "token_broker.v1.TokenBroker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = ServingStatus::Serving as i32;
+    while updates.next().await.unwrap().unwrap().status != serving {}
+    let next = updates.next().await.unwrap().unwrap().status;
+    assert_eq!(next, ServingStatus::NotServing as i32);
+    let at = started.elapsed();
+    assert!(
+        at >= Duration::from_secs(90) && at < Duration::from_secs(91),
+        "readiness changed at {at:?}, the token expired at 90 s"
+    );
+}

@@ -35,6 +35,10 @@ async fn thousand_concurrent_cold_reads_make_one_upstream_call() {
         1,
         "the cold collection was fetched more than once"
     );
+    assert!(
+        calls.iter().all(|c| !c.is_finished()),
+        "every reader must be parked on the one refresh in flight"
+    );
     gate.add_permits(1);
     for call in calls {
         let token = call.await.unwrap().unwrap();
