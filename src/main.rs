@@ -219,9 +219,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at
-/// once without waiting for the grace period.
+/// once without waiting for the grace period (a Unix socket file left behind
+/// is replaced as stale at the next start).
 async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
+    use tokio::signal::unix::{Signal, SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -229,16 +230,16 @@ async fn signals(shutdown: CancellationToken) {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return;
     };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
+    async fn next(term: &mut Signal, int: &mut Signal) -> &'static str {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    }
+    let name = next(&mut term, &mut int).await;
     tracing::info!(signal = name, "shutting down");
     shutdown.cancel();
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
+    let name = next(&mut term, &mut int).await;
     tracing::warn!(signal = name, "second signal; exiting without draining");
     std::process::exit(130);
 }

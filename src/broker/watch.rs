@@ -2,11 +2,11 @@
 //! order, never one past its hard expiry.
 //!
 //! Contract: a new watcher first gets the current token; after a token with
-//! version `v` was yielded, only versions greater than `v` follow, every one of
-//! them still servable and held in the history. A watcher that fell behind by more than the history gets the
-//! oldest still-held versions (the latest at least). If the broker's versions are
-//! lower than the watcher's `after_version` (the in-memory store restarted), the
-//! current token is sent so the watcher is not stuck.
+//! version `v` was yielded, only versions greater than `v` follow, each still
+//! servable and held in the history. A watcher that fell behind by more than the
+//! history gets the oldest still-held versions (the latest at least). If the
+//! broker's versions are lower than the watcher's `after_version` (the in-memory
+//! store restarted), the current token is sent so the watcher is not stuck.
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
