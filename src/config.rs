@@ -8,13 +8,21 @@
 //! kinds take them by reference (`..._env` / `..._file`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use reqwest::Url;
+use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::broker::Policy;
 use crate::listen::ListenAddr;
+use crate::source::http::{HttpSettings, parse_ca_bundle};
+use crate::source::{
+    Body, ClientAuth, ExpiresFormat, Grant, HttpJsonSpec, JsonSpec, OAuthSpec, OverDriveSpec,
+    ValueSpec,
+};
+use crate::token::Secret;
 
 /// A config problem, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +45,8 @@ impl ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
+    /// The shared outbound HTTP client.
+    pub http: HttpSettings,
     /// Sorted by name.
     pub collections: Vec<CollectionConfig>,
 }
@@ -85,7 +95,24 @@ pub struct CollectionConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     /// Mints a random token that lives `ttl`.
-    Demo { ttl: Duration },
+    Demo {
+        ttl: Duration,
+    },
+    /// `oauth2_client_credentials` and `oauth2_refresh_token`.
+    OAuth(OAuthSpec),
+    OverDrive(OverDriveSpec),
+    HttpJson(HttpJsonSpec),
+}
+
+impl SourceConfig {
+    /// The collection this source depends on, and the field that names it.
+    fn parent(&self) -> Option<(&str, &'static str)> {
+        match self {
+            Self::OverDrive(o) => Some((&o.oauth, "oauth")),
+            Self::HttpJson(h) => h.bearer_from.as_deref().map(|p| (p, "bearer_from")),
+            Self::Demo { .. } | Self::OAuth(_) => None,
+        }
+    }
 }
 
 /// Longest collection name.
@@ -147,6 +174,7 @@ impl Config {
         };
         Ok(Self {
             server: ServerConfig::default(),
+            http: HttpSettings::default(),
             collections: vec![CollectionConfig {
                 name: "demo".into(),
                 source: SourceConfig::Demo { ttl },
@@ -174,6 +202,8 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
     collections: BTreeMap<String, RawCollection>,
 }
 
@@ -188,6 +218,15 @@ struct RawServer {
     http2_keepalive_interval: Option<HumanDuration>,
     http2_keepalive_timeout: Option<HumanDuration>,
     shutdown_grace: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    connect_timeout: Option<HumanDuration>,
+    timeout: Option<HumanDuration>,
+    max_response_bytes: Option<usize>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,15 +246,116 @@ fn yes() -> bool {
 }
 
 /// Source kinds, by the name used in `kind`.
-const SOURCE_KINDS: &[&str] = &["demo"];
+const SOURCE_KINDS: &[&str] = &[
+    "demo",
+    "oauth2_client_credentials",
+    "oauth2_refresh_token",
+    "overdrive",
+    "http_json",
+];
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawClientAuth {
+    Basic,
+    Body,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOAuth {
+    /// Present so that `deny_unknown_fields` accepts it; dispatch reads it.
+    #[allow(dead_code, reason = "read by dispatch")]
+    kind: String,
+    token_url: String,
+    client_id: String,
+    client_secret_env: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    /// Only for `oauth2_refresh_token` (checked in dispatch).
+    refresh_token_env: Option<String>,
+    refresh_token_file: Option<PathBuf>,
+    scope: Option<String>,
+    audience: Option<String>,
+    client_auth: Option<RawClientAuth>,
+    default_ttl: Option<HumanDuration>,
+}
+
+/// A string, or an integer written without quotes (`library_id = 4425`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StringOrInt {
+    String(String),
+    Int(i64),
+}
+
+impl StringOrInt {
+    fn into_string(self) -> String {
+        match self {
+            Self::String(s) => s,
+            Self::Int(i) => i.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverDrive {
+    /// Present so that `deny_unknown_fields` accepts it; dispatch reads it.
+    #[allow(dead_code, reason = "read by dispatch")]
+    kind: String,
+    oauth: String,
+    api_base: Option<String>,
+    library_id: StringOrInt,
+    advantage_account_id: Option<StringOrInt>,
+}
+
+/// A header or form value: a literal string, or `{ env = "VAR" }` /
+/// `{ file = "/path" }` for a secret.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawValue {
+    Literal(String),
+    Ref(RawRef),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRef {
+    env: Option<String>,
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawExpiresFormat {
+    Seconds,
+    EpochSeconds,
+    Rfc3339,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpJson {
+    /// Present so that `deny_unknown_fields` accepts it; dispatch reads it.
+    #[allow(dead_code, reason = "read by dispatch")]
+    kind: String,
+    method: Option<String>,
+    url: String,
+    #[serde(default)]
+    headers: BTreeMap<String, RawValue>,
+    form: Option<BTreeMap<String, RawValue>>,
+    json: Option<toml::Value>,
+    bearer_from: Option<String>,
+    token_pointer: Option<String>,
+    expires_pointer: Option<String>,
+    expires_format: Option<RawExpiresFormat>,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDemo {
-    #[allow(
-        dead_code,
-        reason = "read by dispatch; present so deny_unknown_fields accepts it"
-    )]
+    /// Present so that `deny_unknown_fields` accepts it; dispatch reads it.
+    #[allow(dead_code, reason = "read by dispatch")]
     kind: String,
     ttl: Option<HumanDuration>,
 }
@@ -301,6 +441,7 @@ fn check_range(field: &str, v: usize, lo: usize, hi: usize) -> Result<(), Config
 impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
         let server = self.server.validate()?;
+        let http = self.http.validate()?;
         if self.collections.is_empty() {
             return Err(ConfigError::new(
                 "collections",
@@ -312,11 +453,59 @@ impl RawConfig {
             .into_iter()
             .map(|(name, raw)| raw.validate(name))
             .collect::<Result<Vec<_>, _>>()?;
+        check_dependencies(&collections)?;
         Ok(Config {
             server,
+            http,
             collections,
         })
     }
+}
+
+/// Every parent named by a source exists, and the dependency graph has no
+/// cycle. `collections` is sorted by name, so errors are deterministic.
+fn check_dependencies(collections: &[CollectionConfig]) -> Result<(), ConfigError> {
+    let parent_of = |name: &str| {
+        collections
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(|c| c.source.parent())
+    };
+    for c in collections {
+        if let Some((parent, field)) = c.source.parent()
+            && !collections.iter().any(|p| p.name == parent)
+        {
+            let known: Vec<&str> = collections.iter().map(|c| c.name.as_str()).collect();
+            return Err(ConfigError::new(
+                format!("collections.{}.source.{field}", c.name),
+                format!(
+                    "unknown collection {parent:?}; configured: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
+    // Each source has at most one parent, so following parents from any
+    // collection either ends or comes back to a collection already on the path.
+    for c in collections {
+        let mut path = vec![c.name.as_str()];
+        let mut at = c.name.as_str();
+        while let Some((parent, _)) = parent_of(at) {
+            if let Some(start) = path.iter().position(|p| *p == parent) {
+                let mut cycle = path[start..].to_vec();
+                cycle.push(parent);
+                let field = parent_of(parent).map_or("oauth", |(_, f)| f);
+                let first = cycle[0];
+                return Err(ConfigError::new(
+                    format!("collections.{first}.source.{field}"),
+                    format!("dependency cycle: {}", cycle.join(" -> ")),
+                ));
+            }
+            path.push(parent);
+            at = parent;
+        }
+    }
+    Ok(())
 }
 
 impl RawServer {
@@ -392,12 +581,25 @@ impl RawCollection {
                 ));
             }
         };
+        let at = field("source");
         let source = match kind.as_str() {
             "demo" => {
-                let RawDemo { ttl, .. } = deserialize_at(self.source, &field("source"))?;
+                let RawDemo { ttl, .. } = deserialize_at(self.source, &at)?;
                 let ttl = ttl.map_or(Duration::from_secs(30), |h| h.0);
                 check_positive(&field("source.ttl"), ttl, Duration::from_millis(100))?;
                 SourceConfig::Demo { ttl }
+            }
+            "oauth2_client_credentials" | "oauth2_refresh_token" => {
+                let raw: RawOAuth = deserialize_at(self.source, &at)?;
+                SourceConfig::OAuth(raw.validate(&at, kind == "oauth2_refresh_token")?)
+            }
+            "overdrive" => {
+                let raw: RawOverDrive = deserialize_at(self.source, &at)?;
+                SourceConfig::OverDrive(raw.validate(&at)?)
+            }
+            "http_json" => {
+                let raw: RawHttpJson = deserialize_at(self.source, &at)?;
+                SourceConfig::HttpJson(raw.validate(&at)?)
             }
             other => {
                 return Err(ConfigError::new(
@@ -415,6 +617,371 @@ impl RawCollection {
             source,
             policy,
             prefetch: self.prefetch,
+        })
+    }
+}
+
+impl RawHttp {
+    fn validate(self) -> Result<HttpSettings, ConfigError> {
+        let d = HttpSettings::default();
+        let pick = |v: Option<HumanDuration>, default: Duration| v.map_or(default, |h| h.0);
+        let ca_pem = match self.ca_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(&path).map_err(|e| {
+                    ConfigError::new(
+                        "http.ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                parse_ca_bundle(&pem).map_err(|e| {
+                    ConfigError::new("http.ca_file", format!("{} {e}", path.display()))
+                })?;
+                Some(pem)
+            }
+        };
+        let http = HttpSettings {
+            connect_timeout: pick(self.connect_timeout, d.connect_timeout),
+            timeout: pick(self.timeout, d.timeout),
+            max_response_bytes: self.max_response_bytes.unwrap_or(d.max_response_bytes),
+            ca_pem,
+        };
+        let ms = Duration::from_millis;
+        check_positive("http.connect_timeout", http.connect_timeout, ms(10))?;
+        check_positive("http.timeout", http.timeout, ms(10))?;
+        check_range(
+            "http.max_response_bytes",
+            http.max_response_bytes,
+            1024,
+            64 << 20,
+        )?;
+        Ok(http)
+    }
+}
+
+/// Reads a secret given by reference: `{name}_env` (an environment variable)
+/// or `{name}_file` (a file; surrounding whitespace is trimmed). Read once,
+/// at load. Errors name the field and the variable or path, never the value.
+fn secret_ref(
+    prefix: &str,
+    name: &str,
+    env: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
+    let field = |suffix: &str| format!("{prefix}.{name}_{suffix}");
+    let value = match (env, file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                field("env"),
+                format!("set only one of {name}_env and {name}_file"),
+            ));
+        }
+        (None, None) => return Ok(None),
+        (Some(var), None) => std::env::var(&var).map_err(|e| {
+            ConfigError::new(
+                field("env"),
+                match e {
+                    std::env::VarError::NotPresent => {
+                        format!("environment variable {var} is not set")
+                    }
+                    std::env::VarError::NotUnicode(_) => {
+                        format!("environment variable {var} is not valid UTF-8")
+                    }
+                },
+            )
+        })?,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|e| {
+                ConfigError::new(
+                    field("file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?
+            .trim()
+            .to_owned(),
+    };
+    if value.trim().is_empty() {
+        return Err(ConfigError::new(
+            format!("{prefix}.{name}"),
+            "the referenced secret is empty",
+        ));
+    }
+    Ok(Some(Secret::new(value)))
+}
+
+fn required_secret(
+    prefix: &str,
+    name: &str,
+    env: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Secret, ConfigError> {
+    secret_ref(prefix, name, env, file)?.ok_or_else(|| {
+        ConfigError::new(
+            format!("{prefix}.{name}_env"),
+            format!(
+                "missing; give the {name} by reference: {name}_env (an environment variable) or {name}_file (a file)"
+            ),
+        )
+    })
+}
+
+fn http_url(field: &str, s: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(s).map_err(|e| ConfigError::new(field, format!("invalid URL: {e}")))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+        return Err(ConfigError::new(
+            field,
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::new(
+            field,
+            "must not carry credentials; use the secret fields",
+        ));
+    }
+    Ok(url)
+}
+
+fn non_empty(field: &str, s: &str) -> Result<(), ConfigError> {
+    if s.trim().is_empty() {
+        return Err(ConfigError::new(field, "must not be empty"));
+    }
+    Ok(())
+}
+
+fn json_pointer(field: &str, p: &str) -> Result<(), ConfigError> {
+    if !p.starts_with('/') {
+        return Err(ConfigError::new(
+            field,
+            format!("must be a JSON pointer starting with '/', e.g. \"/access_token\", got {p:?}"),
+        ));
+    }
+    Ok(())
+}
+
+impl RawOAuth {
+    fn validate(self, at: &str, refresh: bool) -> Result<OAuthSpec, ConfigError> {
+        let f = |name: &str| format!("{at}.{name}");
+        let token_url = http_url(&f("token_url"), &self.token_url)?;
+        non_empty(&f("client_id"), &self.client_id)?;
+        let client_secret = secret_ref(
+            at,
+            "client_secret",
+            self.client_secret_env,
+            self.client_secret_file,
+        )?;
+        let grant = if refresh {
+            let seed = required_secret(
+                at,
+                "refresh_token",
+                self.refresh_token_env,
+                self.refresh_token_file,
+            )?;
+            Grant::RefreshToken { seed }
+        } else {
+            if self.refresh_token_env.is_some() || self.refresh_token_file.is_some() {
+                let name = if self.refresh_token_env.is_some() {
+                    "refresh_token_env"
+                } else {
+                    "refresh_token_file"
+                };
+                return Err(ConfigError::new(
+                    f(name),
+                    "only for kind = \"oauth2_refresh_token\"",
+                ));
+            }
+            if client_secret.is_none() {
+                return Err(ConfigError::new(
+                    f("client_secret_env"),
+                    "missing; give the client_secret by reference: client_secret_env (an environment variable) or client_secret_file (a file)",
+                ));
+            }
+            Grant::ClientCredentials
+        };
+        if let Some(scope) = &self.scope {
+            non_empty(&f("scope"), scope)?;
+        }
+        if let Some(audience) = &self.audience {
+            non_empty(&f("audience"), audience)?;
+        }
+        let client_auth = match self.client_auth {
+            None | Some(RawClientAuth::Basic) => ClientAuth::Basic,
+            Some(RawClientAuth::Body) => ClientAuth::Body,
+        };
+        let default_ttl = self.default_ttl.map_or(Duration::from_secs(3600), |h| h.0);
+        check_positive(&f("default_ttl"), default_ttl, Duration::from_secs(1))?;
+        Ok(OAuthSpec {
+            token_url,
+            client_id: self.client_id,
+            client_secret,
+            client_auth,
+            scope: self.scope,
+            audience: self.audience,
+            default_ttl,
+            grant,
+        })
+    }
+}
+
+impl RawOverDrive {
+    fn validate(self, at: &str) -> Result<OverDriveSpec, ConfigError> {
+        let f = |name: &str| format!("{at}.{name}");
+        let api_base = http_url(
+            &f("api_base"),
+            self.api_base
+                .as_deref()
+                .unwrap_or("https://api.overdrive.com"),
+        )?;
+        let library_id = self.library_id.into_string();
+        non_empty(&f("library_id"), &library_id)?;
+        let advantage_account_id = self.advantage_account_id.map(StringOrInt::into_string);
+        if let Some(id) = &advantage_account_id {
+            non_empty(&f("advantage_account_id"), id)?;
+        }
+        validate_name(&self.oauth)
+            .map_err(|r| ConfigError::new(f("oauth"), format!("collection name {r}")))?;
+        Ok(OverDriveSpec {
+            oauth: self.oauth,
+            api_base,
+            library_id,
+            advantage_account_id,
+        })
+    }
+}
+
+impl RawValue {
+    fn resolve(self, field: &str) -> Result<ValueSpec, ConfigError> {
+        match self {
+            Self::Literal(s) => Ok(ValueSpec::Literal(s)),
+            Self::Ref(r) => {
+                let (prefix, name) = field.rsplit_once('.').unwrap_or(("", field));
+                let secret = secret_ref(prefix, name, r.env, r.file)?.ok_or_else(|| {
+                    ConfigError::new(
+                        field,
+                        "give a string, or { env = \"VAR\" } or { file = \"/path\" }",
+                    )
+                })?;
+                Ok(ValueSpec::Secret(secret))
+            }
+        }
+    }
+}
+
+/// A TOML value as a JSON body; a table that is exactly `{ env = "..." }` or
+/// `{ file = "..." }` is a secret by reference.
+fn json_spec(field: &str, v: toml::Value) -> Result<JsonSpec, ConfigError> {
+    Ok(match v {
+        toml::Value::String(s) => JsonSpec::Plain(serde_json::Value::String(s)),
+        toml::Value::Integer(i) => JsonSpec::Plain(i.into()),
+        toml::Value::Float(x) => JsonSpec::Plain(
+            serde_json::Number::from_f64(x)
+                .map(serde_json::Value::Number)
+                .ok_or_else(|| ConfigError::new(field, "not a finite number"))?,
+        ),
+        toml::Value::Boolean(b) => JsonSpec::Plain(b.into()),
+        toml::Value::Datetime(d) => JsonSpec::Plain(serde_json::Value::String(d.to_string())),
+        toml::Value::Array(items) => JsonSpec::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| json_spec(&format!("{field}[{i}]"), v))
+                .collect::<Result<_, _>>()?,
+        ),
+        toml::Value::Table(t) => {
+            let is_ref = t.len() == 1 && (t.contains_key("env") || t.contains_key("file"));
+            if is_ref {
+                let value: RawRef = deserialize_at(t, field)?;
+                let (prefix, name) = field.rsplit_once('.').unwrap_or(("", field));
+                let secret = secret_ref(prefix, name, value.env, value.file)?
+                    .ok_or_else(|| ConfigError::new(field, "empty secret reference"))?;
+                JsonSpec::Secret(secret)
+            } else {
+                JsonSpec::Object(
+                    t.into_iter()
+                        .map(|(k, v)| {
+                            let spec = json_spec(&format!("{field}.{k}"), v)?;
+                            Ok((k, spec))
+                        })
+                        .collect::<Result<_, ConfigError>>()?,
+                )
+            }
+        }
+    })
+}
+
+impl RawHttpJson {
+    fn validate(self, at: &str) -> Result<HttpJsonSpec, ConfigError> {
+        let f = |name: &str| format!("{at}.{name}");
+        let url = http_url(&f("url"), &self.url)?;
+        let body = match (self.form, self.json) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(f("json"), "set only one of form and json"));
+            }
+            (Some(form), None) => Body::Form(
+                form.into_iter()
+                    .map(|(k, v)| {
+                        let spec = v.resolve(&format!("{at}.form.{k}"))?;
+                        Ok((k, spec))
+                    })
+                    .collect::<Result<_, ConfigError>>()?,
+            ),
+            (None, Some(json)) => Body::Json(json_spec(&f("json"), json)?),
+            (None, None) => Body::None,
+        };
+        let method = match self.method {
+            Some(m) => reqwest::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| ConfigError::new(f("method"), format!("invalid HTTP method {m:?}")))?,
+            None if body == Body::None => reqwest::Method::GET,
+            None => reqwest::Method::POST,
+        };
+        let mut headers = Vec::new();
+        for (name, value) in self.headers {
+            let field = format!("{at}.headers.{name}");
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ConfigError::new(&field, "invalid header name"))?;
+            let value = value.resolve(&field)?;
+            let text = match &value {
+                ValueSpec::Literal(s) => s.as_str(),
+                ValueSpec::Secret(s) => s.expose(),
+            };
+            if HeaderValue::from_str(text).is_err() {
+                return Err(ConfigError::new(
+                    &field,
+                    "value is not valid in an HTTP header",
+                ));
+            }
+            headers.push((header, value));
+        }
+        if let Some(parent) = &self.bearer_from {
+            validate_name(parent)
+                .map_err(|r| ConfigError::new(f("bearer_from"), format!("collection name {r}")))?;
+        }
+        let token_pointer = self
+            .token_pointer
+            .unwrap_or_else(|| "/access_token".to_owned());
+        json_pointer(&f("token_pointer"), &token_pointer)?;
+        if let Some(p) = &self.expires_pointer {
+            json_pointer(&f("expires_pointer"), p)?;
+        } else if self.expires_format.is_some() {
+            return Err(ConfigError::new(
+                f("expires_format"),
+                "needs expires_pointer",
+            ));
+        }
+        let expires_format = match self.expires_format {
+            None | Some(RawExpiresFormat::Seconds) => ExpiresFormat::SecondsFromNow,
+            Some(RawExpiresFormat::EpochSeconds) => ExpiresFormat::EpochSeconds,
+            Some(RawExpiresFormat::Rfc3339) => ExpiresFormat::Rfc3339,
+        };
+        Ok(HttpJsonSpec {
+            method,
+            url,
+            headers,
+            body,
+            bearer_from: self.bearer_from,
+            token_pointer,
+            expires_pointer: self.expires_pointer,
+            expires_format,
         })
     }
 }
@@ -521,5 +1088,153 @@ mod tests {
         assert!(validate_name("a/b").is_err());
         assert!(validate_name(&"a".repeat(128)).is_ok());
         assert!(validate_name(&"a".repeat(129)).is_err());
+    }
+
+    /// A secret file in a temp dir, so no test touches the environment.
+    fn secret_file(dir: &tempfile::TempDir, name: &str, value: &str) -> String {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("{value}\n")).unwrap();
+        p.display().to_string()
+    }
+
+    #[test]
+    fn every_source_kind_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = secret_file(&dir, "secret", "s3cret");
+        let rt = secret_file(&dir, "rt", "seed-rt");
+        let text = format!(
+            r#"
+[http]
+timeout = "3s"
+max_response_bytes = 4096
+
+[collections.od-oauth.source]
+kind = "oauth2_client_credentials"
+token_url = "https://login.example.com/token"
+client_id = "id"
+client_secret_file = "{secret}"
+scope = "a b"
+client_auth = "body"
+
+[collections.mail.source]
+kind = "oauth2_refresh_token"
+token_url = "https://login.example.com/token"
+client_id = "public"
+refresh_token_file = "{rt}"
+
+[collections.od-main.source]
+kind = "overdrive"
+oauth = "od-oauth"
+library_id = 4425
+advantage_account_id = "12"
+
+[collections.api.source]
+kind = "http_json"
+url = "https://api.example.com/session"
+headers = {{ "X-Api-Key" = {{ file = "{secret}" }}, Accept = "application/json" }}
+json = {{ user = "svc", password = {{ file = "{secret}" }}, opts = {{ ttl = 60 }} }}
+bearer_from = "mail"
+token_pointer = "/data/token"
+expires_pointer = "/data/expires_at"
+expires_format = "rfc3339"
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.http.timeout, Duration::from_secs(3));
+        assert_eq!(c.http.max_response_bytes, 4096);
+        let by = |n: &str| &c.collections.iter().find(|c| c.name == n).unwrap().source;
+        let SourceConfig::OAuth(o) = by("od-oauth") else {
+            panic!()
+        };
+        assert_eq!(o.client_secret.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(o.client_auth, ClientAuth::Body);
+        assert_eq!(o.grant, Grant::ClientCredentials);
+        let SourceConfig::OAuth(m) = by("mail") else {
+            panic!()
+        };
+        assert!(m.client_secret.is_none());
+        assert_eq!(
+            m.grant,
+            Grant::RefreshToken {
+                seed: Secret::new("seed-rt")
+            }
+        );
+        let SourceConfig::OverDrive(od) = by("od-main") else {
+            panic!()
+        };
+        assert_eq!(od.library_id, "4425");
+        assert_eq!(od.api_base.as_str(), "https://api.overdrive.com/");
+        let SourceConfig::HttpJson(h) = by("api") else {
+            panic!()
+        };
+        assert_eq!(h.method, reqwest::Method::POST);
+        assert_eq!(h.expires_format, ExpiresFormat::Rfc3339);
+        let Body::Json(JsonSpec::Object(fields)) = &h.body else {
+            panic!()
+        };
+        assert!(
+            fields
+                .iter()
+                .any(|(k, v)| k == "password" && matches!(v, JsonSpec::Secret(_)))
+        );
+        // The config's Debug output never holds a secret.
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(!format!("{c:?}").contains("seed-rt"));
+    }
+
+    #[test]
+    fn secrets_are_by_reference_and_must_resolve() {
+        let base = |extra: &str| {
+            format!(
+                "[collections.o.source]\nkind = \"oauth2_client_credentials\"\ntoken_url = \"https://x.example/t\"\nclient_id = \"id\"\n{extra}"
+            )
+        };
+        let e = err(&base(""));
+        assert_eq!(e.field, "collections.o.source.client_secret_env", "{e}");
+        let e = err(&base("client_secret = \"inline\"\n"));
+        assert_eq!(e.field, "collections.o.source.client_secret", "{e}");
+        assert!(e.reason.contains("unknown field"), "{e}");
+        let e = err(&base(
+            "client_secret_env = \"TOKEN_BROKER_TEST_SURELY_UNSET\"\n",
+        ));
+        assert_eq!(e.field, "collections.o.source.client_secret_env", "{e}");
+        assert!(
+            e.reason
+                .contains("TOKEN_BROKER_TEST_SURELY_UNSET is not set"),
+            "{e}"
+        );
+        let e = err(&base("client_secret_file = \"/nonexistent/secret\"\n"));
+        assert_eq!(e.field, "collections.o.source.client_secret_file", "{e}");
+        let e = err(&base(
+            "client_secret_file = \"/x\"\nclient_secret_env = \"Y\"\n",
+        ));
+        assert!(e.reason.contains("only one"), "{e}");
+        let e =
+            err(&base("client_secret_env = \"PATH\"\n").replace("https://x.example/t", "ftp://x"));
+        assert_eq!(e.field, "collections.o.source.token_url", "{e}");
+    }
+
+    #[test]
+    fn dependencies_must_exist_and_not_cycle() {
+        let od = |name: &str, oauth: &str| {
+            format!(
+                "[collections.{name}.source]\nkind = \"overdrive\"\noauth = \"{oauth}\"\nlibrary_id = \"1\"\n"
+            )
+        };
+        let e = err(&od("a", "nope"));
+        assert_eq!(e.field, "collections.a.source.oauth", "{e}");
+        assert!(e.reason.contains("unknown collection \"nope\""), "{e}");
+        let e = err(&od("a", "a"));
+        assert_eq!(e.field, "collections.a.source.oauth", "{e}");
+        assert!(e.reason.contains("a -> a"), "{e}");
+        let json = "[collections.c.source]\nkind = \"http_json\"\nurl = \"https://x.example/\"\nbearer_from = \"a\"\n";
+        let e = err(&format!("{}{}{json}", od("a", "b"), od("b", "c")));
+        assert!(
+            e.reason.contains("dependency cycle: a -> b -> c -> a"),
+            "{e}"
+        );
+        // A chain without a cycle is fine.
+        let ok = format!("{}[collections.b.source]\nkind = \"demo\"\n", od("a", "b"));
+        assert!(Config::parse(&ok).is_ok());
     }
 }

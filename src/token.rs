@@ -50,6 +50,9 @@ pub struct Token {
     pub expires_at: SystemTime,
     /// Soft expiry: a background refresh starts from here.
     pub refresh_at: SystemTime,
+    /// The version of the parent collection's token it was fetched with (for
+    /// sources that depend on another collection).
+    pub parent_version: Option<u64>,
 }
 
 impl Token {

@@ -12,13 +12,14 @@
 //! - This module knows nothing of protobuf or SQL.
 
 mod error;
+mod parents;
 pub mod policy;
 mod refresher;
 mod watch;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, watch as tokio_watch};
@@ -27,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::{Config, SourceConfig};
-use crate::source::{DemoSource, Source};
+use crate::source::http::HttpClient;
+use crate::source::{DemoSource, HttpJsonSource, OAuthSource, OverDriveSource, Source};
 use crate::store::{Backoff, MemoryStore, Store};
 use crate::token::Token;
 
@@ -134,6 +136,9 @@ struct Demand {
     /// A refresh is wanted while the current token expires before this
     /// (milliseconds since the Unix epoch).
     want_until_ms: AtomicU64,
+    /// The parent's token up to this version was reported rejected: a token
+    /// fetched with one of those is refreshed (once the parent has a new one).
+    parent_rejected: AtomicU64,
 }
 
 pub(crate) struct Collection {
@@ -166,6 +171,8 @@ pub struct Broker {
 
 struct Inner {
     collections: HashMap<String, Arc<Collection>>,
+    /// Parent name -> the collections whose source depends on it.
+    children: HashMap<String, Vec<Arc<Collection>>>,
     clock: Clock,
     /// Bumped after any collection's state changes (for readiness).
     epoch: tokio_watch::Sender<u64>,
@@ -201,8 +208,18 @@ impl Broker {
                 (c.name.clone(), Arc::new(c))
             })
             .collect::<HashMap<_, _>>();
+        let mut children: HashMap<String, Vec<Arc<Collection>>> = HashMap::new();
+        for c in collections.values() {
+            if let Some(parent) = c.source.parent() {
+                children
+                    .entry(parent.to_owned())
+                    .or_default()
+                    .push(c.clone());
+            }
+        }
         let inner = Arc::new(Inner {
             collections,
+            children,
             clock,
             epoch,
             shutdown,
@@ -212,7 +229,7 @@ impl Broker {
             tokio::spawn(refresher::run(
                 c.clone(),
                 store.clone(),
-                inner.clone_parts(),
+                Inner::shared(&inner),
                 holder.clone(),
             ));
         }
@@ -225,23 +242,8 @@ impl Broker {
         clock: Clock,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let specs = config
-            .collections
-            .iter()
-            .map(|c| {
-                let source: Arc<dyn Source> = match &c.source {
-                    SourceConfig::Demo { ttl } => Arc::new(DemoSource::new(*ttl)),
-                };
-                CollectionSpec {
-                    name: c.name.clone(),
-                    source,
-                    policy: c.policy.clone(),
-                    prefetch: c.prefetch,
-                }
-            })
-            .collect();
         Ok(Self::start(
-            specs,
+            specs(config)?,
             Arc::new(MemoryStore::new()),
             clock,
             shutdown,
@@ -314,6 +316,7 @@ impl Broker {
         match current_version {
             Some(version) => {
                 c.demand.force_version.fetch_max(version, Ordering::Relaxed);
+                self.mark_children(name, version);
                 self.refresh_and_wait(c, Need::NewerThan(version), deadline)
                     .await
             }
@@ -322,6 +325,26 @@ impl Broker {
                 // served): hand out the current one without a refresh.
                 let served = self.get(name, None, deadline).await?;
                 Ok((served, false))
+            }
+        }
+    }
+
+    /// After `version` of `parent` was rejected: marks for refresh the children
+    /// whose current token was fetched with exactly that version.
+    fn mark_children(&self, parent: &str, version: u64) {
+        for child in self.inner.children.get(parent).into_iter().flatten() {
+            let fetched_with = child
+                .state
+                .borrow()
+                .token
+                .as_ref()
+                .and_then(|t| t.parent_version);
+            if fetched_with == Some(version) {
+                child
+                    .demand
+                    .parent_rejected
+                    .fetch_max(version, Ordering::Relaxed);
+                child.wake.notify_one();
             }
         }
     }
@@ -449,20 +472,52 @@ fn epoch_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Builds every collection's source from the config, sharing one HTTP client.
+pub fn specs(config: &Config) -> anyhow::Result<Vec<CollectionSpec>> {
+    let http = HttpClient::new(&config.http)?;
+    config
+        .collections
+        .iter()
+        .map(|c| {
+            let source: Arc<dyn Source> = match &c.source {
+                SourceConfig::Demo { ttl } => Arc::new(DemoSource::new(*ttl)),
+                SourceConfig::OAuth(spec) => Arc::new(OAuthSource::new(spec.clone(), http.clone())),
+                SourceConfig::OverDrive(spec) => Arc::new(
+                    OverDriveSource::new(spec.clone(), http.clone())
+                        .map_err(|e| anyhow::anyhow!("collections.{}.source: {e}", c.name))?,
+                ),
+                SourceConfig::HttpJson(spec) => {
+                    Arc::new(HttpJsonSource::new(spec.clone(), http.clone()))
+                }
+            };
+            Ok(CollectionSpec {
+                name: c.name.clone(),
+                source,
+                policy: c.policy.clone(),
+                prefetch: c.prefetch,
+            })
+        })
+        .collect()
+}
+
 /// What refresher tasks share with the broker.
 #[derive(Clone)]
 struct Shared {
     clock: Clock,
     epoch: tokio_watch::Sender<u64>,
     shutdown: CancellationToken,
+    /// The broker itself, for sources that depend on other collections. Weak:
+    /// the refreshers must not keep the broker alive.
+    broker: Weak<Inner>,
 }
 
 impl Inner {
-    fn clone_parts(&self) -> Shared {
+    fn shared(this: &Arc<Self>) -> Shared {
         Shared {
-            clock: self.clock,
-            epoch: self.epoch.clone(),
-            shutdown: self.shutdown.clone(),
+            clock: this.clock,
+            epoch: this.epoch.clone(),
+            shutdown: this.shutdown.clone(),
+            broker: Arc::downgrade(this),
         }
     }
 }

@@ -74,7 +74,9 @@ fn next_attempt(c: &Collection, now: SystemTime) -> Option<SystemTime> {
         return Some(allowed);
     };
     let forced = t.version <= c.demand.force_version.load(Ordering::Relaxed)
-        || super::epoch_ms(t.expires_at) < c.demand.want_until_ms.load(Ordering::Relaxed);
+        || super::epoch_ms(t.expires_at) < c.demand.want_until_ms.load(Ordering::Relaxed)
+        || t.parent_version
+            .is_some_and(|v| v <= c.demand.parent_rejected.load(Ordering::Relaxed));
     let due = if forced { now } else { t.refresh_at };
     Some(due.max(allowed))
 }
@@ -124,24 +126,28 @@ async fn attempt(
     let span =
         info_span!("refresh", collection = %c.name, source = c.source.kind(), attempt = attempt_no);
     async {
-        let result = fetch(c, now).await.and_then(|fetched| {
-            let schedule = c
-                .policy
-                .schedule(now, fetched.expires_at, &mut rand::rng())
-                .filter(|s| s.expires_at > clock.now())
-                .ok_or_else(|| {
-                    FetchError::new(
-                        FailureClass::BadResponse,
-                        "upstream returned an already expired token",
-                    )
-                })?;
-            Ok(NewToken {
-                value: fetched.value,
-                fetched_at: now,
-                expires_at: schedule.expires_at,
-                refresh_at: schedule.refresh_at,
-            })
-        });
+        let result = fetch(c, shared, now, row.refresh_token.clone())
+            .await
+            .and_then(|fetched| {
+                let schedule = c
+                    .policy
+                    .schedule(now, fetched.expires_at, &mut rand::rng())
+                    .filter(|s| s.expires_at > clock.now())
+                    .ok_or_else(|| {
+                        FetchError::new(
+                            FailureClass::BadResponse,
+                            "upstream returned an already expired token",
+                        )
+                    })?;
+                Ok(NewToken {
+                    value: fetched.value,
+                    fetched_at: now,
+                    expires_at: schedule.expires_at,
+                    refresh_at: schedule.refresh_at,
+                    refresh_token: fetched.refresh_token,
+                    parent_version: fetched.parent_version,
+                })
+            });
         match result {
             Ok(new) => commit_token(c, store, shared, lease, new).await,
             Err(err) => commit_failure(c, store, shared, lease, row, err).await,
@@ -153,12 +159,32 @@ async fn attempt(
 }
 
 /// Calls the source in its own task, under the fetch timeout.
-async fn fetch(c: &Collection, now: SystemTime) -> Result<crate::source::Fetched, FetchError> {
+async fn fetch(
+    c: &Collection,
+    shared: &Shared,
+    now: SystemTime,
+    refresh_token: Option<crate::token::Secret>,
+) -> Result<crate::source::Fetched, FetchError> {
     let source = c.source.clone();
     let timeout = c.policy.fetch_timeout;
+    let Some(broker) = shared.broker.upgrade() else {
+        return Err(FetchError::new(FailureClass::Internal, "broker stopped"));
+    };
+    let rejected_parent = c.state.borrow().token.as_ref().and_then(|t| {
+        t.parent_version
+            .filter(|v| *v <= c.demand.parent_rejected.load(Ordering::Relaxed))
+    });
     let ctx = FetchContext {
         collection: c.name.clone(),
         now,
+        refresh_token,
+        // Parent waits end a little before the fetch timeout, so that their
+        // own error (not a bare timeout) is what gets reported.
+        parents: Arc::new(super::parents::BrokerParents::new(
+            broker,
+            rejected_parent,
+            tokio::time::Instant::now() + timeout.mul_f64(0.9),
+        )),
     };
     let task = tokio::spawn(async move { tokio::time::timeout(timeout, source.fetch(ctx)).await });
     match task.await {

@@ -31,10 +31,10 @@ impl Source for DemoSource {
             .take(32)
             .map(char::from)
             .collect();
-        let fetched = Fetched {
-            value: Secret::new(format!("demo-{value}")),
-            expires_at: Some(ctx.now + self.ttl),
-        };
+        let fetched = Fetched::token(
+            Secret::new(format!("demo-{value}")),
+            Some(ctx.now + self.ttl),
+        );
         Box::pin(async move { Ok(fetched) })
     }
 }

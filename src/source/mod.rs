@@ -8,6 +8,10 @@
 //! the broker.
 
 mod demo;
+pub mod http;
+mod http_json;
+mod oauth;
+mod overdrive;
 
 use std::fmt;
 use std::future::Future;
@@ -17,6 +21,9 @@ use std::time::{Duration, SystemTime};
 use crate::token::Secret;
 
 pub use demo::DemoSource;
+pub use http_json::{Body, ExpiresFormat, HttpJsonSource, HttpJsonSpec, JsonSpec, ValueSpec};
+pub use oauth::{ClientAuth, Grant, OAuthSource, OAuthSpec};
+pub use overdrive::{OverDriveSource, OverDriveSpec};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -27,14 +34,72 @@ pub struct Fetched {
     /// The upstream's own absolute expiry; `None` for opaque tokens (the
     /// collection's `max_age` then decides when to refresh).
     pub expires_at: Option<SystemTime>,
+    /// A refresh token the upstream issued with this token (rotation). The
+    /// store commits it in the same write as the token, before it is served.
+    pub refresh_token: Option<Secret>,
+    /// The version of the parent collection's token this one was fetched with.
+    pub parent_version: Option<u64>,
+}
+
+impl Fetched {
+    /// A token with nothing attached.
+    pub fn token(value: Secret, expires_at: Option<SystemTime>) -> Self {
+        Self {
+            value,
+            expires_at,
+            refresh_token: None,
+            parent_version: None,
+        }
+    }
+}
+
+/// A parent collection's token as a dependent source sees it.
+#[derive(Debug, Clone)]
+pub struct ParentToken {
+    pub value: Secret,
+    pub version: u64,
+}
+
+/// How a dependent source reaches the collection it depends on. The broker
+/// implements it: tokens are shared with every other reader of the parent,
+/// never minted per use.
+pub trait Parents: Send + Sync {
+    /// A servable token of `collection`, waiting (within the fetch's time) for
+    /// its refresh when there is none. When the parent token this source last
+    /// used was reported rejected, waits for its replacement instead.
+    fn token<'a>(&'a self, collection: &'a str) -> BoxFuture<'a, Result<ParentToken, FetchError>>;
+
+    /// Compare-and-invalidate: reports that the upstream rejected `version` of
+    /// `collection`, and returns a newer token. Many children reporting the
+    /// same version cause one refresh of the parent.
+    fn reject<'a>(
+        &'a self,
+        collection: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<ParentToken, FetchError>>;
 }
 
 /// Context handed to each fetch.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FetchContext {
     pub collection: String,
     /// The broker's wall-clock time at the start of the fetch.
     pub now: SystemTime,
+    /// The refresh token the store holds for this collection (the latest one
+    /// the upstream issued); `None` before the first rotation.
+    pub refresh_token: Option<Secret>,
+    /// Access to the collections this source depends on.
+    pub parents: std::sync::Arc<dyn Parents>,
+}
+
+impl fmt::Debug for FetchContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchContext")
+            .field("collection", &self.collection)
+            .field("now", &self.now)
+            .field("refresh_token", &self.refresh_token)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a fetch failed. A small, bounded set: it is used in messages to callers
@@ -60,6 +125,8 @@ pub enum FailureClass {
     /// The upstream answered something that is not a usable token
     /// (malformed, missing field, error document, already expired).
     BadResponse,
+    /// The collection this one depends on has no usable token yet.
+    Dependency,
     /// A bug: the fetch panicked.
     Internal,
 }
@@ -85,6 +152,7 @@ impl FailureClass {
             Self::InvalidGrant => "invalid_grant",
             Self::Rejected => "rejected",
             Self::BadResponse => "bad_response",
+            Self::Dependency => "dependency",
             Self::Internal => "internal",
         }
     }
@@ -121,6 +189,11 @@ impl FetchError {
 pub trait Source: Send + Sync + 'static {
     /// A short name of the source kind, for logs.
     fn kind(&self) -> &'static str;
+
+    /// The collection this source depends on, if any.
+    fn parent(&self) -> Option<&str> {
+        None
+    }
 
     /// Fetches a fresh credential. Called by at most one task per collection at
     /// a time, under the broker's fetch timeout.

@@ -117,8 +117,12 @@ impl Store for MemoryStore {
                 fetched_at: new.fetched_at,
                 expires_at: new.expires_at,
                 refresh_at: new.refresh_at,
+                parent_version: new.parent_version,
             };
             entry.row.token = Some(token.clone());
+            if let Some(rt) = new.refresh_token {
+                entry.row.refresh_token = Some(rt);
+            }
             entry.row.backoff = None;
             entry.lease = None;
             Ok(Committed { token, rotated })
@@ -157,6 +161,8 @@ mod tests {
             fetched_at: t(at),
             expires_at: t(at + 100),
             refresh_at: t(at + 75),
+            refresh_token: None,
+            parent_version: None,
         }
     }
 

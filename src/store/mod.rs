@@ -35,6 +35,9 @@ pub struct Backoff {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Row {
     pub token: Option<Token>,
+    /// The latest refresh token the upstream issued (rotation), committed with
+    /// the access token it came with.
+    pub refresh_token: Option<Secret>,
     pub backoff: Option<Backoff>,
     /// Start of the last refresh attempt (success or failure), for the minimum
     /// interval between refreshes.
@@ -66,6 +69,10 @@ pub struct NewToken {
     pub fetched_at: SystemTime,
     pub expires_at: SystemTime,
     pub refresh_at: SystemTime,
+    /// A rotated refresh token to store in the same write; `None` keeps the
+    /// stored one.
+    pub refresh_token: Option<Secret>,
+    pub parent_version: Option<u64>,
 }
 
 /// What a token commit did.
@@ -99,8 +106,8 @@ pub trait Store: Send + Sync + 'static {
         now: SystemTime,
     ) -> BoxFuture<'_, Result<Acquired, StoreError>>;
 
-    /// Writes a fetched token under the lease (fenced), clears the backoff and
-    /// releases the lease.
+    /// Writes a fetched token (and its refresh token, if any) under the lease
+    /// (fenced), clears the backoff and releases the lease.
     fn commit_token(
         &self,
         lease: Lease,

@@ -9,4 +9,5 @@ mod cli;
 mod refresh;
 mod server;
 mod support;
+mod upstream;
 mod watch;

@@ -101,14 +101,11 @@ impl Source for Scripted {
             let delay = *self.delay.lock().unwrap();
             tokio::time::sleep(delay).await;
             match step {
-                Step::Token(ttl) => Ok(Fetched {
-                    value: Secret::new(format!("tok-{n}")),
-                    expires_at: ttl.map(|t| ctx.now + t),
-                }),
-                Step::Value(v, ttl) => Ok(Fetched {
-                    value: Secret::new(v),
-                    expires_at: Some(ctx.now + ttl),
-                }),
+                Step::Token(ttl) => Ok(Fetched::token(
+                    Secret::new(format!("tok-{n}")),
+                    ttl.map(|t| ctx.now + t),
+                )),
+                Step::Value(v, ttl) => Ok(Fetched::token(Secret::new(v), Some(ctx.now + ttl))),
                 Step::Fail(class) => Err(FetchError::new(class, format!("scripted failure {n}"))),
                 Step::Panic => panic!("scripted panic"),
             }
