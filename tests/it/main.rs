@@ -8,6 +8,7 @@ mod api;
 mod cli;
 mod refresh;
 mod server;
+mod sources;
 mod support;
 mod upstream;
 mod watch;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use token_broker::broker::{Broker, CollectionSpec, Policy};
 use token_broker::clock::Clock;
-use token_broker::config::ServerConfig;
+use token_broker::config::{Config, ServerConfig};
 use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
 use token_broker::grpc::pb::{self, GetCollectionTokenRequest};
 use token_broker::listen::{ListenAddr, Listener};
@@ -168,10 +168,30 @@ impl TestServer {
         cfg: ServerConfig,
         listener: Listener,
     ) -> Self {
+        Self::start_full(specs, cfg, listener, Arc::new(MemoryStore::new())).await
+    }
+
+    /// A server built from config text (as `serve --config` would), on a
+    /// given store, so that a test can restart the broker on the same store.
+    pub async fn from_toml(text: &str, store: Arc<MemoryStore>) -> Self {
+        let config = Config::parse(text).unwrap_or_else(|e| panic!("config: {e}\n{text}"));
+        let specs = token_broker::broker::specs(&config).unwrap();
+        let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        Self::start_full(specs, config.server, listener, store).await
+    }
+
+    async fn start_full(
+        specs: Vec<CollectionSpec>,
+        cfg: ServerConfig,
+        listener: Listener,
+        store: Arc<MemoryStore>,
+    ) -> Self {
         let addr = listener.local_addr().unwrap();
         let clock = Clock::tokio_anchored(SystemTime::now());
         let shutdown = CancellationToken::new();
-        let broker = Broker::start(specs, Arc::new(MemoryStore::new()), clock, shutdown.clone());
+        let broker = Broker::start(specs, store, clock, shutdown.clone());
         let stop = shutdown.clone();
         let handle = tokio::spawn(async move {
             token_broker::grpc::serve(broker, &cfg, listener, stop)
@@ -253,4 +273,74 @@ pub async fn settle() {
     for _ in 0..50 {
         tokio::task::yield_now().await;
     }
+}
+
+/// Every log line of this test process, from every level of this crate and
+/// `debug` of the libraries (HTTP client and server included). Installed once;
+/// under nextest each test is its own process, under `cargo test` the buffer
+/// is shared, which only makes the leak checks stricter.
+pub fn capture_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "debug,token_broker=trace",
+            ))
+            .with_writer(|| LogWriter)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+}
+
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The captured logs so far.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+}
+
+/// Fails if any of `secrets` appears in the captured logs; also checks that
+/// logging was captured at all, so the check cannot pass vacuously.
+pub fn assert_no_secret_logged<S: AsRef<str>>(secrets: impl IntoIterator<Item = S>) {
+    let logs = logs();
+    assert!(
+        logs.contains("token_broker"),
+        "no log lines were captured; call capture_logs() first"
+    );
+    let mut checked = 0;
+    for s in secrets {
+        let s = s.as_ref();
+        assert!(s.len() >= 6, "secret {s:?} too short to check for");
+        assert!(!logs.contains(s), "a secret appears in the logs");
+        checked += 1;
+    }
+    assert!(checked > 0, "no secrets to check");
+}
+
+/// A file holding `value`, in `dir`; returns its path for `..._file` fields.
+pub fn secret_file(dir: &tempfile::TempDir, name: &str, value: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, value).unwrap();
+    p.display().to_string()
+}
+
+/// A random secret-looking string, unique per call.
+pub fn random_secret(prefix: &str) -> String {
+    use rand::Rng;
+    let n: u64 = rand::rng().random();
+    format!("{prefix}-{n:016x}")
 }
