@@ -1237,4 +1237,19 @@ expires_format = "rfc3339"
         let ok = format!("{}[collections.b.source]\nkind = \"demo\"\n", od("a", "b"));
         assert!(Config::parse(&ok).is_ok());
     }
+
+    #[test]
+    fn http_section_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = secret_file(&dir, "ca.pem", "not a certificate");
+        let demo = "[collections.d.source]\nkind = \"demo\"\n";
+        let e = err(&format!("[http]\nca_file = \"{bad}\"\n{demo}"));
+        assert_eq!(e.field, "http.ca_file", "{e}");
+        let e = err(&format!("[http]\nca_file = \"/nonexistent.pem\"\n{demo}"));
+        assert_eq!(e.field, "http.ca_file", "{e}");
+        let e = err(&format!("[http]\nmax_response_bytes = 10\n{demo}"));
+        assert_eq!(e.field, "http.max_response_bytes", "{e}");
+        let e = err(&format!("[http]\nproxy = \"x\"\n{demo}"));
+        assert_eq!(e.field, "http.proxy", "{e}");
+    }
 }

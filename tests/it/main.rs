@@ -6,6 +6,7 @@
 
 mod api;
 mod cli;
+mod examples;
 mod refresh;
 mod server;
 mod sources;
