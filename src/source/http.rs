@@ -45,6 +45,10 @@ impl Default for HttpSettings {
     }
 }
 
+/// A `Retry-After` longer than this is read as this: an upstream's typo must
+/// not stop refreshes for days.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 pub const USER_AGENT: &str = concat!(env!("CARGO_PKG_NAME"), "/", env!("CARGO_PKG_VERSION"));
 
 /// The shared client: cheap to clone.
@@ -194,14 +198,18 @@ impl Response {
         self.status.is_success()
     }
 
-    /// The delay a `Retry-After` header asks for (delta-seconds or HTTP date).
+    /// The delay a `Retry-After` header asks for (delta-seconds or HTTP
+    /// date), at most an hour.
     pub fn retry_after(&self, now: SystemTime) -> Option<Duration> {
         let v = self.headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-        if let Ok(secs) = v.parse::<u64>() {
-            return Some(Duration::from_secs(secs));
-        }
-        let at = httpdate::parse_http_date(v).ok()?;
-        Some(at.duration_since(now).unwrap_or_default())
+        let delay = match v.parse::<u64>() {
+            Ok(secs) => Duration::from_secs(secs),
+            Err(_) => {
+                let at = httpdate::parse_http_date(v).ok()?;
+                at.duration_since(now).unwrap_or_default()
+            }
+        };
+        Some(delay.min(MAX_RETRY_AFTER))
     }
 
     /// The generic classification of a non-success status: 429 and 5xx are
@@ -323,6 +331,15 @@ mod tests {
         };
         assert_eq!(r.retry_after(now), Some(Duration::from_secs(30)));
         assert_eq!(r.status_error(now).class, FailureClass::UpstreamError);
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "99999999".parse().unwrap());
+        let r = Response {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            headers,
+            body: vec![],
+            target: "h:1/".into(),
+        };
+        assert_eq!(r.retry_after(now), Some(MAX_RETRY_AFTER));
     }
 
     #[test]
