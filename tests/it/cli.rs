@@ -194,6 +194,18 @@ fn check_config_accepts_good_files_and_names_the_bad_field() {
             "collections.a.colour",
         ),
         ("[server]\n", "collections"),
+        (
+            "[collections.od]\nsource = { kind = \"overdrive\", oauth = \"nope\", library_id = 1 }\n",
+            "collections.od.source.oauth",
+        ),
+        (
+            "[collections.a]\nsource = { kind = \"http_json\", url = \"https://x.example/\", bearer_from = \"b\" }\n[collections.b]\nsource = { kind = \"overdrive\", oauth = \"a\", library_id = 1 }\n",
+            "collections.a.source.bearer_from",
+        ),
+        (
+            "[collections.o]\nsource = { kind = \"oauth2_client_credentials\", token_url = \"https://x.example/t\", client_id = \"i\", client_secret = \"inline\" }\n",
+            "collections.o.source.client_secret",
+        ),
     ];
     for (text, field) in cases {
         let bad = dir.path().join("bad.toml");
