@@ -668,12 +668,34 @@ fn secret_ref(
     env: Option<String>,
     file: Option<PathBuf>,
 ) -> Result<Option<Secret>, ConfigError> {
-    let field = |suffix: &str| format!("{prefix}.{name}_{suffix}");
+    read_secret(prefix, name, "_", env, file)
+}
+
+/// Like [`secret_ref`] for the `{ env = "..." }` / `{ file = "..." }` form,
+/// whose fields are `name.env` and `name.file`.
+fn inline_secret_ref(field: &str, r: RawRef) -> Result<Secret, ConfigError> {
+    let (prefix, name) = field.rsplit_once('.').unwrap_or(("", field));
+    read_secret(prefix, name, ".", r.env, r.file)?.ok_or_else(|| {
+        ConfigError::new(
+            field,
+            "give a string, or { env = \"VAR\" } or { file = \"/path\" }",
+        )
+    })
+}
+
+fn read_secret(
+    prefix: &str,
+    name: &str,
+    sep: &str,
+    env: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
+    let field = |suffix: &str| format!("{prefix}.{name}{sep}{suffix}");
     let value = match (env, file) {
         (Some(_), Some(_)) => {
             return Err(ConfigError::new(
                 field("env"),
-                format!("set only one of {name}_env and {name}_file"),
+                format!("set only one of {name}{sep}env and {name}{sep}file"),
             ));
         }
         (None, None) => return Ok(None),
@@ -853,16 +875,7 @@ impl RawValue {
     fn resolve(self, field: &str) -> Result<ValueSpec, ConfigError> {
         match self {
             Self::Literal(s) => Ok(ValueSpec::Literal(s)),
-            Self::Ref(r) => {
-                let (prefix, name) = field.rsplit_once('.').unwrap_or(("", field));
-                let secret = secret_ref(prefix, name, r.env, r.file)?.ok_or_else(|| {
-                    ConfigError::new(
-                        field,
-                        "give a string, or { env = \"VAR\" } or { file = \"/path\" }",
-                    )
-                })?;
-                Ok(ValueSpec::Secret(secret))
-            }
+            Self::Ref(r) => Ok(ValueSpec::Secret(inline_secret_ref(field, r)?)),
         }
     }
 }
@@ -891,10 +904,7 @@ fn json_spec(field: &str, v: toml::Value) -> Result<JsonSpec, ConfigError> {
             let is_ref = t.len() == 1 && (t.contains_key("env") || t.contains_key("file"));
             if is_ref {
                 let value: RawRef = deserialize_at(t, field)?;
-                let (prefix, name) = field.rsplit_once('.').unwrap_or(("", field));
-                let secret = secret_ref(prefix, name, value.env, value.file)?
-                    .ok_or_else(|| ConfigError::new(field, "empty secret reference"))?;
-                JsonSpec::Secret(secret)
+                JsonSpec::Secret(inline_secret_ref(field, value)?)
             } else {
                 JsonSpec::Object(
                     t.into_iter()
