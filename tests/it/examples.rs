@@ -147,7 +147,11 @@ fn check_config(name: &str, env: &[(&str, &str)]) {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{name}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("_env: environment variable"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("env: environment variable") && err.contains(" is not set"),
+        "{name}: {err}"
+    );
 }
 
 fn assert_clean(log: &str, secrets: &[String]) {

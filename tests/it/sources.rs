@@ -309,7 +309,11 @@ async fn every_error_class_reaches_the_caller_with_its_status() {
         },
         Case {
             name: "wrong content type",
-            reply: Some(Reply::raw(200, "text/html", "{\"access_token\": \"looks-like-json\"}")),
+            reply: Some(Reply::raw(
+                200,
+                "text/html",
+                "{\"access_token\": \"looks-like-json\"}",
+            )),
             http: "",
             code: Code::FailedPrecondition,
             class: "bad_response",
