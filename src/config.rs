@@ -786,20 +786,17 @@ impl RawOAuth {
         let f = |name: &str| format!("{at}.{name}");
         let token_url = http_url(&f("token_url"), &self.token_url)?;
         non_empty(&f("client_id"), &self.client_id)?;
-        let client_secret = secret_ref(
-            at,
-            "client_secret",
-            self.client_secret_env,
-            self.client_secret_file,
-        )?;
-        let grant = if refresh {
+        let (secret_env, secret_file) = (self.client_secret_env, self.client_secret_file);
+        let (client_secret, grant) = if refresh {
+            // A public client may have no secret.
+            let client_secret = secret_ref(at, "client_secret", secret_env, secret_file)?;
             let seed = required_secret(
                 at,
                 "refresh_token",
                 self.refresh_token_env,
                 self.refresh_token_file,
             )?;
-            Grant::RefreshToken { seed }
+            (client_secret, Grant::RefreshToken { seed })
         } else {
             if self.refresh_token_env.is_some() || self.refresh_token_file.is_some() {
                 let name = if self.refresh_token_env.is_some() {
@@ -812,13 +809,8 @@ impl RawOAuth {
                     "only for kind = \"oauth2_refresh_token\"",
                 ));
             }
-            if client_secret.is_none() {
-                return Err(ConfigError::new(
-                    f("client_secret_env"),
-                    "missing; give the client_secret by reference: client_secret_env (an environment variable) or client_secret_file (a file)",
-                ));
-            }
-            Grant::ClientCredentials
+            let client_secret = required_secret(at, "client_secret", secret_env, secret_file)?;
+            (Some(client_secret), Grant::ClientCredentials)
         };
         if let Some(scope) = &self.scope {
             non_empty(&f("scope"), scope)?;
@@ -950,11 +942,7 @@ impl RawHttpJson {
             let header = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ConfigError::new(&field, "invalid header name"))?;
             let value = value.resolve(&field)?;
-            let text = match &value {
-                ValueSpec::Literal(s) => s.as_str(),
-                ValueSpec::Secret(s) => s.expose(),
-            };
-            if HeaderValue::from_str(text).is_err() {
+            if HeaderValue::from_str(value.expose()).is_err() {
                 return Err(ConfigError::new(
                     &field,
                     "value is not valid in an HTTP header",

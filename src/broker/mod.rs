@@ -154,6 +154,15 @@ pub(crate) struct Collection {
 }
 
 impl Collection {
+    /// The parent version `token` was fetched with, when that version has
+    /// been reported rejected (the token is then due for a refetch with a
+    /// newer parent token).
+    fn rejected_parent(&self, token: &Token) -> Option<u64> {
+        token
+            .parent_version
+            .filter(|v| *v <= self.demand.parent_rejected.load(Ordering::Relaxed))
+    }
+
     fn activate(&self) {
         if !self.demand.active.load(Ordering::Relaxed)
             && !self.demand.active.swap(true, Ordering::Relaxed)

@@ -75,8 +75,7 @@ fn next_attempt(c: &Collection, now: SystemTime) -> Option<SystemTime> {
     };
     let forced = t.version <= c.demand.force_version.load(Ordering::Relaxed)
         || super::epoch_ms(t.expires_at) < c.demand.want_until_ms.load(Ordering::Relaxed)
-        || t.parent_version
-            .is_some_and(|v| v <= c.demand.parent_rejected.load(Ordering::Relaxed));
+        || c.rejected_parent(t).is_some();
     let due = if forced { now } else { t.refresh_at };
     Some(due.max(allowed))
 }
@@ -170,10 +169,12 @@ async fn fetch(
     let Some(broker) = shared.broker.upgrade() else {
         return Err(FetchError::new(FailureClass::Internal, "broker stopped"));
     };
-    let rejected_parent = c.state.borrow().token.as_ref().and_then(|t| {
-        t.parent_version
-            .filter(|v| *v <= c.demand.parent_rejected.load(Ordering::Relaxed))
-    });
+    let rejected_parent = c
+        .state
+        .borrow()
+        .token
+        .as_ref()
+        .and_then(|t| c.rejected_parent(t));
     let ctx = FetchContext {
         collection: c.name.clone(),
         now,

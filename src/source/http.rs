@@ -68,11 +68,12 @@ pub struct Response {
     pub target: String,
 }
 
-/// Checks a PEM bundle and returns its certificates (for config validation).
-pub fn parse_ca_bundle(pem: &[u8]) -> Result<usize, String> {
+/// The certificates of a PEM bundle, which must hold at least one (config
+/// validation checks with this; the client is built with it).
+pub fn parse_ca_bundle(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, String> {
     match reqwest::Certificate::from_pem_bundle(pem) {
         Ok(certs) if certs.is_empty() => Err("contains no PEM certificate".into()),
-        Ok(certs) => Ok(certs.len()),
+        Ok(certs) => Ok(certs),
         Err(e) => Err(format!("is not a PEM certificate bundle ({e})")),
     }
 }
@@ -85,8 +86,7 @@ impl HttpClient {
             .timeout(settings.timeout)
             .redirect(reqwest::redirect::Policy::none());
         if let Some(pem) = &settings.ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| anyhow::anyhow!("http.ca_file: not a PEM bundle: {e}"))?;
+            let certs = parse_ca_bundle(pem).map_err(|e| anyhow::anyhow!("http.ca_file {e}"))?;
             builder = builder.tls_certs_merge(certs);
         }
         Ok(Self {

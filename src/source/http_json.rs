@@ -25,7 +25,8 @@ pub enum ValueSpec {
 }
 
 impl ValueSpec {
-    fn expose(&self) -> &str {
+    /// The value as sent (a secret's plaintext included).
+    pub fn expose(&self) -> &str {
         match self {
             Self::Literal(s) => s,
             Self::Secret(s) => s.expose(),
@@ -167,12 +168,7 @@ impl HttpJsonSource {
                 })?)
             }
         };
-        Ok(Fetched {
-            value: Secret::new(value),
-            expires_at,
-            refresh_token: None,
-            parent_version: None,
-        })
+        Ok(Fetched::token(Secret::new(value), expires_at))
     }
 }
 

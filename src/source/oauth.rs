@@ -136,10 +136,8 @@ impl OAuthSource {
             Some(_) => return Err(resp.bad("refresh_token is not a string")),
         };
         Ok(Fetched {
-            value: Secret::new(access),
-            expires_at: Some(now + lifetime),
             refresh_token,
-            parent_version: None,
+            ..Fetched::token(Secret::new(access), Some(now + lifetime))
         })
     }
 

@@ -170,10 +170,8 @@ impl Source for OverDriveSource {
                 }
             };
             Ok(Fetched {
-                value,
-                expires_at: None,
-                refresh_token: None,
                 parent_version: Some(used),
+                ..Fetched::token(value, None)
             })
         })
     }
