@@ -83,15 +83,16 @@ impl Served {
         ListenAddr::Unix(self.dir.path().join("tb.sock"))
     }
 
-    async fn get(&self, collection: &str) -> String {
+    async fn try_get(&self, collection: &str) -> Result<String, tonic::Status> {
         let mut client = token_broker::client::connect(&self.addr()).await.unwrap();
-        let mut req = tonic::Request::new(token_broker::grpc::pb::GetCollectionTokenRequest {
-            collection: collection.to_owned(),
-            min_remaining: None,
-        });
-        req.set_timeout(Duration::from_secs(10));
-        match client.get_collection_token(req).await {
-            Ok(r) => r.into_inner().token.unwrap().value,
+        crate::support::get(&mut client, collection, Duration::from_secs(10))
+            .await
+            .map(|t| t.value)
+    }
+
+    async fn get(&self, collection: &str) -> String {
+        match self.try_get(collection).await {
+            Ok(value) => value,
             Err(e) => panic!("{collection}: {e:?}\nlog:\n{}", self.log()),
         }
     }
@@ -369,13 +370,7 @@ async fn upstream_calls_honour_proxy_variables() {
         ("NO_PROXY", "localhost"),
     ];
     let served = Served::start(&config, &env).await;
-    let mut client = token_broker::client::connect(&served.addr()).await.unwrap();
-    let mut req = tonic::Request::new(token_broker::grpc::pb::GetCollectionTokenRequest {
-        collection: "partner-api".into(),
-        min_remaining: None,
-    });
-    req.set_timeout(Duration::from_secs(10));
-    let e = client.get_collection_token(req).await.unwrap_err();
+    let e = served.try_get("partner-api").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("(connect, "), "{}", e.message());
     assert_eq!(proxy.calls(), 1, "NO_PROXY bypassed the proxy");

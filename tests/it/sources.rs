@@ -148,31 +148,52 @@ async fn a_response_without_expires_in_uses_default_ttl() {
     assert_eq!(lifetime, Duration::from_secs(108));
 }
 
-fn refresh_token_config(oauth: &OAuthServer, secret_path: &str, seed_path: &str) -> String {
-    format!(
-        "[collections.mail.source]\nkind = \"oauth2_refresh_token\"\ntoken_url = \"{}\"\nclient_id = \"client-1\"\nclient_secret_file = \"{secret_path}\"\nrefresh_token_file = \"{seed_path}\"\n{}",
-        oauth.token_url(),
-        fast_policy("mail", "20ms"),
-    )
+/// A refresh-token collection `mail` against a fake endpoint whose seed and
+/// client secret are fresh random secrets (in files under the returned dir).
+struct RefreshSetup {
+    oauth: Arc<OAuthServer>,
+    text: String,
+    secret: String,
+    seed: String,
+    _dir: tempfile::TempDir,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotated_refresh_tokens_are_stored_and_survive_a_restart() {
-    capture_logs();
+async fn refresh_setup(expires_in: u64, backoff: &str) -> RefreshSetup {
     let dir = tempfile::tempdir().unwrap();
     let secret = random_secret("client-secret");
     let seed = random_secret("seed-refresh-token");
     let oauth = OAuthServer::start(OAuthConfig {
         refresh_token: Some(seed.clone()),
-        expires_in: Some(3600),
+        expires_in: Some(expires_in),
         ..OAuthConfig::new("client-1", &secret)
     })
     .await;
-    let text = refresh_token_config(
-        &oauth,
-        &secret_file(&dir, "secret", &secret),
-        &secret_file(&dir, "seed", &seed),
+    let text = format!(
+        "[collections.mail.source]\nkind = \"oauth2_refresh_token\"\ntoken_url = \"{}\"\nclient_id = \"client-1\"\nclient_secret_file = \"{}\"\nrefresh_token_file = \"{}\"\n{}",
+        oauth.token_url(),
+        secret_file(&dir, "secret", &secret),
+        secret_file(&dir, "seed", &seed),
+        fast_policy("mail", backoff),
     );
+    RefreshSetup {
+        oauth,
+        text,
+        secret,
+        seed,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_refresh_tokens_are_stored_and_survive_a_restart() {
+    capture_logs();
+    let RefreshSetup {
+        oauth,
+        text,
+        secret,
+        seed,
+        _dir,
+    } = refresh_setup(3600, "20ms").await;
     let store = Arc::new(MemoryStore::new());
     let server = TestServer::from_toml(&text, store.clone()).await;
     let mut client = server.client().await;
@@ -210,22 +231,14 @@ async fn rotated_refresh_tokens_are_stored_and_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_refresh_token_is_permanent_and_the_last_good_token_is_served() {
     capture_logs();
-    let dir = tempfile::tempdir().unwrap();
-    let secret = random_secret("client-secret");
-    let seed = random_secret("seed-refresh-token");
-    let oauth = OAuthServer::start(OAuthConfig {
-        refresh_token: Some(seed.clone()),
-        // Short-lived, so that the test sees the end of the last good token.
-        expires_in: Some(3),
-        ..OAuthConfig::new("client-1", &secret)
-    })
-    .await;
-    let text = refresh_token_config(
-        &oauth,
-        &secret_file(&dir, "secret", &secret),
-        &secret_file(&dir, "seed", &seed),
-    )
-    .replace("\"20ms\"", "\"500ms\"");
+    // Short-lived tokens, so that the test sees the end of the last good one.
+    let RefreshSetup {
+        oauth,
+        text,
+        secret,
+        seed,
+        _dir,
+    } = refresh_setup(3, "500ms").await;
     let server = TestServer::from_toml(&text, Arc::new(MemoryStore::new())).await;
     let mut client = server.client().await;
     let good = get(&mut client, "mail", WAIT).await.unwrap();
