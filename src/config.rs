@@ -22,6 +22,8 @@ use crate::source::{
     Body, ClientAuth, ExpiresFormat, Grant, HttpJsonSpec, JsonSpec, OAuthSpec, OverDriveSpec,
     ValueSpec,
 };
+use crate::store::PgSettings;
+use crate::store::crypto::Keyring;
 use crate::token::Secret;
 
 /// A config problem, naming the field.
@@ -49,6 +51,8 @@ pub struct Config {
     pub http: HttpSettings,
     /// Sorted by name.
     pub collections: Vec<CollectionConfig>,
+    /// The shared tier; `None`: the in-memory store (one sidecar only).
+    pub store: Option<PgSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +185,7 @@ impl Config {
                 policy,
                 prefetch: true,
             }],
+            store: None,
         })
     }
 }
@@ -205,6 +210,22 @@ struct RawConfig {
     http: RawHttp,
     #[serde(default)]
     collections: BTreeMap<String, RawCollection>,
+    store: Option<RawStore>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    database_url_env: Option<String>,
+    database_url_file: Option<PathBuf>,
+    pool_size: Option<u32>,
+    migrate: Option<bool>,
+    encryption_key_env: Option<String>,
+    encryption_key_file: Option<PathBuf>,
+    connect_timeout: Option<HumanDuration>,
+    query_timeout: Option<HumanDuration>,
+    heartbeat_interval: Option<HumanDuration>,
+    poll_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -454,10 +475,12 @@ impl RawConfig {
             .map(|(name, raw)| raw.validate(name))
             .collect::<Result<Vec<_>, _>>()?;
         check_dependencies(&collections)?;
+        let store = self.store.map(RawStore::validate).transpose()?;
         Ok(Config {
             server,
             http,
             collections,
+            store,
         })
     }
 }
@@ -656,6 +679,59 @@ impl RawHttp {
             64 << 20,
         )?;
         Ok(http)
+    }
+}
+
+impl RawStore {
+    fn validate(self) -> Result<PgSettings, ConfigError> {
+        let d = PgSettings::default();
+        let url = required_secret(
+            "store",
+            "database_url",
+            self.database_url_env,
+            self.database_url_file,
+        )?;
+        let url_field = "store.database_url";
+        crate::store::postgres::connect_options(&url)
+            .map_err(|e| ConfigError::new(url_field, e))?;
+        let key_field = if self.encryption_key_file.is_some() {
+            "store.encryption_key_file"
+        } else {
+            "store.encryption_key_env"
+        };
+        let keyring = match secret_ref(
+            "store",
+            "encryption_key",
+            self.encryption_key_env,
+            self.encryption_key_file,
+        )? {
+            None => Keyring::plaintext(),
+            Some(material) => {
+                Keyring::parse(material.expose()).map_err(|e| ConfigError::new(key_field, e))?
+            }
+        };
+        let pick = |v: Option<HumanDuration>, default: Duration| v.map_or(default, |h| h.0);
+        let settings = PgSettings {
+            url,
+            pool_size: self.pool_size.unwrap_or(d.pool_size),
+            migrate: self.migrate.unwrap_or(d.migrate),
+            keyring,
+            connect_timeout: pick(self.connect_timeout, d.connect_timeout),
+            query_timeout: pick(self.query_timeout, d.query_timeout),
+            heartbeat_interval: pick(self.heartbeat_interval, d.heartbeat_interval),
+            poll_interval: pick(self.poll_interval, d.poll_interval),
+        };
+        check_range("store.pool_size", settings.pool_size as usize, 1, 64)?;
+        let ms = Duration::from_millis;
+        check_positive("store.connect_timeout", settings.connect_timeout, ms(100))?;
+        check_positive("store.query_timeout", settings.query_timeout, ms(100))?;
+        check_positive(
+            "store.heartbeat_interval",
+            settings.heartbeat_interval,
+            ms(100),
+        )?;
+        check_positive("store.poll_interval", settings.poll_interval, ms(500))?;
+        Ok(settings)
     }
 }
 

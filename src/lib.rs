@@ -6,7 +6,8 @@
 //!   before anything binds.
 //! - [`broker`]: the core: per-collection state (L1), single-flight refresh,
 //!   refresh policy, watch fan-out. Knows nothing of protobuf or SQL.
-//! - [`store`]: the shared tier (L2) seam and its in-memory implementation.
+//! - [`store`]: the shared tier (L2) seam, the in-memory store and the
+//!   Postgres store (rows, lease, encryption, migrations, LISTEN/NOTIFY).
 //! - [`source`]: the upstream seam and its implementations.
 //! - [`grpc`]: the only module that sees generated protobuf types: the service,
 //!   validation, error-to-status mapping and server assembly.
@@ -26,17 +27,43 @@ pub mod store;
 pub mod telemetry;
 pub mod token;
 
+use std::sync::Arc;
+
 use tokio_util::sync::CancellationToken;
 
-/// Builds the broker from a validated config and serves it on an already-bound
-/// listener until `shutdown` is cancelled (then drains within the configured
-/// grace period). `main` and the tests both drive this one function.
+/// Opens the configured store: Postgres when `[store]` is set (migrated or
+/// checked, its listener started), else the in-memory store.
+pub async fn open_store(
+    config: &config::Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<dyn store::Store>> {
+    Ok(match &config.store {
+        None => Arc::new(store::MemoryStore::new()),
+        Some(settings) => store::PgStore::start(settings.clone(), shutdown.clone()).await?,
+    })
+}
+
+/// Builds the broker from a validated config on `store` and serves it on an
+/// already-bound listener until `shutdown` is cancelled (then drains within
+/// the configured grace period).
+pub async fn run_on(
+    config: config::Config,
+    store: Arc<dyn store::Store>,
+    listener: listen::Listener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let broker =
+        broker::Broker::from_config(&config, store, clock::Clock::system(), shutdown.clone())?;
+    grpc::serve(broker, &config.server, listener, shutdown).await?;
+    Ok(())
+}
+
+/// [`open_store`] then [`run_on`]: what the tests drive.
 pub async fn run(
     config: config::Config,
     listener: listen::Listener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let broker = broker::Broker::from_config(&config, clock::Clock::system(), shutdown.clone())?;
-    grpc::serve(broker, &config.server, listener, shutdown).await?;
-    Ok(())
+    let store = open_store(&config, &shutdown).await?;
+    run_on(config, store, listener, shutdown).await
 }

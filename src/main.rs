@@ -52,6 +52,12 @@ enum Command {
     },
     /// Validate a config file and exit (64 when invalid).
     CheckConfig { file: PathBuf },
+    /// Apply the database migrations of the config's [store] and exit.
+    Migrate {
+        /// The TOML config file (its [store] section names the database).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print a collection's token (the value only with --value).
     Get {
         collection: String,
@@ -122,6 +128,28 @@ fn main() -> ExitCode {
             }
             Err(e) => config_error(&e.field, &e.reason),
         },
+        Command::Migrate { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e.field, &e.reason),
+            };
+            let Some(settings) = config.store else {
+                return config_error(
+                    "store",
+                    "no [store] section: the in-memory store has nothing to migrate",
+                );
+            };
+            telemetry::init(LogFormat::Text);
+            run_async(async move {
+                let applied = token_broker::store::PgStore::migrate(&settings).await?;
+                if applied.is_empty() {
+                    println!("database schema is up to date");
+                } else {
+                    println!("applied migrations: {applied:?}");
+                }
+                Ok(())
+            })
+        }
         Command::Serve {
             config,
             dev,
@@ -210,12 +238,14 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    // The store first: a database that refuses us fails before any port is bound.
+    let store = token_broker::open_store(&config, &shutdown).await?;
     let listener = Listener::bind(&config.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
-    let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    token_broker::run(config, listener, shutdown).await
+    token_broker::run_on(config, store, listener, shutdown).await
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at

@@ -9,6 +9,13 @@
 //!   refreshes are single-flight by construction. Callers only record demand and
 //!   wait, bounded by their deadline, for the attempt that serves it.
 //! - L1 timestamps are copied from the store's row: no clock is restarted here.
+//! - Rows changed by other sidecars arrive as store events; a follower task
+//!   reads the row and installs it when it is newer (see `refresher::adopt`).
+//! - A token fetched while the store is unreachable is published locally
+//!   under the next version and kept as "unshared" until the refresher
+//!   reconciles it with the row (the higher version wins; a tie with a
+//!   different value is committed one version higher), so a watcher never
+//!   sees two different tokens under one version.
 //! - This module knows nothing of protobuf or SQL.
 
 mod error;
@@ -19,7 +26,7 @@ mod watch;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, watch as tokio_watch};
@@ -30,8 +37,8 @@ use crate::clock::Clock;
 use crate::config::{Config, SourceConfig};
 use crate::source::http::HttpClient;
 use crate::source::{DemoSource, HttpJsonSource, OAuthSource, OverDriveSource, Source};
-use crate::store::{Backoff, MemoryStore, Store};
-use crate::token::Token;
+use crate::store::{Backoff, Store};
+use crate::token::{Secret, Token};
 
 pub use error::BrokerError;
 pub use policy::Policy;
@@ -151,6 +158,24 @@ pub(crate) struct Collection {
     /// Wakes the refresher after demand was recorded. `notify_one` stores a
     /// permit, so a wake-up sent while the refresher is busy is not lost.
     wake: Notify,
+    /// The latest refresh token seen in the store (or fetched locally), for
+    /// refreshes while the store is unreachable.
+    refresh_token: Mutex<Option<Secret>>,
+    /// A token published while the store was unreachable, not yet committed.
+    unshared: Mutex<Option<Unshared>>,
+}
+
+/// A token published locally (L1 and watchers) but not yet in the store.
+#[derive(Debug, Clone)]
+struct Unshared {
+    token: Token,
+    refresh_token: Option<Secret>,
+}
+
+/// Locks a mutex that guards plain data written whole (a panic elsewhere
+/// cannot leave it half-written, so a poisoned lock is safe to reuse).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Collection {
@@ -213,6 +238,8 @@ impl Broker {
                     prefetch: spec.prefetch,
                     state,
                     wake: Notify::new(),
+                    refresh_token: Mutex::new(None),
+                    unshared: Mutex::new(None),
                 };
                 (c.name.clone(), Arc::new(c))
             })
@@ -234,6 +261,12 @@ impl Broker {
             shutdown,
         });
         let holder = refresher::holder_id();
+        tokio::spawn(refresher::follow(
+            inner.collections.values().cloned().collect(),
+            store.events(),
+            Inner::shared(&inner),
+            store.clone(),
+        ));
         for c in inner.collections.values() {
             tokio::spawn(refresher::run(
                 c.clone(),
@@ -245,18 +278,14 @@ impl Broker {
         Self { inner }
     }
 
-    /// Builds every collection's source from the config, with the in-memory store.
+    /// Builds every collection's source from the config, on `store`.
     pub fn from_config(
         config: &Config,
+        store: Arc<dyn Store>,
         clock: Clock,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        Ok(Self::start(
-            specs(config)?,
-            Arc::new(MemoryStore::new()),
-            clock,
-            shutdown,
-        ))
+        Ok(Self::start(specs(config)?, store, clock, shutdown))
     }
 
     pub fn clock(&self) -> Clock {

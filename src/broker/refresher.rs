@@ -6,6 +6,13 @@
 //! fetches under a timeout in its own task (a panicking source is a failure of
 //! class `internal`, not a dead refresher), commits through the store and only
 //! then publishes to L1. A failure is recorded as backoff, never as a token.
+//!
+//! Shared tier: on a grant, the row is adopted first and the lease given back
+//! when a peer already did the work (one upstream call per rotation). When a
+//! peer holds the lease, the refresher waits for its news, re-reading the row
+//! every `HELD_RECHECK` until the lease ends. When the store does not answer,
+//! a due refresh is fetched locally (still single-flight and rate-limited),
+//! published as "unshared" and reconciled once the store answers again.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,16 +20,34 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{Collection, HISTORY, Shared, Snapshot};
+use tokio::sync::broadcast;
+
+use super::{Collection, HISTORY, Shared, Snapshot, Unshared, lock};
 use crate::source::{FailureClass, FetchContext, FetchError};
-use crate::store::{Acquired, Backoff, Lease, NewToken, Row, Store};
-use crate::token::Token;
+use crate::store::{Acquired, Backoff, Lease, NewToken, Row, Store, StoreError, StoreEvent};
+use crate::token::{Secret, Token};
 
 /// The refresher re-evaluates at least this often, so that a wall-clock jump
 /// cannot leave it asleep past a deadline for long.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 /// The lease outlives the fetch timeout by this much.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// While a peer holds the lease, re-read the row at least this often (in case
+/// its notification is lost).
+const HELD_RECHECK: Duration = Duration::from_secs(2);
+/// While the store does not answer and an unshared token waits, try again
+/// this often.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// What the refresher does after an attempt.
+enum Next {
+    /// Re-evaluate at once.
+    Continue,
+    /// A peer holds the lease: no attempt before this instant.
+    HeldUntil(SystemTime),
+    /// The store did not answer.
+    StoreDown,
+}
 
 /// A name for this process in lease rows: host name and process id.
 pub(super) fn holder_id() -> String {
@@ -44,13 +69,24 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
     }
     // A peer holds the lease: do not try again before this.
     let mut not_before: Option<SystemTime> = None;
+    // The store did not answer: do not retry a reconciliation before this.
+    let mut store_retry_at: Option<SystemTime> = None;
     loop {
         let now = clock.now();
-        let next = next_attempt(&c, now).map(|at| not_before.map_or(at, |nb| at.max(nb)));
+        let refresh = next_attempt(&c, now).map(|at| not_before.map_or(at, |nb| at.max(nb)));
+        let reconcile = lock(&c.unshared)
+            .is_some()
+            .then(|| store_retry_at.unwrap_or(now));
+        let next = refresh.into_iter().chain(reconcile).min();
         if let Some(at) = next
             && at <= now
         {
-            not_before = attempt(&c, store.as_ref(), &shared, &holder).await;
+            let due = refresh.is_some_and(|at| at <= now);
+            match attempt(&c, store.as_ref(), &shared, &holder, due).await {
+                Next::Continue => (not_before, store_retry_at) = (None, None),
+                Next::HeldUntil(until) => (not_before, store_retry_at) = (Some(until), None),
+                Next::StoreDown => store_retry_at = Some(clock.now() + STORE_RETRY),
+            }
             continue;
         }
         let sleep = next.map_or(MAX_SLEEP, |at| clock.until(at).min(MAX_SLEEP));
@@ -63,6 +99,65 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
     }
 }
 
+/// Follows the store's news about other sidecars' writes: reads the rows
+/// concerned and adopts them, then wakes their refreshers.
+pub(super) async fn follow(
+    collections: Vec<Arc<Collection>>,
+    mut events: broadcast::Receiver<StoreEvent>,
+    shared: Shared,
+    store: Arc<dyn Store>,
+) {
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = shared.shutdown.cancelled() => return,
+            event = events.recv() => event,
+        };
+        let stale: Vec<&Arc<Collection>> = match event {
+            Ok(StoreEvent::Rotated {
+                collection,
+                version,
+            }) => collections
+                .iter()
+                .filter(|c| c.name == collection && current_version(c) < version)
+                .collect(),
+            Ok(StoreEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                collections.iter().collect()
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        for c in stale {
+            match store.load(&c.name).await {
+                Ok(row) => adopt(c, &shared, row),
+                Err(e) => debug!(collection = %c.name, error = %e, "could not re-read a row"),
+            }
+            c.wake.notify_one();
+        }
+    }
+}
+
+fn current_version(c: &Collection) -> u64 {
+    c.state.borrow().token.as_ref().map_or(0, |t| t.version)
+}
+
+/// Whether a refresh is wanted at `now`, rate limits and backoff aside.
+fn wanted(c: &Collection, now: SystemTime) -> bool {
+    if !c.demand.active.load(Ordering::Relaxed) {
+        return false;
+    }
+    let snap = c.state.borrow();
+    match snap.servable(now) {
+        None => true,
+        Some(t) => forced(c, t) || t.refresh_at <= now,
+    }
+}
+
+fn forced(c: &Collection, t: &Token) -> bool {
+    t.version <= c.demand.force_version.load(Ordering::Relaxed)
+        || super::epoch_ms(t.expires_at) < c.demand.want_until_ms.load(Ordering::Relaxed)
+        || c.rejected_parent(t).is_some()
+}
+
 /// When the next attempt is due, or `None` when nothing needs refreshing.
 fn next_attempt(c: &Collection, now: SystemTime) -> Option<SystemTime> {
     if !c.demand.active.load(Ordering::Relaxed) {
@@ -73,21 +168,20 @@ fn next_attempt(c: &Collection, now: SystemTime) -> Option<SystemTime> {
     let Some(t) = snap.servable(now) else {
         return Some(allowed);
     };
-    let forced = t.version <= c.demand.force_version.load(Ordering::Relaxed)
-        || super::epoch_ms(t.expires_at) < c.demand.want_until_ms.load(Ordering::Relaxed)
-        || c.rejected_parent(t).is_some();
-    let due = if forced { now } else { t.refresh_at };
+    let due = if forced(c, t) { now } else { t.refresh_at };
     Some(due.max(allowed))
 }
 
-/// One refresh attempt. Returns the instant before which no new attempt should
-/// start when a peer holds the lease.
+/// One pass: takes the lease (or finds a peer holding it, or the store
+/// down), reconciles an unshared token, and refreshes when `due` and still
+/// wanted once the row is adopted.
 async fn attempt(
     c: &Collection,
     store: &dyn Store,
     shared: &Shared,
     holder: &str,
-) -> Option<SystemTime> {
+    due: bool,
+) -> Next {
     let clock = shared.clock;
     let now = clock.now();
     let ttl = c.policy.fetch_timeout + LEASE_MARGIN;
@@ -96,65 +190,215 @@ async fn attempt(
         Ok(Acquired::Held { until, row }) => {
             debug!(collection = %c.name, "refresh lease held by a peer; waiting for its result");
             adopt(c, shared, row);
-            return Some(until);
+            return Next::HeldUntil(until.min(now + HELD_RECHECK));
         }
         Err(e) => {
-            // Without the store there is no lease to take; back off locally.
-            let failures = c.state.borrow().failure.as_ref().map_or(0, |f| f.failures) + 1;
-            let err = FetchError::new(FailureClass::Store, e.to_string());
-            let backoff = backoff_after(c, shared, failures, &err);
-            warn!(collection = %c.name, error = %e, "could not take the refresh lease");
-            // Counts as a finished attempt so that waiting callers see the error.
-            publish(c, shared, |s| {
-                s.started += 1;
-                s.failure = Some(backoff);
-                finish(s);
-            });
-            return None;
+            if due {
+                warn!(collection = %c.name, error = %e, "store unavailable: refreshing locally");
+                local_refresh(c, shared, now).await;
+            }
+            return Next::StoreDown;
         }
     };
+    let pending = lock(&c.unshared).take();
+    if let Some(local) = pending {
+        return reconcile(c, store, shared, lease, row, local).await;
+    }
+    let backing_off = row
+        .backoff
+        .as_ref()
+        .is_some_and(|b| b.next_attempt_at > now);
+    adopt(c, shared, row.clone());
+    if !due || backing_off || !wanted(c, now) {
+        // A peer committed (or failed) just before our grant: its result
+        // serves this demand, so the upstream is not asked again.
+        if let Err(e) = store.release(lease).await {
+            debug!(collection = %c.name, error = %e, "could not give back the refresh lease");
+        }
+        return Next::Continue;
+    }
     // Demand recorded up to here is served by this attempt.
     c.demand.force_version.store(0, Ordering::Relaxed);
     c.demand.want_until_ms.store(0, Ordering::Relaxed);
+    let attempt_no = begin(c, shared, now);
+    let span =
+        info_span!("refresh", collection = %c.name, source = c.source.kind(), attempt = attempt_no);
+    async {
+        let refresh_token = row
+            .refresh_token
+            .clone()
+            .or_else(|| lock(&c.refresh_token).clone());
+        match fetch_token(c, shared, now, refresh_token).await {
+            Ok(new) => commit_token(c, store, shared, lease, new).await,
+            Err(err) => {
+                commit_failure(c, store, shared, lease, row, err).await;
+                Next::Continue
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Marks an attempt as started in L1; returns its number.
+fn begin(c: &Collection, shared: &Shared, now: SystemTime) -> u64 {
     let attempt_no = c.state.borrow().started + 1;
     publish(c, shared, |s| {
         s.refreshing = true;
         s.started = attempt_no;
         s.last_attempt_at = Some(now);
     });
-    let span =
-        info_span!("refresh", collection = %c.name, source = c.source.kind(), attempt = attempt_no);
+    attempt_no
+}
+
+/// A due refresh while the store does not answer: fetch, publish locally as
+/// unshared, or back off locally.
+async fn local_refresh(c: &Collection, shared: &Shared, now: SystemTime) {
+    c.demand.force_version.store(0, Ordering::Relaxed);
+    c.demand.want_until_ms.store(0, Ordering::Relaxed);
+    let attempt_no = begin(c, shared, now);
+    let span = info_span!("refresh", collection = %c.name, source = c.source.kind(), attempt = attempt_no, local = true);
     async {
-        let result = fetch(c, shared, now, row.refresh_token.clone())
-            .await
-            .and_then(|fetched| {
-                let schedule = c
-                    .policy
-                    .schedule(now, fetched.expires_at, &mut rand::rng())
-                    .filter(|s| s.expires_at > clock.now())
-                    .ok_or_else(|| {
-                        FetchError::new(
-                            FailureClass::BadResponse,
-                            "upstream returned an already expired token",
-                        )
-                    })?;
-                Ok(NewToken {
-                    value: fetched.value,
-                    fetched_at: now,
-                    expires_at: schedule.expires_at,
-                    refresh_at: schedule.refresh_at,
-                    refresh_token: fetched.refresh_token,
-                    parent_version: fetched.parent_version,
-                })
-            });
-        match result {
-            Ok(new) => commit_token(c, store, shared, lease, new).await,
-            Err(err) => commit_failure(c, store, shared, lease, row, err).await,
+        let refresh_token = lock(&c.refresh_token).clone();
+        match fetch_token(c, shared, now, refresh_token).await {
+            Ok(new) => keep_local(c, shared, new),
+            Err(err) => {
+                let failures = c.state.borrow().failure.as_ref().map_or(0, |f| f.failures) + 1;
+                let backoff = backoff_after(c, shared, failures, &err);
+                warn!(class = %err.class, detail = %err.detail, failures, "local refresh failed");
+                publish(c, shared, |s| {
+                    s.failure = Some(backoff);
+                    finish(s);
+                });
+            }
         }
     }
     .instrument(span)
     .await;
-    None
+}
+
+/// Publishes a fetched token that the store could not take: the next version
+/// when the value changed, kept as unshared until reconciled.
+fn keep_local(c: &Collection, shared: &Shared, new: NewToken) {
+    let (version, rotated) = {
+        let snap = c.state.borrow();
+        match snap.token.as_ref() {
+            Some(t) if t.value == new.value => (t.version, false),
+            Some(t) => (t.version + 1, true),
+            None => (1, true),
+        }
+    };
+    let token = Token {
+        value: new.value,
+        version,
+        fetched_at: new.fetched_at,
+        expires_at: new.expires_at,
+        refresh_at: new.refresh_at,
+        parent_version: new.parent_version,
+    };
+    if let Some(rt) = &new.refresh_token {
+        *lock(&c.refresh_token) = Some(rt.clone());
+    }
+    {
+        let mut unshared = lock(&c.unshared);
+        let refresh_token = new
+            .refresh_token
+            .or_else(|| unshared.as_ref().and_then(|u| u.refresh_token.clone()));
+        *unshared = Some(Unshared {
+            token: token.clone(),
+            refresh_token,
+        });
+    }
+    if rotated {
+        warn!(
+            version,
+            "token rotated locally (store unavailable); it is committed when the store answers"
+        );
+    }
+    publish(c, shared, |s| {
+        s.failure = None;
+        install(s, Arc::new(token));
+        finish(s);
+    });
+}
+
+/// Commits (or gives up) an unshared token under a fresh lease: the higher
+/// version wins; a tie with a different value is committed one version higher.
+async fn reconcile(
+    c: &Collection,
+    store: &dyn Store,
+    shared: &Shared,
+    lease: Lease,
+    row: Row,
+    local: Unshared,
+) -> Next {
+    let row_version = row.token.as_ref().map_or(0, |t| t.version);
+    if row_version > local.token.version {
+        info!(collection = %c.name, local = local.token.version, stored = row_version, "store holds a newer token than the one fetched locally; adopting it");
+        adopt(c, shared, row);
+        if let Err(e) = store.release(lease).await {
+            debug!(collection = %c.name, error = %e, "could not give back the refresh lease");
+        }
+        return Next::Continue;
+    }
+    let t = &local.token;
+    let new = NewToken {
+        value: t.value.clone(),
+        fetched_at: t.fetched_at,
+        expires_at: t.expires_at,
+        refresh_at: t.refresh_at,
+        refresh_token: local.refresh_token.clone(),
+        parent_version: t.parent_version,
+        min_version: t.version,
+    };
+    match store.commit_token(lease, new).await {
+        Ok(committed) => {
+            info!(collection = %c.name, version = committed.token.version, "token fetched while the store was unavailable is now shared");
+            publish(c, shared, |s| install(s, Arc::new(committed.token)));
+            Next::Continue
+        }
+        Err(e) => {
+            debug!(collection = %c.name, error = %e, "could not reconcile yet");
+            let mut unshared = lock(&c.unshared);
+            if unshared.is_none() {
+                *unshared = Some(local);
+            }
+            match e {
+                StoreError::Unavailable(_) => Next::StoreDown,
+                StoreError::LeaseLost(_) => Next::Continue,
+            }
+        }
+    }
+}
+
+/// Fetches and schedules a token.
+async fn fetch_token(
+    c: &Collection,
+    shared: &Shared,
+    now: SystemTime,
+    refresh_token: Option<Secret>,
+) -> Result<NewToken, FetchError> {
+    let clock = shared.clock;
+    let fetched = fetch(c, shared, now, refresh_token).await?;
+    let schedule = c
+        .policy
+        .schedule(now, fetched.expires_at, &mut rand::rng())
+        .filter(|s| s.expires_at > clock.now())
+        .ok_or_else(|| {
+            FetchError::new(
+                FailureClass::BadResponse,
+                "upstream returned an already expired token",
+            )
+        })?;
+    Ok(NewToken {
+        value: fetched.value,
+        fetched_at: now,
+        expires_at: schedule.expires_at,
+        refresh_at: schedule.refresh_at,
+        refresh_token: fetched.refresh_token,
+        parent_version: fetched.parent_version,
+        min_version: 0,
+    })
 }
 
 /// Calls the source in its own task, under the fetch timeout.
@@ -162,7 +406,7 @@ async fn fetch(
     c: &Collection,
     shared: &Shared,
     now: SystemTime,
-    refresh_token: Option<crate::token::Secret>,
+    refresh_token: Option<Secret>,
 ) -> Result<crate::source::Fetched, FetchError> {
     let source = c.source.clone();
     let timeout = c.policy.fetch_timeout;
@@ -211,9 +455,13 @@ async fn commit_token(
     shared: &Shared,
     lease: Lease,
     new: NewToken,
-) {
-    match store.commit_token(lease, new).await {
+) -> Next {
+    let refresh_token = new.refresh_token.clone();
+    match store.commit_token(lease, new.clone()).await {
         Ok(committed) => {
+            if let Some(rt) = refresh_token {
+                *lock(&c.refresh_token) = Some(rt);
+            }
             let token = Arc::new(committed.token);
             let recovered = c.state.borrow().failure.as_ref().map(|f| f.failures);
             if committed.rotated {
@@ -232,16 +480,21 @@ async fn commit_token(
                 install(s, token);
                 finish(s);
             });
+            Next::Continue
         }
-        Err(e) => {
+        Err(StoreError::Unavailable(e)) => {
+            // The token is good and may carry a rotated refresh token: keep
+            // it, publish it locally and commit it when the store answers.
+            warn!(error = %e, "could not store the refreshed token; keeping it locally");
+            keep_local(c, shared, new);
+            Next::StoreDown
+        }
+        Err(e @ StoreError::LeaseLost(_)) => {
+            // A peer took over after our lease ran out; its result arrives
+            // through the store.
             warn!(error = %e, "could not store the refreshed token");
-            let failures = c.state.borrow().failure.as_ref().map_or(0, |f| f.failures) + 1;
-            let err = FetchError::new(FailureClass::Store, e.to_string());
-            let backoff = backoff_after(c, shared, failures, &err);
-            publish(c, shared, |s| {
-                s.failure = Some(backoff);
-                finish(s);
-            });
+            publish(c, shared, finish);
+            Next::Continue
         }
     }
 }
@@ -286,19 +539,56 @@ fn backoff_after(c: &Collection, shared: &Shared, failures: u32, err: &FetchErro
     }
 }
 
-/// Takes a row read from the store into L1 when it is newer than what L1 holds.
-fn adopt(c: &Collection, shared: &Shared, row: Row) {
-    let current = c.state.borrow().token.as_ref().map_or(0, |t| t.version);
-    let newer = row.token.filter(|t| t.version > current);
-    if newer.is_none() && row.backoff.is_none() {
+/// Takes a row read from the store into L1: a newer version replaces the
+/// current token (and any unshared one: the higher version wins); the same
+/// version with the same value and later timestamps (a refetch) updates it in
+/// place; the row's backoff and last attempt are taken over.
+pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
+    if let Some(rt) = &row.refresh_token {
+        *lock(&c.refresh_token) = Some(rt.clone());
+    }
+    let (newer, refetched) = {
+        let snap = c.state.borrow();
+        let current = snap.token.as_deref();
+        let version = current.map_or(0, |t| t.version);
+        match row.token {
+            Some(t) if t.version > version => (Some(t), false),
+            Some(t)
+                if current.is_some_and(|cur| {
+                    cur.version == t.version
+                        && cur.value == t.value
+                        && cur.fetched_at < t.fetched_at
+                }) =>
+            {
+                (Some(t), true)
+            }
+            _ => (None, false),
+        }
+    };
+    if newer.is_none()
+        && row.backoff.is_none()
+        && row.last_attempt_at <= c.state.borrow().last_attempt_at
+    {
         return;
     }
+    if newer.is_some() && !refetched {
+        let mut unshared = lock(&c.unshared);
+        if unshared
+            .as_ref()
+            .is_some_and(|u| newer.as_ref().is_some_and(|t| t.version > u.token.version))
+        {
+            *unshared = None;
+        }
+    }
     publish(c, shared, |s| {
+        let installed = newer.is_some();
         if let Some(t) = newer {
             install(s, Arc::new(t));
         }
-        if row.backoff.is_some() {
-            s.failure = row.backoff;
+        match row.backoff {
+            Some(b) => s.failure = Some(b),
+            None if installed => s.failure = None,
+            None => {}
         }
         if row.last_attempt_at > s.last_attempt_at {
             s.last_attempt_at = row.last_attempt_at;

@@ -132,6 +132,25 @@ pub enum FailureClass {
 }
 
 impl FailureClass {
+    pub const ALL: [FailureClass; 11] = [
+        Self::Connect,
+        Self::Timeout,
+        Self::UpstreamError,
+        Self::RateLimited,
+        Self::Store,
+        Self::InvalidCredentials,
+        Self::InvalidGrant,
+        Self::Rejected,
+        Self::BadResponse,
+        Self::Dependency,
+        Self::Internal,
+    ];
+
+    /// The class named by [`as_str`](Self::as_str) (as stored in the shared tier).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
     /// Permanent failures will not fix themselves by retrying soon; callers see
     /// `FAILED_PRECONDITION` instead of `UNAVAILABLE`. Both still back off and retry.
     pub fn is_permanent(self) -> bool {

@@ -8,13 +8,24 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::{Acquired, Backoff, Committed, Lease, NewToken, Row, Store, StoreError};
+use super::{Acquired, Backoff, Committed, Lease, NewToken, Row, Store, StoreError, StoreEvent};
 use crate::source::BoxFuture;
 use crate::token::Token;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// This process is the only writer, so nothing is ever sent.
+    events: tokio::sync::broadcast::Sender<StoreEvent>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            events: tokio::sync::broadcast::channel(1).0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -107,9 +118,11 @@ impl Store for MemoryStore {
         let result = self.with(|inner| {
             let entry = fenced(inner, &lease)?;
             let (version, rotated) = match &entry.row.token {
-                Some(old) if old.value == new.value => (old.version, false),
-                Some(old) => (old.version + 1, true),
-                None => (1, true),
+                Some(old) if old.value == new.value && old.version >= new.min_version => {
+                    (old.version, false)
+                }
+                Some(old) => ((old.version + 1).max(new.min_version), true),
+                None => (new.min_version.max(1), true),
             };
             let token = Token {
                 value: new.value,
@@ -143,6 +156,18 @@ impl Store for MemoryStore {
         });
         Box::pin(async move { result })
     }
+
+    fn release(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>> {
+        let result = self.with(|inner| {
+            fenced(inner, &lease)?.lease = None;
+            Ok(())
+        });
+        Box::pin(async move { result })
+    }
+
+    fn events(&self) -> tokio::sync::broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
 }
 
 #[cfg(test)]
@@ -163,6 +188,7 @@ mod tests {
             refresh_at: t(at + 75),
             refresh_token: None,
             parent_version: None,
+            min_version: 0,
         }
     }
 

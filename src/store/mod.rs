@@ -7,12 +7,20 @@
 //! - Writes are fenced: `commit_*` succeed only while the caller's lease is the
 //!   current one, and they release it. A lease expires on its own, so a holder
 //!   that dies never blocks a collection for longer than the lease TTL.
+//! - A commit that rotates the value sets `version` to
+//!   `max(current + 1, min_version)`, so a token first published while the
+//!   store was unreachable keeps (or raises) the version watchers saw.
 //! - Errors never carry token values.
+//! - [`Store::events`] tells the broker about rows changed by other processes
+//!   (rotations, and "resync everything" after any gap in that news).
 //!
-//! The in-memory store is the embedded default; a Postgres store shares rows
+//! The in-memory store is the embedded default; the Postgres store shares rows
 //! across sidecars.
 
+pub mod crypto;
 mod memory;
+pub mod migrate;
+pub mod postgres;
 
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +28,7 @@ use crate::source::{BoxFuture, FailureClass};
 use crate::token::{Secret, Token};
 
 pub use memory::MemoryStore;
+pub use postgres::{PgSettings, PgStore};
 
 /// Shared backoff state after consecutive failures.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,9 +82,20 @@ pub struct NewToken {
     /// stored one.
     pub refresh_token: Option<Secret>,
     pub parent_version: Option<u64>,
+    /// The lowest version a rotation may take (0: no constraint): the version
+    /// under which this token was already published locally.
+    pub min_version: u64,
 }
 
-/// What a token commit did.
+/// News about rows written by other processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// `collection` rotated to `version`.
+    Rotated { collection: String, version: u64 },
+    /// News may have been lost (the listener reconnected, or a periodic poll):
+    /// re-read every row.
+    Resync,
+}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
     pub token: Token,
@@ -120,4 +140,11 @@ pub trait Store: Send + Sync + 'static {
         lease: Lease,
         backoff: Backoff,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Gives the lease back without writing (a peer already did the work).
+    fn release(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// News about rows changed by other processes. A lagging receiver must
+    /// treat the lag as [`StoreEvent::Resync`].
+    fn events(&self) -> tokio::sync::broadcast::Receiver<StoreEvent>;
 }

@@ -1,0 +1,739 @@
+//! The Postgres store: one row per collection in `token_broker_tokens`, shared
+//! by every sidecar of a deployment, plus one `LISTEN` connection per sidecar
+//! that turns other sidecars' commits into [`StoreEvent`]s.
+//!
+//! Contract:
+//! - Connection budget: at most `pool_size` pooled connections for row reads
+//!   and writes, plus exactly one listener connection. Nothing else connects.
+//! - Every operation is bounded by `query_timeout`; a failure is
+//!   `StoreError::Unavailable` (the broker then serves from memory).
+//! - Leases are timed by the database's clock (`clock_timestamp()`), so clock
+//!   skew between pods cannot make two holders. Writes are fenced by
+//!   `lease_fence`, which increases with every grant.
+//! - A rotation commits the sealed value, its version, its refresh token and
+//!   `NOTIFY token_broker, '<collection>:<version>'` in one transaction; the
+//!   payload never carries a token. A refetch of the same value notifies no one.
+//! - Token timestamps are truncated to microseconds before they are written, and
+//!   the committed token is built from what the database returned, so every
+//!   sidecar holds identical instants (L1 expiry derives from the row).
+//! - The listener sends `Resync` after every (re)connection, once `LISTEN` is in
+//!   place, and on every poll tick; any error, a lost connection or a heartbeat
+//!   that fails within `query_timeout` drops the connection and reconnects.
+//! - Token values and refresh tokens are sealed with the [`Keyring`]; errors
+//!   and logs carry neither.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row as _, Transaction};
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::crypto::{Keyring, Sealed};
+use super::{
+    Acquired, Backoff, Committed, Lease, NewToken, Row, Store, StoreError, StoreEvent, migrate,
+};
+use crate::source::{BoxFuture, FailureClass};
+use crate::token::{Secret, Token};
+
+/// The columns every row read decodes.
+macro_rules! cols {
+    () => {
+        "version, value, value_key, fetched_at, expires_at, refresh_at, parent_version, \
+         refresh_token, refresh_token_key, lease_holder, lease_until, lease_fence, \
+         last_attempt_at, next_attempt_at, failures, failure_class, failure_detail"
+    };
+}
+
+/// The `NOTIFY` channel.
+pub const CHANNEL: &str = "token_broker";
+
+/// Validated `[store]` settings for Postgres.
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    pub url: Secret,
+    /// Pooled connections for reads and writes (the listener is one more).
+    pub pool_size: u32,
+    /// Apply pending migrations at start-up.
+    pub migrate: bool,
+    pub keyring: Keyring,
+    pub connect_timeout: Duration,
+    pub query_timeout: Duration,
+    /// The listener checks its connection after this long without news.
+    pub heartbeat_interval: Duration,
+    /// Every this long, every row is re-read (the backstop for lost news).
+    pub poll_interval: Duration,
+}
+
+impl Default for PgSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new(""),
+            pool_size: 2,
+            migrate: true,
+            keyring: Keyring::plaintext(),
+            connect_timeout: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Parses a `postgres://` URL; the error never repeats the URL (it may hold a
+/// password).
+pub fn connect_options(url: &Secret) -> Result<PgConnectOptions, String> {
+    url.expose()
+        .parse::<PgConnectOptions>()
+        .map(|o| o.application_name("token-broker"))
+        .map_err(|_| {
+            "not a valid postgres:// URL (e.g. postgres://user:password@host:5432/db)".to_owned()
+        })
+}
+
+pub struct PgStore {
+    pool: PgPool,
+    keyring: Keyring,
+    query_timeout: Duration,
+    events: broadcast::Sender<StoreEvent>,
+    /// Set while the database does not answer (logged on each change).
+    degraded: AtomicBool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("degraded", &self.degraded.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Prepares the store and starts its listener task (stopped by
+    /// `shutdown`). Migrates (or checks the schema) first: a database that
+    /// answers but refuses (authentication, permissions, a missing schema with
+    /// `migrate = false`) is an error; one that does not answer is logged and
+    /// the sidecar starts degraded, serving from memory until it does.
+    pub async fn start(
+        settings: PgSettings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let options = connect_options(&settings.url)
+            .map_err(|e| anyhow::anyhow!("store.database_url: {e}"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.pool_size)
+            .min_connections(0)
+            .acquire_timeout(settings.connect_timeout)
+            .idle_timeout(Duration::from_secs(300))
+            .connect_lazy_with(options.clone());
+        if settings.keyring.current_id().is_none() {
+            warn!(
+                "store.encryption_key_env/_file is not set: tokens and refresh tokens are stored in Postgres as plaintext"
+            );
+        }
+        let store = Arc::new(Self {
+            pool,
+            keyring: settings.keyring.clone(),
+            query_timeout: settings.query_timeout,
+            events: broadcast::channel(1024).0,
+            degraded: AtomicBool::new(false),
+        });
+        let prepared =
+            match tokio::time::timeout(settings.connect_timeout, store.prepare(&settings)).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) if !unreachable(&e) => {
+                    return Err(anyhow::anyhow!("store: {}", describe(&e)));
+                }
+                Ok(Err(e)) => {
+                    store.mark_down(&describe(&e));
+                    false
+                }
+                Err(_) => {
+                    store.mark_down("no answer within store.connect_timeout");
+                    false
+                }
+            };
+        tokio::spawn(listen(store.clone(), settings, options, prepared, shutdown));
+        Ok(store)
+    }
+
+    /// Connects once and applies pending migrations (`token-broker migrate`);
+    /// returns the versions applied.
+    pub async fn migrate(settings: &PgSettings) -> anyhow::Result<Vec<i64>> {
+        let options = connect_options(&settings.url)
+            .map_err(|e| anyhow::anyhow!("store.database_url: {e}"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.connect_timeout)
+            .connect_lazy_with(options);
+        let applied = migrate::migrate(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("store: {}", describe(&e)))?;
+        pool.close().await;
+        Ok(applied)
+    }
+
+    /// Migrates, or checks that the schema is present.
+    async fn prepare(&self, settings: &PgSettings) -> Result<(), sqlx::Error> {
+        if settings.migrate {
+            let applied = migrate::migrate(&self.pool).await?;
+            if !applied.is_empty() {
+                info!(?applied, "applied database migrations");
+            }
+            return Ok(());
+        }
+        let current = migrate::current(&self.pool).await?;
+        if current < migrate::latest() {
+            return Err(sqlx::Error::Protocol(format!(
+                "the database schema is at version {current}, this binary needs {}; run `token-broker migrate` or set store.migrate = true",
+                migrate::latest()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The pool, for tests and `migrate`.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn mark_down(&self, why: &str) {
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            warn!(error = %why, "database unreachable: serving tokens from memory; due refreshes happen locally until it answers");
+        }
+    }
+
+    fn mark_up(&self) {
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            info!("database reachable again");
+        }
+    }
+
+    /// True while the database does not answer.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Runs `op` under the query timeout, recording reachability.
+    async fn timed<T>(
+        &self,
+        op: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(self.query_timeout, op).await {
+            Ok(Ok(v)) => {
+                self.mark_up();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                let why = describe(&e);
+                if unreachable(&e) {
+                    self.mark_down(&why);
+                }
+                Err(Failure::Db(why))
+            }
+            Err(_) => {
+                let why = format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.query_timeout)
+                );
+                self.mark_down(&why);
+                Err(Failure::Db(why))
+            }
+        }
+    }
+
+    fn decode(&self, collection: &str, r: &PgRow) -> Result<(Row, LeaseCols), sqlx::Error> {
+        let version = u64::try_from(r.try_get::<i64, _>("version")?).unwrap_or(0);
+        let open = |field: &str, bytes: Option<Vec<u8>>, key: Option<String>| {
+            bytes.and_then(|bytes| {
+                let sealed = Sealed { bytes, key_id: key };
+                self.keyring
+                    .open(collection, field, &sealed)
+                    .map_err(|e| {
+                        warn!(collection, field, error = %e, "cannot read a stored secret; treating it as absent");
+                    })
+                    .ok()
+            })
+        };
+        let value = open("value", r.try_get("value")?, r.try_get("value_key")?);
+        let time = |col: &str| -> Result<Option<SystemTime>, sqlx::Error> {
+            Ok(r.try_get::<Option<OffsetDateTime>, _>(col)?
+                .map(SystemTime::from))
+        };
+        let token = match (
+            value,
+            time("fetched_at")?,
+            time("expires_at")?,
+            time("refresh_at")?,
+        ) {
+            (Some(value), Some(fetched_at), Some(expires_at), Some(refresh_at)) if version > 0 => {
+                Some(Token {
+                    value,
+                    version,
+                    fetched_at,
+                    expires_at,
+                    refresh_at,
+                    parent_version: r
+                        .try_get::<Option<i64>, _>("parent_version")?
+                        .and_then(|v| u64::try_from(v).ok()),
+                })
+            }
+            _ => None,
+        };
+        let refresh_token = open(
+            "refresh_token",
+            r.try_get("refresh_token")?,
+            r.try_get("refresh_token_key")?,
+        );
+        let failures = u32::try_from(r.try_get::<i32, _>("failures")?).unwrap_or(0);
+        let backoff = match (
+            time("next_attempt_at")?,
+            r.try_get::<Option<String>, _>("failure_class")?,
+        ) {
+            (Some(next_attempt_at), Some(class)) if failures > 0 => Some(Backoff {
+                failures,
+                next_attempt_at,
+                class: FailureClass::parse(&class).unwrap_or(FailureClass::Internal),
+                detail: r
+                    .try_get::<Option<String>, _>("failure_detail")?
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        let row = Row {
+            token,
+            refresh_token,
+            backoff,
+            last_attempt_at: time("last_attempt_at")?,
+        };
+        let lease = LeaseCols {
+            holder: r.try_get("lease_holder")?,
+            until: time("lease_until")?,
+            fence: u64::try_from(r.try_get::<i64, _>("lease_fence")?).unwrap_or(0),
+        };
+        Ok((row, lease))
+    }
+
+    async fn load_row(&self, collection: &str) -> Result<Row, sqlx::Error> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            cols!(),
+            " FROM token_broker_tokens WHERE collection = $1"
+        ))
+        .bind(collection)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok(self.decode(collection, &r)?.0),
+            None => Ok(Row::default()),
+        }
+    }
+
+    async fn try_acquire(
+        &self,
+        collection: &str,
+        holder: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Acquired, sqlx::Error> {
+        // A released lease can come free between the two statements; then try again.
+        for _ in 0..3 {
+            let granted = sqlx::query(concat!(
+                "INSERT INTO token_broker_tokens AS t
+                    (collection, lease_holder, lease_until, lease_fence, last_attempt_at)
+                 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3), 1, $4)
+                 ON CONFLICT (collection) DO UPDATE
+                    SET lease_holder = EXCLUDED.lease_holder,
+                        lease_until = EXCLUDED.lease_until,
+                        lease_fence = t.lease_fence + 1,
+                        last_attempt_at = EXCLUDED.last_attempt_at,
+                        updated_at = now()
+                  WHERE t.lease_until IS NULL OR t.lease_until <= clock_timestamp()
+                 RETURNING ",
+                cols!()
+            ))
+            .bind(collection)
+            .bind(holder)
+            .bind(ttl.as_secs_f64())
+            .bind(to_db(now))
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(r) = granted {
+                let (row, lease) = self.decode(collection, &r)?;
+                return Ok(Acquired::Granted {
+                    lease: Lease {
+                        collection: collection.to_owned(),
+                        holder: holder.to_owned(),
+                        fence: lease.fence,
+                        until: lease.until.unwrap_or(now + ttl),
+                    },
+                    row,
+                });
+            }
+            let held = sqlx::query(concat!(
+                "SELECT ",
+                cols!(),
+                " FROM token_broker_tokens WHERE collection = $1"
+            ))
+            .bind(collection)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(r) = held {
+                let (row, lease) = self.decode(collection, &r)?;
+                if let (Some(until), Some(_)) = (lease.until, lease.holder) {
+                    return Ok(Acquired::Held { until, row });
+                }
+            }
+        }
+        Err(sqlx::Error::Protocol(
+            "the refresh lease changed hands three times during one acquire".into(),
+        ))
+    }
+
+    async fn try_commit_token(
+        &self,
+        lease: &Lease,
+        new: NewToken,
+    ) -> Result<Result<Committed, StoreError>, sqlx::Error> {
+        let c = lease.collection.as_str();
+        let mut tx: Transaction<'_, Postgres> = self.pool.begin().await?;
+        let current = sqlx::query(
+            "SELECT version, value, value_key FROM token_broker_tokens
+              WHERE collection = $1 AND lease_fence = $2 FOR UPDATE",
+        )
+        .bind(c)
+        .bind(fence_i64(lease.fence))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(current) = current else {
+            return Ok(Err(StoreError::LeaseLost(c.to_owned())));
+        };
+        let old_version = u64::try_from(current.try_get::<i64, _>("version")?).unwrap_or(0);
+        let old_value = current
+            .try_get::<Option<Vec<u8>>, _>("value")?
+            .and_then(|bytes| {
+                let sealed = Sealed {
+                    bytes,
+                    key_id: current.try_get("value_key").ok().flatten(),
+                };
+                self.keyring.open(c, "value", &sealed).ok()
+            });
+        let same = old_version > 0
+            && old_version >= new.min_version
+            && old_value.as_ref() == Some(&new.value);
+        let version = if same {
+            old_version
+        } else {
+            (old_version + 1).max(new.min_version)
+        };
+        let value = self.keyring.seal(c, "value", &new.value);
+        let refresh = new
+            .refresh_token
+            .as_ref()
+            .map(|rt| self.keyring.seal(c, "refresh_token", rt));
+        let written = sqlx::query(
+            "UPDATE token_broker_tokens SET
+                version = $2, value = $3, value_key = $4,
+                fetched_at = $5, expires_at = $6, refresh_at = $7, parent_version = $8,
+                refresh_token = CASE WHEN $9::bytea IS NULL THEN refresh_token ELSE $9 END,
+                refresh_token_key = CASE WHEN $9::bytea IS NULL THEN refresh_token_key ELSE $10 END,
+                lease_holder = NULL, lease_until = NULL,
+                next_attempt_at = NULL, failures = 0, failure_class = NULL, failure_detail = NULL,
+                updated_at = now()
+              WHERE collection = $1
+              RETURNING fetched_at, expires_at, refresh_at",
+        )
+        .bind(c)
+        .bind(fence_i64(version))
+        .bind(&value.bytes)
+        .bind(&value.key_id)
+        .bind(to_db(new.fetched_at))
+        .bind(to_db(new.expires_at))
+        .bind(to_db(new.refresh_at))
+        .bind(new.parent_version.map(fence_i64))
+        .bind(refresh.as_ref().map(|s| s.bytes.clone()))
+        .bind(refresh.and_then(|s| s.key_id))
+        .fetch_one(&mut *tx)
+        .await?;
+        if !same {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(format!("{c}:{version}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let at = |col: &str| -> Result<SystemTime, sqlx::Error> {
+            Ok(SystemTime::from(written.try_get::<OffsetDateTime, _>(col)?))
+        };
+        Ok(Ok(Committed {
+            token: Token {
+                value: new.value,
+                version,
+                fetched_at: at("fetched_at")?,
+                expires_at: at("expires_at")?,
+                refresh_at: at("refresh_at")?,
+                parent_version: new.parent_version,
+            },
+            rotated: !same,
+        }))
+    }
+
+    async fn try_commit_failure(&self, lease: &Lease, b: &Backoff) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(
+            "UPDATE token_broker_tokens SET
+                next_attempt_at = $3, failures = $4, failure_class = $5, failure_detail = $6,
+                lease_holder = NULL, lease_until = NULL, updated_at = now()
+              WHERE collection = $1 AND lease_fence = $2",
+        )
+        .bind(&lease.collection)
+        .bind(fence_i64(lease.fence))
+        .bind(to_db(b.next_attempt_at))
+        .bind(i32::try_from(b.failures).unwrap_or(i32::MAX))
+        .bind(b.class.as_str())
+        .bind(&b.detail)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn try_release(&self, lease: &Lease) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(
+            "UPDATE token_broker_tokens SET lease_holder = NULL, lease_until = NULL, updated_at = now()
+              WHERE collection = $1 AND lease_fence = $2",
+        )
+        .bind(&lease.collection)
+        .bind(fence_i64(lease.fence))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+}
+
+struct LeaseCols {
+    holder: Option<String>,
+    until: Option<SystemTime>,
+    fence: u64,
+}
+
+enum Failure {
+    Db(String),
+}
+
+impl From<Failure> for StoreError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Db(why) => StoreError::Unavailable(why),
+        }
+    }
+}
+
+fn fence_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Postgres keeps microseconds: truncate first, so what is written is what
+/// every reader gets back.
+fn to_db(t: SystemTime) -> OffsetDateTime {
+    let odt = OffsetDateTime::from(t);
+    let micros = odt.nanosecond() / 1_000 * 1_000;
+    odt.replace_nanosecond(micros).unwrap_or(odt)
+}
+
+/// True for errors that mean "the database does not answer" rather than "it
+/// answered no".
+fn unreachable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
+/// A one-line description that carries no secret (no URL, no parameters).
+fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => format!(
+            "database error {}: {}",
+            d.code().as_deref().unwrap_or("?"),
+            d.message()
+        ),
+        sqlx::Error::Io(io) => format!("connection: {io}"),
+        sqlx::Error::PoolTimedOut => "no database connection available in time".into(),
+        other => other.to_string(),
+    }
+}
+
+impl Store for PgStore {
+    fn load(&self, collection: &str) -> BoxFuture<'_, Result<Row, StoreError>> {
+        let collection = collection.to_owned();
+        Box::pin(async move { Ok(self.timed(self.load_row(&collection)).await?) })
+    }
+
+    fn acquire(
+        &self,
+        collection: &str,
+        holder: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<Acquired, StoreError>> {
+        let (collection, holder) = (collection.to_owned(), holder.to_owned());
+        Box::pin(async move {
+            Ok(self
+                .timed(self.try_acquire(&collection, &holder, ttl, now))
+                .await?)
+        })
+    }
+
+    fn commit_token(
+        &self,
+        lease: Lease,
+        token: NewToken,
+    ) -> BoxFuture<'_, Result<Committed, StoreError>> {
+        Box::pin(async move { self.timed(self.try_commit_token(&lease, token)).await? })
+    }
+
+    fn commit_failure(
+        &self,
+        lease: Lease,
+        backoff: Backoff,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self
+                .timed(self.try_commit_failure(&lease, &backoff))
+                .await?
+            {
+                0 => Err(StoreError::LeaseLost(lease.collection)),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn release(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self.timed(self.try_release(&lease)).await? {
+                0 => Err(StoreError::LeaseLost(lease.collection)),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn events(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+}
+
+/// The listener task: one `LISTEN` connection, rebuilt after any trouble.
+async fn listen(
+    store: Arc<PgStore>,
+    settings: PgSettings,
+    options: PgConnectOptions,
+    mut prepared: bool,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = listen_once(&store, &settings, &options, &mut prepared) => outcome,
+        };
+        store.mark_down(&outcome);
+        debug!(error = %outcome, "listener connection lost; reconnecting");
+        // Back off while the database stays away, but reconnect at once after
+        // a connection that had been up for a while.
+        if started.elapsed() > Duration::from_secs(10) {
+            delay = Duration::from_millis(100);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Connects, listens and forwards news until something goes wrong; returns why.
+async fn listen_once(
+    store: &PgStore,
+    settings: &PgSettings,
+    options: &PgConnectOptions,
+    prepared: &mut bool,
+) -> String {
+    // A pool of one for this connection only: dropping it closes the
+    // connection, so a dead one is never reused.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(settings.connect_timeout)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_lazy_with(options.clone());
+    let outcome = async {
+        if !*prepared {
+            match tokio::time::timeout(settings.connect_timeout, store.prepare(settings)).await {
+                Ok(Ok(())) => *prepared = true,
+                Ok(Err(e)) => return format!("start-up migration: {}", describe(&e)),
+                Err(_) => return "start-up migration: no answer in time".to_owned(),
+            }
+        }
+        let connect = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.eager_reconnect(false);
+            l.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = match tokio::time::timeout(settings.connect_timeout, connect).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return describe(&e),
+            Err(_) => return "no answer within store.connect_timeout".to_owned(),
+        };
+        // From here every commit is delivered; re-read rows to cover the gap.
+        store.mark_up();
+        let _ = store.events.send(StoreEvent::Resync);
+        let mut poll = tokio::time::interval(settings.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.tick().await;
+        loop {
+            tokio::select! {
+                _ = poll.tick() => {
+                    let _ = store.events.send(StoreEvent::Resync);
+                }
+                next = tokio::time::timeout(settings.heartbeat_interval, listener.try_recv()) => match next {
+                    Ok(Ok(Some(n))) => {
+                        if let Some((collection, version)) = n.payload().rsplit_once(':')
+                            && let Ok(version) = version.parse()
+                        {
+                            let _ = store.events.send(StoreEvent::Rotated {
+                                collection: collection.to_owned(),
+                                version,
+                            });
+                        }
+                    }
+                    Ok(Ok(None)) => return "the notification connection was closed".to_owned(),
+                    Ok(Err(e)) => return describe(&e),
+                    Err(_) => {
+                        let ping = sqlx::query("SELECT 1").execute(&mut listener);
+                        match tokio::time::timeout(settings.query_timeout, ping).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => return format!("heartbeat: {}", describe(&e)),
+                            Err(_) => return "heartbeat: no answer in time".to_owned(),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    // Close in the background: a black-holed socket must not hold us up.
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), pool.close()).await;
+    });
+    outcome
+}
