@@ -27,6 +27,10 @@ pub fn latest() -> i64 {
 /// Applies pending migrations; returns the versions applied by this call.
 pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    // `CREATE ... IF NOT EXISTS` would otherwise log a notice on every start.
+    sqlx::query("SET LOCAL client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(LOCK_KEY)
         .execute(&mut *tx)

@@ -129,6 +129,10 @@ impl PgStore {
             .min_connections(0)
             .acquire_timeout(settings.connect_timeout)
             .idle_timeout(Duration::from_secs(300))
+            // No ping before each use: it would add a round trip to every
+            // read on the push path. A connection that died since its last
+            // use fails one operation and is replaced; callers retry.
+            .test_before_acquire(false)
             .connect_lazy_with(options.clone());
         if settings.keyring.current_id().is_none() {
             warn!(

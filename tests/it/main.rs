@@ -7,6 +7,8 @@
 mod api;
 mod cli;
 mod examples;
+mod fleet;
+mod pgstore;
 mod refresh;
 mod server;
 mod sources;

@@ -1,0 +1,413 @@
+//! The Postgres store against a real Postgres, one database per test: the
+//! lease (exclusive, expiring, fenced), version monotonicity, encryption at
+//! rest with key rotation, the refresh token committed with its access token,
+//! NOTIFY on rotation only, race-free migrations and listener recovery.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use sqlx::Row as _;
+use token_broker::source::FailureClass;
+use token_broker::store::crypto::Keyring;
+use token_broker::store::{
+    Acquired, Backoff, Lease, NewToken, PgSettings, PgStore, Store, StoreError, StoreEvent,
+};
+use token_broker::token::Secret;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::pg::TestDb;
+
+struct Opened {
+    store: Arc<PgStore>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn settings(db: &TestDb, keyring: Keyring) -> PgSettings {
+    PgSettings {
+        url: Secret::new(db.url.clone()),
+        keyring,
+        heartbeat_interval: Duration::from_millis(500),
+        query_timeout: Duration::from_secs(2),
+        ..PgSettings::default()
+    }
+}
+
+async fn open(db: &TestDb, keyring: Keyring) -> Opened {
+    let shutdown = CancellationToken::new();
+    let store = PgStore::start(settings(db, keyring), shutdown.clone())
+        .await
+        .unwrap();
+    Opened { store, shutdown }
+}
+
+fn keyring(entries: &[(&str, u8)]) -> Keyring {
+    let text: Vec<String> = entries
+        .iter()
+        .map(|(id, b)| {
+            format!(
+                "{id}:{}",
+                base64::engine::general_purpose::STANDARD.encode([*b; 32])
+            )
+        })
+        .collect();
+    Keyring::parse(&text.join("\n")).unwrap()
+}
+
+fn new_token(value: &str) -> NewToken {
+    let now = SystemTime::now();
+    NewToken {
+        value: Secret::new(value),
+        fetched_at: now,
+        expires_at: now + Duration::from_secs(300),
+        refresh_at: now + Duration::from_secs(200),
+        refresh_token: None,
+        parent_version: None,
+        min_version: 0,
+    }
+}
+
+async fn grant(store: &PgStore, holder: &str, ttl: Duration) -> Lease {
+    match store
+        .acquire("c", holder, ttl, SystemTime::now())
+        .await
+        .unwrap()
+    {
+        Acquired::Granted { lease, .. } => lease,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+async fn commit(store: &PgStore, token: NewToken) -> (u64, bool) {
+    let lease = grant(store, "me", Duration::from_secs(20)).await;
+    let c = store.commit_token(lease, token).await.unwrap();
+    (c.token.version, c.rotated)
+}
+
+/// Waits for the next `Rotated` event, skipping resyncs.
+async fn next_rotation(rx: &mut broadcast::Receiver<StoreEvent>, within: Duration) -> Option<(String, u64)> {
+    tokio::time::timeout(within, async {
+        loop {
+            match rx.recv().await.unwrap() {
+                StoreEvent::Rotated { collection, version } => return (collection, version),
+                StoreEvent::Resync => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+async fn next_resync(rx: &mut broadcast::Receiver<StoreEvent>, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        while rx.recv().await.unwrap() != StoreEvent::Resync {}
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn the_lease_is_exclusive_expires_and_fences_the_old_holder() {
+    let db = TestDb::create().await;
+    let a = open(&db, Keyring::plaintext()).await;
+    let b = open(&db, Keyring::plaintext()).await;
+    let first = grant(&a.store, "a", Duration::from_millis(400)).await;
+    match b
+        .store
+        .acquire("c", "b", Duration::from_secs(20), SystemTime::now())
+        .await
+        .unwrap()
+    {
+        Acquired::Held { until, .. } => assert!(until > SystemTime::now()),
+        other => panic!("expected the lease to be held, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Expired: b takes over, and a's late writes are refused.
+    let second = grant(&b.store, "b", Duration::from_secs(20)).await;
+    assert!(second.fence > first.fence);
+    assert!(matches!(
+        a.store.commit_token(first.clone(), new_token("late")).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    let backoff = Backoff {
+        failures: 1,
+        next_attempt_at: SystemTime::now() + Duration::from_secs(5),
+        class: FailureClass::Timeout,
+        detail: "no answer".into(),
+    };
+    assert!(matches!(
+        a.store.commit_failure(first.clone(), backoff.clone()).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert!(matches!(
+        a.store.release(first).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    b.store.commit_failure(second, backoff.clone()).await.unwrap();
+    let row = a.store.load("c").await.unwrap();
+    assert_eq!(row.token, None, "the fenced-out write left nothing");
+    let stored = row.backoff.unwrap();
+    assert_eq!((stored.failures, stored.class), (1, FailureClass::Timeout));
+    assert_eq!(stored.detail, "no answer");
+    // Released by the failure commit: the next acquire is granted at once.
+    let third = grant(&a.store, "a", Duration::from_secs(20)).await;
+    a.store.release(third).await.unwrap();
+    grant(&b.store, "b", Duration::from_secs(20)).await;
+}
+
+#[tokio::test]
+async fn versions_only_increase_and_a_refetch_keeps_its_version() {
+    let db = TestDb::create().await;
+    let s = open(&db, Keyring::plaintext()).await;
+    assert_eq!(commit(&s.store, new_token("a")).await, (1, true));
+    let again = new_token("a");
+    let fetched_at = again.fetched_at;
+    assert_eq!(commit(&s.store, again).await, (1, false));
+    let row = s.store.load("c").await.unwrap();
+    let t = row.token.unwrap();
+    // Microseconds survive; the refetch's timestamps replaced the old ones.
+    let diff = fetched_at
+        .duration_since(t.fetched_at)
+        .unwrap_or_else(|e| e.duration());
+    assert!(diff < Duration::from_micros(1), "{diff:?}");
+    assert_eq!(commit(&s.store, new_token("b")).await, (2, true));
+    // A token first published locally as version 5 keeps that version...
+    let local = NewToken {
+        min_version: 5,
+        ..new_token("c")
+    };
+    assert_eq!(commit(&s.store, local).await, (5, true));
+    // ...and one published as 3 (a tie or lower) still goes above the row.
+    let lower = NewToken {
+        min_version: 3,
+        ..new_token("d")
+    };
+    assert_eq!(commit(&s.store, lower).await, (6, true));
+    // The same value under a higher local version is a rotation, not a refetch.
+    let relabelled = NewToken {
+        min_version: 8,
+        ..new_token("d")
+    };
+    assert_eq!(commit(&s.store, relabelled).await, (8, true));
+}
+
+#[tokio::test]
+async fn secrets_are_sealed_at_rest_and_survive_key_rotation() {
+    let db = TestDb::create().await;
+    let token = format!("access-{}", crate::support::random_secret("tok"));
+    let refresh = format!("refresh-{}", crate::support::random_secret("rt"));
+    let old = open(&db, keyring(&[("k1", 1)])).await;
+    let lease = grant(&old.store, "me", Duration::from_secs(20)).await;
+    old.store
+        .commit_token(
+            lease,
+            NewToken {
+                refresh_token: Some(Secret::new(refresh.clone())),
+                ..new_token(&token)
+            },
+        )
+        .await
+        .unwrap();
+    let pool = db.pool().await;
+    let raw = sqlx::query("SELECT value, value_key, refresh_token, refresh_token_key, encode(value, 'escape') AS v, encode(refresh_token, 'escape') AS r FROM token_broker_tokens")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let value: Vec<u8> = raw.get("value");
+    let rt: Vec<u8> = raw.get("refresh_token");
+    assert_eq!(raw.get::<Option<String>, _>("value_key").as_deref(), Some("k1"));
+    assert_eq!(raw.get::<Option<String>, _>("refresh_token_key").as_deref(), Some("k1"));
+    for (bytes, secret) in [(&value, &token), (&rt, &refresh)] {
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+    let escaped: String = raw.get("v");
+    assert!(!escaped.contains(&token) && !escaped.contains("access-"));
+    let escaped: String = raw.get("r");
+    assert!(!escaped.contains(&refresh));
+    // Rotate: k2 encrypts, k1 still decrypts.
+    drop(old);
+    let rotated = open(&db, keyring(&[("k2", 2), ("k1", 1)])).await;
+    let row = rotated.store.load("c").await.unwrap();
+    assert_eq!(row.token.unwrap().value, Secret::new(token.clone()));
+    assert_eq!(row.refresh_token, Some(Secret::new(refresh.clone())));
+    assert_eq!(commit(&rotated.store, new_token("next-token")).await, (2, true));
+    let key: Option<String> = sqlx::query_scalar("SELECT value_key FROM token_broker_tokens")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(key.as_deref(), Some("k2"));
+    // Without the key the refresh token (still under k1) reads as absent, never as garbage.
+    drop(rotated);
+    let k2_only = open(&db, keyring(&[("k2", 2)])).await;
+    let row = k2_only.store.load("c").await.unwrap();
+    assert_eq!(row.token.unwrap().value, Secret::new("next-token"));
+    assert_eq!(row.refresh_token, None);
+    // No key at all: plaintext with a NULL key id.
+    drop(k2_only);
+    let plain = open(&db, Keyring::plaintext()).await;
+    commit(&plain.store, new_token("plain-token")).await;
+    let (bytes, key): (Vec<u8>, Option<String>) =
+        sqlx::query_as("SELECT value, value_key FROM token_broker_tokens")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((bytes.as_slice(), key), (b"plain-token".as_slice(), None));
+}
+
+#[tokio::test]
+async fn the_refresh_token_is_committed_with_its_access_token() {
+    let db = TestDb::create().await;
+    let s = open(&db, keyring(&[("k1", 7)])).await;
+    let lease = grant(&s.store, "me", Duration::from_secs(20)).await;
+    s.store
+        .commit_token(
+            lease,
+            NewToken {
+                refresh_token: Some(Secret::new("rt-1")),
+                ..new_token("at-1")
+            },
+        )
+        .await
+        .unwrap();
+    let row = s.store.load("c").await.unwrap();
+    assert_eq!(row.token.unwrap().value, Secret::new("at-1"));
+    assert_eq!(row.refresh_token, Some(Secret::new("rt-1")));
+    // A commit without a new refresh token keeps the stored one.
+    commit(&s.store, new_token("at-2")).await;
+    assert_eq!(
+        s.store.load("c").await.unwrap().refresh_token,
+        Some(Secret::new("rt-1"))
+    );
+    // A fenced-out commit writes neither.
+    let stale = grant(&s.store, "me", Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = grant(&s.store, "peer", Duration::from_secs(20)).await;
+    let refused = s
+        .store
+        .commit_token(
+            stale,
+            NewToken {
+                refresh_token: Some(Secret::new("rt-stale")),
+                ..new_token("at-stale")
+            },
+        )
+        .await;
+    assert!(matches!(refused, Err(StoreError::LeaseLost(_))));
+    s.store
+        .commit_token(
+            fresh,
+            NewToken {
+                refresh_token: Some(Secret::new("rt-3")),
+                ..new_token("at-3")
+            },
+        )
+        .await
+        .unwrap();
+    let row = s.store.load("c").await.unwrap();
+    assert_eq!(
+        (row.token.unwrap().value, row.refresh_token),
+        (Secret::new("at-3"), Some(Secret::new("rt-3")))
+    );
+}
+
+#[tokio::test]
+async fn a_rotation_notifies_peers_and_a_refetch_does_not() {
+    let db = TestDb::create().await;
+    let writer = open(&db, Keyring::plaintext()).await;
+    let reader = open(&db, Keyring::plaintext()).await;
+    let mut events = reader.store.events();
+    assert!(
+        next_resync(&mut events, Duration::from_secs(5)).await,
+        "the listener resyncs once it is listening"
+    );
+    commit(&writer.store, new_token("a")).await;
+    assert_eq!(
+        next_rotation(&mut events, Duration::from_secs(5)).await,
+        Some(("c".to_owned(), 1))
+    );
+    commit(&writer.store, new_token("a")).await;
+    assert_eq!(
+        next_rotation(&mut events, Duration::from_millis(500)).await,
+        None,
+        "a refetch of the same value notifies no one"
+    );
+    commit(&writer.store, new_token("b")).await;
+    assert_eq!(
+        next_rotation(&mut events, Duration::from_secs(5)).await,
+        Some(("c".to_owned(), 2))
+    );
+}
+
+#[tokio::test]
+async fn a_killed_listener_backend_reconnects_and_resyncs() {
+    let db = TestDb::create().await;
+    let writer = open(&db, Keyring::plaintext()).await;
+    let reader = open(&db, Keyring::plaintext()).await;
+    let mut events = reader.store.events();
+    assert!(next_resync(&mut events, Duration::from_secs(5)).await);
+    let pool = db.pool().await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true, true], "one listener per store");
+    assert!(
+        next_resync(&mut events, Duration::from_secs(5)).await,
+        "the listener came back and asked for a resync"
+    );
+    commit(&writer.store, new_token("after")).await;
+    assert_eq!(
+        next_rotation(&mut events, Duration::from_secs(5)).await,
+        Some(("c".to_owned(), 1))
+    );
+}
+
+#[tokio::test]
+async fn concurrent_migrations_apply_once() {
+    let db = TestDb::create().await;
+    let s = settings(&db, Keyring::plaintext());
+    let runs = futures_join_all((0..6).map(|_| {
+        let s = s.clone();
+        tokio::spawn(async move { PgStore::migrate(&s).await.unwrap() })
+    }))
+    .await;
+    let applied: Vec<i64> = runs.into_iter().flatten().collect();
+    assert_eq!(applied, vec![1], "exactly one run applied migration 1");
+    let pool = db.pool().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM token_broker_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // A store that must not migrate refuses a database without the schema.
+    let empty = TestDb::create().await;
+    let refused = PgStore::start(
+        PgSettings {
+            migrate: false,
+            ..settings(&empty, Keyring::plaintext())
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("token-broker migrate"), "{refused}");
+}
+
+async fn futures_join_all<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
