@@ -7,6 +7,7 @@
 mod api;
 mod cli;
 mod examples;
+mod fault;
 mod refresh;
 mod server;
 mod sources;
