@@ -8,6 +8,7 @@ mod api;
 mod cli;
 mod examples;
 mod fault;
+mod pg;
 mod refresh;
 mod server;
 mod sources;
