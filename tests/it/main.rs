@@ -1,13 +1,17 @@
 //! One integration-test binary: the real server on 127.0.0.1:0 (or a Unix
 //! socket in a temp dir), called through the generated client, with scripted
 //! upstream sources that count calls. Time-dependent tests pause tokio's clock;
-//! the broker's wall clock follows it.
+//! the broker's wall clock follows it. Store tests get a fresh Postgres
+//! database each (`pg`), fleet tests run the real binary several times over
+//! one database, and fault tests cut it through a TCP proxy (`fault`).
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod api;
 mod cli;
 mod examples;
+mod fault;
 mod fleet;
+mod pg;
 mod pgstore;
 mod refresh;
 mod server;
