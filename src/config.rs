@@ -1326,4 +1326,64 @@ expires_format = "rfc3339"
         let e = err(&format!("[http]\nproxy = \"x\"\n{demo}"));
         assert_eq!(e.field, "http.proxy", "{e}");
     }
+
+    #[test]
+    fn store_section_is_checked_and_secrets_stay_out_of_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let demo = "[collections.d.source]\nkind = \"demo\"\n";
+        let password = "pw-4f1c9a77";
+        let url = secret_file(
+            &dir,
+            "url",
+            &format!("postgres://tb:{password}@db.internal:5432/tokens"),
+        );
+        let key = format!(
+            "k2:{}\nk1:{}",
+            "A".repeat(43) + "=",
+            "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+        );
+        let key_file = secret_file(&dir, "key", &key);
+        let ok = Config::parse(&format!(
+            "[store]\ndatabase_url_file = \"{url}\"\nencryption_key_file = \"{key_file}\"\npool_size = 3\n{demo}"
+        ))
+        .unwrap();
+        let store = ok.store.as_ref().unwrap();
+        assert_eq!(store.pool_size, 3);
+        assert_eq!(store.keyring.current_id(), Some("k2"));
+        assert!(store.migrate);
+        let debug = format!("{ok:?}");
+        assert!(
+            !debug.contains(password) && !debug.contains(&"A".repeat(43)),
+            "{debug}"
+        );
+        assert!(Config::parse(demo).unwrap().store.is_none());
+
+        let e = err(&format!("[store]\npool_size = 2\n{demo}"));
+        assert_eq!(e.field, "store.database_url_env", "{e}");
+        let not_pg = secret_file(&dir, "bad-url", &format!("mysql://root:{password}@x/db"));
+        let e = err(&format!(
+            "[store]\ndatabase_url_file = \"{not_pg}\"\n{demo}"
+        ));
+        assert_eq!(e.field, "store.database_url", "{e}");
+        assert!(!e.to_string().contains(password), "{e}");
+        let short = secret_file(&dir, "short-key", "k1:AAAA");
+        let e = err(&format!(
+            "[store]\ndatabase_url_file = \"{url}\"\nencryption_key_file = \"{short}\"\n{demo}"
+        ));
+        assert_eq!(e.field, "store.encryption_key_file", "{e}");
+        assert!(e.reason.contains("32 bytes"), "{e}");
+        let e = err(&format!(
+            "[store]\ndatabase_url_file = \"{url}\"\npool_size = 0\n{demo}"
+        ));
+        assert_eq!(e.field, "store.pool_size", "{e}");
+        let e = err(&format!(
+            "[store]\ndatabase_url_file = \"{url}\"\nheartbeat_interval = \"1ms\"\n{demo}"
+        ));
+        assert_eq!(e.field, "store.heartbeat_interval", "{e}");
+        let e = err(&format!("[store]\ndatabase_url = \"postgres://x\"\n{demo}"));
+        assert_eq!(
+            e.field, "store.database_url",
+            "inline URLs are refused: {e}"
+        );
+    }
 }

@@ -87,8 +87,11 @@ impl Default for PgSettings {
 /// Parses a `postgres://` URL; the error never repeats the URL (it may hold a
 /// password).
 pub fn connect_options(url: &Secret) -> Result<PgConnectOptions, String> {
-    url.expose()
-        .parse::<PgConnectOptions>()
+    let url = url.expose();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must be a postgres:// or postgresql:// URL".into());
+    }
+    url.parse::<PgConnectOptions>()
         .map(|o| o.application_name("token-broker"))
         .map_err(|_| {
             "not a valid postgres:// URL (e.g. postgres://user:password@host:5432/db)".to_owned()

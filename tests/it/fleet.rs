@@ -240,8 +240,12 @@ async fn four_sidecars_400_clients_one_upstream_call_per_rotation() {
     let reads = Arc::new(Mutex::new(Vec::<Seen>::new()));
     let mut clients = Vec::new();
     for n in 0..CLIENTS {
-        let (sidecars, stop, failures, reads) =
-            (sidecars.clone(), stop.clone(), failures.clone(), reads.clone());
+        let (sidecars, stop, failures, reads) = (
+            sidecars.clone(),
+            stop.clone(),
+            failures.clone(),
+            reads.clone(),
+        );
         clients.push(tokio::spawn(async move {
             let mut client = sidecars[n % SIDECARS].client().await;
             let mut mine = Vec::new();
@@ -287,6 +291,20 @@ async fn four_sidecars_400_clients_one_upstream_call_per_rotation() {
     for c in clients {
         c.await.unwrap();
     }
+    // The connection budget: at most pool_size (2) + 1 listener per sidecar.
+    let pool = db.pool().await;
+    let connections: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = 'token-broker'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    eprintln!("database connections held by {SIDECARS} sidecars under load: {connections}");
+    assert!(
+        connections as usize <= SIDECARS * 3,
+        "{connections} connections"
+    );
 
     let last_version = watchers
         .iter()
@@ -305,7 +323,11 @@ async fn four_sidecars_400_clients_one_upstream_call_per_rotation() {
     assert_eq!(oauth.calls(), grants, "no failed or extra upstream calls");
 
     let reads = reads.lock().unwrap();
-    assert!(reads.len() > CLIENTS * 5, "clients made too few reads: {}", reads.len());
+    assert!(
+        reads.len() > CLIENTS * 5,
+        "clients made too few reads: {}",
+        reads.len()
+    );
     assert_eq!(failures.load(Ordering::Relaxed), 0, "failed reads");
     let mut all: Vec<Seen> = reads.clone();
     for (i, w) in &watchers {
@@ -361,4 +383,89 @@ async fn four_sidecars_400_clients_one_upstream_call_per_rotation() {
         assert!(!log.contains(&env.client_secret));
         assert!(issued.iter().all(|t| !log.contains(t.as_str())));
     }
+}
+
+#[tokio::test]
+async fn a_sidecar_starts_without_its_database_and_shares_its_token_once_it_answers() {
+    let db = TestDb::create().await;
+    let proxy = crate::fault::FaultProxy::start(db.server_addr()).await;
+    proxy.cut();
+    let env = FleetEnv::new(db.url_via(proxy.addr()));
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
+    let sidecar = Sidecar::start(&fleet_config(&oauth.token_url(), ""), &env).await;
+    // Served from a local fetch while the database is away.
+    let mut client = sidecar.client().await;
+    let t = crate::support::get(&mut client, "api", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(t.version, 1);
+    assert!(sidecar.log().contains("database unreachable"));
+    proxy.restore();
+    // Reconciled: the row holds the same token under the same version.
+    let pool = db.pool().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM token_broker_tokens WHERE collection = 'api'")
+                .fetch_optional(&pool)
+                .await
+                .unwrap_or(None);
+        if version == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not reconciled:\n{}",
+            sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A second sidecar now gets that token from the store, not the upstream.
+    let second = Sidecar::start(&fleet_config(&oauth.token_url(), ""), &env).await;
+    let mut client = second.client().await;
+    let t2 = crate::support::get(&mut client, "api", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!((t2.version, &t2.value), (1, &t.value));
+    assert_eq!(oauth.grants("client_credentials"), 1);
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_once_and_refuses_a_config_without_a_store() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[store]\ndatabase_url_env = \"TB_DATABASE_URL\"\n[collections.demo]\nsource = { kind = \"demo\" }\n",
+    )
+    .unwrap();
+    let run = || {
+        Command::new(BIN)
+            .arg("migrate")
+            .arg("--config")
+            .arg(&config)
+            .env("TB_DATABASE_URL", &db.url)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{first:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout),
+        "applied migrations: [1]\n"
+    );
+    let second = run();
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout),
+        "database schema is up to date\n"
+    );
+    std::fs::write(
+        &config,
+        "[collections.demo]\nsource = { kind = \"demo\" }\n",
+    )
+    .unwrap();
+    let none = run();
+    assert_eq!(none.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("config error: store:"));
 }

@@ -92,11 +92,17 @@ async fn commit(store: &PgStore, token: NewToken) -> (u64, bool) {
 }
 
 /// Waits for the next `Rotated` event, skipping resyncs.
-async fn next_rotation(rx: &mut broadcast::Receiver<StoreEvent>, within: Duration) -> Option<(String, u64)> {
+async fn next_rotation(
+    rx: &mut broadcast::Receiver<StoreEvent>,
+    within: Duration,
+) -> Option<(String, u64)> {
     tokio::time::timeout(within, async {
         loop {
             match rx.recv().await.unwrap() {
-                StoreEvent::Rotated { collection, version } => return (collection, version),
+                StoreEvent::Rotated {
+                    collection,
+                    version,
+                } => return (collection, version),
                 StoreEvent::Resync => {}
             }
         }
@@ -150,7 +156,10 @@ async fn the_lease_is_exclusive_expires_and_fences_the_old_holder() {
         a.store.release(first).await,
         Err(StoreError::LeaseLost(_))
     ));
-    b.store.commit_failure(second, backoff.clone()).await.unwrap();
+    b.store
+        .commit_failure(second, backoff.clone())
+        .await
+        .unwrap();
     let row = a.store.load("c").await.unwrap();
     assert_eq!(row.token, None, "the fenced-out write left nothing");
     let stored = row.backoff.unwrap();
@@ -222,8 +231,14 @@ async fn secrets_are_sealed_at_rest_and_survive_key_rotation() {
         .unwrap();
     let value: Vec<u8> = raw.get("value");
     let rt: Vec<u8> = raw.get("refresh_token");
-    assert_eq!(raw.get::<Option<String>, _>("value_key").as_deref(), Some("k1"));
-    assert_eq!(raw.get::<Option<String>, _>("refresh_token_key").as_deref(), Some("k1"));
+    assert_eq!(
+        raw.get::<Option<String>, _>("value_key").as_deref(),
+        Some("k1")
+    );
+    assert_eq!(
+        raw.get::<Option<String>, _>("refresh_token_key").as_deref(),
+        Some("k1")
+    );
     for (bytes, secret) in [(&value, &token), (&rt, &refresh)] {
         assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
     }
@@ -237,7 +252,10 @@ async fn secrets_are_sealed_at_rest_and_survive_key_rotation() {
     let row = rotated.store.load("c").await.unwrap();
     assert_eq!(row.token.unwrap().value, Secret::new(token.clone()));
     assert_eq!(row.refresh_token, Some(Secret::new(refresh.clone())));
-    assert_eq!(commit(&rotated.store, new_token("next-token")).await, (2, true));
+    assert_eq!(
+        commit(&rotated.store, new_token("next-token")).await,
+        (2, true)
+    );
     let key: Option<String> = sqlx::query_scalar("SELECT value_key FROM token_broker_tokens")
         .fetch_one(&pool)
         .await
