@@ -573,14 +573,19 @@ async fn overdrive_children_share_one_oauth_token_and_a_401_refreshes_it_once() 
     );
     let oauth_token = get(&mut client, "od-oauth", WAIT).await.unwrap();
     assert_eq!(oauth_token.version, 2);
-    assert_eq!(od.requests().len(), 3 + refused + 3);
+    // Every request after the initial three and the refused ones carries the
+    // new OAuth token. (An invalidate that arrives after the cascade already
+    // refetched its child names a version that is still current, since the
+    // refetch returned the same collection token, so it may refetch once more:
+    // hence "at least" three.)
+    let requests = od.requests();
     let new_bearer = format!("Bearer {}", oauth.issued()[1]);
-    let last_three = &od.requests()[3 + refused..];
-    assert!(
-        last_three
-            .iter()
-            .all(|r| collection_token(r) == Some(new_bearer.clone()))
-    );
+    let with_new = requests
+        .iter()
+        .filter(|r| collection_token(r) == Some(new_bearer.clone()))
+        .count();
+    assert_eq!(requests.len() - with_new, 3 + refused, "old-token requests");
+    assert!(with_new >= 3, "{with_new} requests with the new OAuth token");
     let mut secrets: Vec<String> = tokens.iter().map(|t| t.value.clone()).collect();
     secrets.extend(oauth.issued());
     assert_no_secret_logged(&secrets);
