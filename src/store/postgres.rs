@@ -648,12 +648,16 @@ async fn listen(
     let mut delay = Duration::from_millis(100);
     loop {
         let started = tokio::time::Instant::now();
-        let outcome = tokio::select! {
+        let (outcome, connected) = tokio::select! {
             () = shutdown.cancelled() => return,
             outcome = listen_once(&store, &settings, &options, &mut prepared) => outcome,
         };
-        store.mark_down(&outcome);
-        debug!(error = %outcome, "listener connection lost; reconnecting");
+        if connected {
+            warn!(error = %outcome, "lost the notification connection; reconnecting, then re-reading every row");
+        } else {
+            store.mark_down(&outcome);
+            debug!(error = %outcome, "could not open the notification connection; retrying");
+        }
         // Back off while the database stays away, but reconnect at once after
         // a connection that had been up for a while.
         if started.elapsed() > Duration::from_secs(10) {
@@ -667,13 +671,14 @@ async fn listen(
     }
 }
 
-/// Connects, listens and forwards news until something goes wrong; returns why.
+/// Connects, listens and forwards news until something goes wrong; returns
+/// why, and whether `LISTEN` had been established.
 async fn listen_once(
     store: &PgStore,
     settings: &PgSettings,
     options: &PgConnectOptions,
     prepared: &mut bool,
-) -> String {
+) -> (String, bool) {
     // A pool of one for this connection only: dropping it closes the
     // connection, so a dead one is never reused.
     let pool = PgPoolOptions::new()
@@ -682,6 +687,7 @@ async fn listen_once(
         .idle_timeout(None)
         .max_lifetime(None)
         .connect_lazy_with(options.clone());
+    let mut connected = false;
     let outcome = async {
         if !*prepared {
             match tokio::time::timeout(settings.connect_timeout, store.prepare(settings)).await {
@@ -702,6 +708,7 @@ async fn listen_once(
             Err(_) => return "no answer within store.connect_timeout".to_owned(),
         };
         // From here every commit is delivered; re-read rows to cover the gap.
+        connected = true;
         store.mark_up();
         let _ = store.events.send(StoreEvent::Resync);
         let mut poll = tokio::time::interval(settings.poll_interval);
@@ -742,5 +749,5 @@ async fn listen_once(
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(1), pool.close()).await;
     });
-    outcome
+    (outcome, connected)
 }

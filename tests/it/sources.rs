@@ -585,7 +585,10 @@ async fn overdrive_children_share_one_oauth_token_and_a_401_refreshes_it_once() 
         .filter(|r| collection_token(r) == Some(new_bearer.clone()))
         .count();
     assert_eq!(requests.len() - with_new, 3 + refused, "old-token requests");
-    assert!(with_new >= 3, "{with_new} requests with the new OAuth token");
+    assert!(
+        with_new >= 3,
+        "{with_new} requests with the new OAuth token"
+    );
     let mut secrets: Vec<String> = tokens.iter().map(|t| t.value.clone()).collect();
     secrets.extend(oauth.issued());
     assert_no_secret_logged(&secrets);
