@@ -195,10 +195,10 @@ impl PgStore {
         }
         let current = migrate::current(&self.pool).await?;
         if current < migrate::latest() {
-            return Err(sqlx::Error::Protocol(format!(
+            return Err(sqlx::Error::Configuration(format!(
                 "the database schema is at version {current}, this binary needs {}; run `token-broker migrate` or set store.migrate = true",
                 migrate::latest()
-            )));
+            ).into()));
         }
         Ok(())
     }
@@ -551,17 +551,19 @@ fn to_db(t: SystemTime) -> OffsetDateTime {
     odt.replace_nanosecond(micros).unwrap_or(odt)
 }
 
-/// True for errors that mean "the database does not answer" rather than "it
-/// answered no".
+/// True for errors that mean "the database does not answer (properly)"
+/// rather than "it answered no": a database error is a refusal unless it says
+/// the server is shutting down or the connection failed; a configuration error
+/// (including a missing schema) is a refusal; anything else (I/O, TLS,
+/// protocol garbage from a half-open path, pool timeouts) is unreachability.
 fn unreachable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        sqlx::Error::Configuration(_) => false,
+        _ => true,
+    }
 }
 
 /// A one-line description that carries no secret (no URL, no parameters).

@@ -469,3 +469,33 @@ async fn migrate_applies_the_schema_once_and_refuses_a_config_without_a_store() 
     assert_eq!(none.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&none.stderr).contains("config error: store:"));
 }
+
+#[tokio::test]
+async fn a_database_that_refuses_stops_the_start_before_anything_binds() {
+    let db = TestDb::create().await;
+    let missing = db.url.replace(&db.name, "tb_no_such_database");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, fleet_config("http://127.0.0.1:9/token", "")).unwrap();
+    let sock = dir.path().join("tb.sock");
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .env("TB_DATABASE_URL", &missing)
+        .env("TB_CLIENT_SECRET", "s3cret-value")
+        .env(
+            "TB_ENCRYPTION_KEY",
+            FleetEnv::new(String::new()).encryption_key,
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: store: database error 3D000"),
+        "{stderr}"
+    );
+    assert!(!sock.exists(), "nothing was bound");
+}
