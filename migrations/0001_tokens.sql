@@ -13,6 +13,8 @@ CREATE TABLE token_broker_tokens (
     parent_version    bigint,
     refresh_token     bytea,
     refresh_token_key text,
+    -- Fingerprint of the configured seed the refresh token descends from.
+    refresh_seed      text,
     -- The refresh lease: who may call the upstream, until when, and a fence
     -- that increases with every grant (writes carry it).
     lease_holder      text,

@@ -31,6 +31,17 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// A one-way fingerprint (truncated SHA-256, hex) that tells two secrets
+    /// apart without revealing either; safe to store and compare.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"token-broker fingerprint v1\0")
+            .chain_update(self.0.as_bytes())
+            .finalize();
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl fmt::Debug for Secret {

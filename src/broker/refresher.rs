@@ -224,10 +224,8 @@ async fn attempt(
     let span =
         info_span!("refresh", collection = %c.name, source = c.source.kind(), attempt = attempt_no);
     async {
-        let refresh_token = row
-            .refresh_token
-            .clone()
-            .or_else(|| lock(&c.refresh_token).clone());
+        let refresh_token =
+            stored_refresh_token(c, &row).or_else(|| lock(&c.refresh_token).clone());
         match fetch_token(c, shared, now, refresh_token).await {
             Ok(new) => commit_token(c, store, shared, lease, new).await,
             Err(err) => {
@@ -347,6 +345,10 @@ async fn reconcile(
         fetched_at: t.fetched_at,
         expires_at: t.expires_at,
         refresh_at: t.refresh_at,
+        refresh_seed: local
+            .refresh_token
+            .as_ref()
+            .and_then(|_| c.source.seed_fingerprint()),
         refresh_token: local.refresh_token.clone(),
         parent_version: t.parent_version,
         min_version: t.version,
@@ -395,10 +397,23 @@ async fn fetch_token(
         fetched_at: now,
         expires_at: schedule.expires_at,
         refresh_at: schedule.refresh_at,
+        refresh_seed: fetched
+            .refresh_token
+            .as_ref()
+            .and_then(|_| c.source.seed_fingerprint()),
         refresh_token: fetched.refresh_token,
         parent_version: fetched.parent_version,
         min_version: 0,
     })
+}
+
+/// The row's refresh token, when it descends from the configured seed (a
+/// refresh token from another seed is ignored: the operator configured a new
+/// one, and the source then starts from it).
+fn stored_refresh_token(c: &Collection, row: &Row) -> Option<Secret> {
+    row.refresh_token
+        .clone()
+        .filter(|_| row.refresh_seed == c.source.seed_fingerprint())
 }
 
 /// Calls the source in its own task, under the fetch timeout.
@@ -544,8 +559,8 @@ fn backoff_after(c: &Collection, shared: &Shared, failures: u32, err: &FetchErro
 /// version with the same value and later timestamps (a refetch) updates it in
 /// place; the row's backoff and last attempt are taken over.
 pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
-    if let Some(rt) = &row.refresh_token {
-        *lock(&c.refresh_token) = Some(rt.clone());
+    if let Some(rt) = stored_refresh_token(c, &row) {
+        *lock(&c.refresh_token) = Some(rt);
     }
     let (newer, refetched) = {
         let snap = c.state.borrow();

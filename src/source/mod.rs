@@ -214,6 +214,13 @@ pub trait Source: Send + Sync + 'static {
         None
     }
 
+    /// For sources that rotate refresh tokens: a fingerprint of the configured
+    /// seed. A stored refresh token that descends from another seed is ignored,
+    /// so a new seed configured after `invalid_grant` takes effect.
+    fn seed_fingerprint(&self) -> Option<String> {
+        None
+    }
+
     /// Fetches a fresh credential. Called by at most one task per collection at
     /// a time, under the broker's fetch timeout.
     fn fetch(&self, ctx: FetchContext) -> BoxFuture<'_, Result<Fetched, FetchError>>;

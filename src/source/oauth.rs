@@ -201,6 +201,13 @@ impl Source for OAuthSource {
         }
     }
 
+    fn seed_fingerprint(&self) -> Option<String> {
+        match &self.spec.grant {
+            Grant::ClientCredentials => None,
+            Grant::RefreshToken { seed } => Some(seed.fingerprint()),
+        }
+    }
+
     fn fetch(&self, ctx: FetchContext) -> BoxFuture<'_, Result<Fetched, FetchError>> {
         Box::pin(async move { self.request(&ctx).await })
     }

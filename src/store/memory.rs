@@ -135,6 +135,7 @@ impl Store for MemoryStore {
             entry.row.token = Some(token.clone());
             if let Some(rt) = new.refresh_token {
                 entry.row.refresh_token = Some(rt);
+                entry.row.refresh_seed = new.refresh_seed;
             }
             entry.row.backoff = None;
             entry.lease = None;
@@ -187,6 +188,7 @@ mod tests {
             expires_at: t(at + 100),
             refresh_at: t(at + 75),
             refresh_token: None,
+            refresh_seed: None,
             parent_version: None,
             min_version: 0,
         }

@@ -47,6 +47,8 @@ pub struct Row {
     /// The latest refresh token the upstream issued (rotation), committed with
     /// the access token it came with.
     pub refresh_token: Option<Secret>,
+    /// Fingerprint of the configured seed `refresh_token` descends from.
+    pub refresh_seed: Option<String>,
     pub backoff: Option<Backoff>,
     /// Start of the last refresh attempt (success or failure), for the minimum
     /// interval between refreshes.
@@ -81,6 +83,8 @@ pub struct NewToken {
     /// A rotated refresh token to store in the same write; `None` keeps the
     /// stored one.
     pub refresh_token: Option<Secret>,
+    /// Fingerprint of the seed that refresh token descends from (written with it).
+    pub refresh_seed: Option<String>,
     pub parent_version: Option<u64>,
     /// The lowest version a rotation may take (0: no constraint): the version
     /// under which this token was already published locally.

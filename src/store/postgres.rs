@@ -44,7 +44,7 @@ use crate::token::{Secret, Token};
 macro_rules! cols {
     () => {
         "version, value, value_key, fetched_at, expires_at, refresh_at, parent_version, \
-         refresh_token, refresh_token_key, lease_holder, lease_until, lease_fence, \
+         refresh_token, refresh_token_key, refresh_seed, lease_holder, lease_until, lease_fence, \
          last_attempt_at, next_attempt_at, failures, failure_class, failure_detail"
     };
 }
@@ -314,6 +314,7 @@ impl PgStore {
         let row = Row {
             token,
             refresh_token,
+            refresh_seed: r.try_get("refresh_seed")?,
             backoff,
             last_attempt_at: time("last_attempt_at")?,
         };
@@ -448,6 +449,7 @@ impl PgStore {
                 fetched_at = $5, expires_at = $6, refresh_at = $7, parent_version = $8,
                 refresh_token = CASE WHEN $9::bytea IS NULL THEN refresh_token ELSE $9 END,
                 refresh_token_key = CASE WHEN $9::bytea IS NULL THEN refresh_token_key ELSE $10 END,
+                refresh_seed = CASE WHEN $9::bytea IS NULL THEN refresh_seed ELSE $11 END,
                 lease_holder = NULL, lease_until = NULL,
                 next_attempt_at = NULL, failures = 0, failure_class = NULL, failure_detail = NULL,
                 updated_at = now()
@@ -464,6 +466,7 @@ impl PgStore {
         .bind(new.parent_version.map(fence_i64))
         .bind(refresh.as_ref().map(|s| s.bytes.clone()))
         .bind(refresh.and_then(|s| s.key_id))
+        .bind(&new.refresh_seed)
         .fetch_one(&mut *tx)
         .await?;
         if !same {

@@ -69,6 +69,7 @@ fn new_token(value: &str) -> NewToken {
         expires_at: now + Duration::from_secs(300),
         refresh_at: now + Duration::from_secs(200),
         refresh_token: None,
+        refresh_seed: None,
         parent_version: None,
         min_version: 0,
     }
@@ -289,6 +290,7 @@ async fn the_refresh_token_is_committed_with_its_access_token() {
             lease,
             NewToken {
                 refresh_token: Some(Secret::new("rt-1")),
+                refresh_seed: Some("seed-fp-1".into()),
                 ..new_token("at-1")
             },
         )
@@ -297,7 +299,8 @@ async fn the_refresh_token_is_committed_with_its_access_token() {
     let row = s.store.load("c").await.unwrap();
     assert_eq!(row.token.unwrap().value, Secret::new("at-1"));
     assert_eq!(row.refresh_token, Some(Secret::new("rt-1")));
-    // A commit without a new refresh token keeps the stored one.
+    assert_eq!(row.refresh_seed.as_deref(), Some("seed-fp-1"));
+    // A commit without a new refresh token keeps the stored one (and its seed).
     commit(&s.store, new_token("at-2")).await;
     assert_eq!(
         s.store.load("c").await.unwrap().refresh_token,

@@ -223,7 +223,25 @@ async fn rotated_refresh_tokens_are_stored_and_survive_a_restart() {
     assert_eq!(t3.version, 3);
     assert_eq!(sent(2), rt2);
     assert_eq!(oauth.grants("refresh_token"), 3);
-    let mut secrets = vec![secret, seed, rt1, rt2];
+    server.stop(WAIT).await;
+
+    // The operator replaces the seed (say after invalid_grant, with a new
+    // consent): the new seed wins over the stored refresh token, which
+    // descends from the old one.
+    let new_seed = random_secret("new-seed");
+    oauth.set_refresh_token(&new_seed);
+    std::fs::write(_dir.path().join("seed"), &new_seed).unwrap();
+    let server = TestServer::from_toml(&text, store.clone()).await;
+    let mut client = server.client().await;
+    let (t4, replaced) = invalidate(&mut client, "mail", 3).await.unwrap();
+    assert!(replaced, "{t4:?}");
+    assert_eq!(sent(3), new_seed);
+    // ...and the token it yields is stored and used from then on.
+    let rt4 = oauth.refresh_token().unwrap();
+    let (_, replaced) = invalidate(&mut client, "mail", t4.version).await.unwrap();
+    assert!(replaced);
+    assert_eq!(sent(4), rt4);
+    let mut secrets = vec![secret, seed, rt1, rt2, new_seed, rt4];
     secrets.extend(oauth.issued());
     assert_no_secret_logged(&secrets);
 }

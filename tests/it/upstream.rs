@@ -649,6 +649,12 @@ impl OAuthServer {
     pub fn refresh_token(&self) -> Option<String> {
         self.state.m.lock().unwrap().refresh.clone()
     }
+
+    /// Replaces the valid refresh token (as if issued out of band, e.g. a
+    /// new consent): the previous one is refused from now on.
+    pub fn set_refresh_token(&self, rt: &str) {
+        self.state.m.lock().unwrap().refresh = Some(rt.to_owned());
+    }
 }
 
 /// `(id, secret)` from an `Authorization: Basic ...` value, as sent (still
