@@ -195,7 +195,9 @@ async fn attempt(
         Err(e) => {
             if due {
                 warn!(collection = %c.name, error = %e, "store unavailable: refreshing locally");
-                local_refresh(c, shared, now).await;
+                // The acquire may have taken the whole query timeout: stamp
+                // the token with the time of its own fetch.
+                local_refresh(c, shared, clock.now()).await;
             }
             return Next::StoreDown;
         }

@@ -88,6 +88,7 @@ impl Store for MemoryStore {
             let entry = inner.rows.entry(collection.to_owned()).or_default();
             if let Some(lease) = &entry.lease
                 && lease.until > now
+                && lease.holder != holder
             {
                 return Acquired::Held {
                     until: lease.until,

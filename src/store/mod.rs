@@ -120,8 +120,10 @@ pub trait Store: Send + Sync + 'static {
     /// Reads a collection's row (an empty row if there is none).
     fn load(&self, collection: &str) -> BoxFuture<'_, Result<Row, StoreError>>;
 
-    /// Takes the lease if it is free or expired at `now`, recording `now` as the
-    /// start of an attempt.
+    /// Takes the lease if it is free or expired at `now`, or already held by
+    /// `holder` (a grant whose answer was lost; the fence moves on, so that
+    /// earlier grant can no longer write), recording `now` as the start of an
+    /// attempt.
     fn acquire(
         &self,
         collection: &str,

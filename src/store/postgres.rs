@@ -9,7 +9,12 @@
 //!   `StoreError::Unavailable` (the broker then serves from memory).
 //! - Leases are timed by the database's clock (`clock_timestamp()`), so clock
 //!   skew between pods cannot make two holders. Writes are fenced by
-//!   `lease_fence`, which increases with every grant.
+//!   `lease_fence`, which increases with every grant. A holder asking again is
+//!   granted again (its earlier grant's answer was lost), so a lease is never
+//!   stranded by its own holder.
+//! - After an operation finds the database unreachable, operations fail at
+//!   once for a second, and until the listener reconnects: an outage costs
+//!   one `query_timeout`, not one per operation.
 //! - A rotation commits the sealed value, its version, its refresh token and
 //!   `NOTIFY token_broker, '<collection>:<version>'` in one transaction; the
 //!   payload never carries a token. A refetch of the same value notifies no one.
@@ -105,7 +110,17 @@ pub struct PgStore {
     events: broadcast::Sender<StoreEvent>,
     /// Set while the database does not answer (logged on each change).
     degraded: AtomicBool,
+    /// Set while the listener holds a live `LISTEN` connection.
+    listening: AtomicBool,
+    /// When an operation last found the database unreachable.
+    last_failure: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// After an operation found the database unreachable, further operations
+/// fail at once for this long (and for as long as the listener cannot
+/// reconnect), so that a black-holed database costs one `query_timeout`, not
+/// one per operation, and due refreshes go local without waiting.
+const FAIL_FAST: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -148,6 +163,8 @@ impl PgStore {
             query_timeout: settings.query_timeout,
             events: broadcast::channel(1024).0,
             degraded: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+            last_failure: std::sync::Mutex::new(None),
         });
         let prepared =
             match tokio::time::timeout(settings.connect_timeout, store.prepare(&settings)).await {
@@ -209,6 +226,10 @@ impl PgStore {
     }
 
     fn mark_down(&self, why: &str) {
+        *self
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now());
         if !self.degraded.swap(true, Ordering::Relaxed) {
             warn!(error = %why, "database unreachable: serving tokens from memory; due refreshes happen locally until it answers");
         }
@@ -225,11 +246,31 @@ impl PgStore {
         self.degraded.load(Ordering::Relaxed)
     }
 
+    /// True while operations should not even try: the database was found
+    /// unreachable, and either that was under `FAIL_FAST` ago or the listener
+    /// has not reconnected since (it is the probe that ends an outage).
+    fn failing_fast(&self) -> bool {
+        if !self.degraded.load(Ordering::Relaxed) {
+            return false;
+        }
+        let recent = self
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() < FAIL_FAST);
+        recent || !self.listening.load(Ordering::Relaxed)
+    }
+
     /// Runs `op` under the query timeout, recording reachability.
     async fn timed<T>(
         &self,
         op: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, Failure> {
+        if self.failing_fast() {
+            return Err(Failure::Db(
+                "database unreachable (not retried until it answers again)".into(),
+            ));
+        }
         match tokio::time::timeout(self.query_timeout, op).await {
             Ok(Ok(v)) => {
                 self.mark_up();
@@ -361,6 +402,7 @@ impl PgStore {
                         last_attempt_at = EXCLUDED.last_attempt_at,
                         updated_at = now()
                   WHERE t.lease_until IS NULL OR t.lease_until <= clock_timestamp()
+                     OR t.lease_holder = EXCLUDED.lease_holder
                  RETURNING ",
                 cols!()
             ))
@@ -714,6 +756,7 @@ async fn listen_once(
         };
         // From here every commit is delivered; re-read rows to cover the gap.
         connected = true;
+        store.listening.store(true, Ordering::Relaxed);
         store.mark_up();
         let _ = store.events.send(StoreEvent::Resync);
         let mut poll = tokio::time::interval(settings.poll_interval);
@@ -750,6 +793,7 @@ async fn listen_once(
         }
     }
     .await;
+    store.listening.store(false, Ordering::Relaxed);
     // Close in the background: a black-holed socket must not hold us up.
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(1), pool.close()).await;
