@@ -1,0 +1,218 @@
+//! Fault tests on a fleet of real `token-broker` processes sharing one Postgres
+//! database: the lease holder killed mid-call (a peer takes over once its
+//! lease expires, at most one extra upstream call). Each test prints what it
+//! measured.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use crate::fleet::{FleetEnv, Seen, Sidecar, assert_one_value_per_version, fleet_config, watcher};
+use crate::pg::TestDb;
+use crate::support::get;
+use crate::upstream::{OAuthConfig, OAuthServer, Reply};
+
+type Record = Arc<Mutex<Vec<Seen>>>;
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `within`.
+async fn eventually(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn lease_holder(pool: &PgPool) -> Option<String> {
+    sqlx::query_scalar("SELECT lease_holder FROM token_broker_tokens WHERE collection = 'api'")
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .flatten()
+}
+
+async fn row_version(pool: &PgPool) -> u64 {
+    let v: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM token_broker_tokens WHERE collection = 'api'")
+            .fetch_optional(pool)
+            .await
+            .unwrap();
+    v.map_or(0, |v| u64::try_from(v).unwrap())
+}
+
+/// Secrets stay secret: neither the client secret nor any issued token is in
+/// the sidecar's log.
+fn assert_log_clean(sidecar: &Sidecar, env: &FleetEnv, issued: &[String]) {
+    let log = sidecar.log();
+    assert!(log.contains("token_broker"), "the sidecar logged nothing");
+    assert!(
+        !log.contains(&env.client_secret),
+        "the client secret is in a log"
+    );
+    assert!(
+        issued.iter().all(|t| !log.contains(t.as_str())),
+        "a token is in a log"
+    );
+}
+
+fn first_seen(w: &Record) -> Option<Seen> {
+    w.lock().unwrap().first().cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_lease_holder_mid_call_costs_at_most_one_extra_upstream_call() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let env = FleetEnv::new(db.url.clone());
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
+    // The first token request hangs (the holder is killed during it); later
+    // ones get real tokens.
+    oauth.script([Reply::json(
+        200,
+        json!({"access_token": "never-delivered", "token_type": "bearer", "expires_in": 3600}),
+    )
+    .delayed(Duration::from_secs(60))]);
+    // Lease TTL = fetch_timeout + 5 s = 8 s. Readers may wait longer than the
+    // default 10 s request cap.
+    let config = format!(
+        "{}\n[server]\nrequest_timeout = \"30s\"\n",
+        fleet_config(&oauth.token_url(), r#", fetch_timeout = "3s""#)
+    );
+    let mut sidecars = Vec::new();
+    let mut watchers = Vec::new();
+    for _ in 0..3 {
+        let s = Sidecar::start(&config, &env).await;
+        watchers.push(watcher(&s, "api").await);
+        sidecars.push(s);
+    }
+
+    // The lease holder is the sidecar whose pid ends the row's lease_holder,
+    // once its (hanging) request reached the upstream.
+    let mut holder = None;
+    eventually(
+        "a sidecar holds the lease and called the upstream",
+        Duration::from_secs(10),
+        async || {
+            holder = lease_holder(&pool).await;
+            holder.is_some() && oauth.calls() >= 1
+        },
+    )
+    .await;
+    let holder = holder.unwrap();
+    let victim = sidecars
+        .iter()
+        .position(|s| holder.ends_with(&format!("/{}", s.pid())))
+        .unwrap_or_else(|| panic!("lease holder {holder} is none of the sidecars"));
+    let lease_left: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM lease_until - clock_timestamp())::float8
+           FROM token_broker_tokens WHERE collection = 'api'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(oauth.calls(), 1, "only the holder called the upstream");
+
+    sidecars[victim].kill9();
+    let killed_at = Instant::now();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+
+    // What a reader sees meanwhile: one with a long deadline, one with 2 s.
+    let mut patient = sidecars[survivors[0]].client().await;
+    let long_get = tokio::spawn(async move {
+        let r = get(&mut patient, "api", Duration::from_secs(25)).await;
+        (r, killed_at.elapsed())
+    });
+    let mut hasty = sidecars[survivors[1]].client().await;
+    let short_get = get(&mut hasty, "api", Duration::from_secs(2)).await;
+    let short_after = killed_at.elapsed();
+
+    // A survivor takes over after the lease expires and both serve version 1.
+    eventually(
+        "every survivor's watcher sees version 1",
+        Duration::from_secs(20),
+        async || {
+            survivors
+                .iter()
+                .all(|i| first_seen(&watchers[*i]).is_some())
+        },
+    )
+    .await;
+    let (long_result, long_after) = long_get.await.unwrap();
+    let long_token = long_result.expect("a Get with a long deadline succeeds after the takeover");
+    assert_eq!(long_token.version, 1);
+    let mut served = Vec::new();
+    for i in &survivors {
+        let mut c = sidecars[*i].client().await;
+        let t = get(&mut c, "api", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(t.version, 1, "sidecar {i} serves version 1");
+        served.push(Seen {
+            version: t.version,
+            value: t.value,
+            at: Instant::now(),
+        });
+    }
+    let mut all = served;
+    for i in &survivors {
+        let w = watchers[*i].lock().unwrap();
+        assert_eq!(w[0].version, 1, "sidecar {i}'s watcher starts at version 1");
+        all.extend(w.iter().cloned());
+    }
+    assert_one_value_per_version(&all);
+    let issued = oauth.issued();
+    assert!(all.iter().all(|s| issued.contains(&s.value)));
+    assert_eq!(
+        row_version(&pool).await,
+        1,
+        "the dead holder's fetch never committed"
+    );
+
+    let takeover: Vec<(usize, Duration)> = survivors
+        .iter()
+        .map(|i| (*i, first_seen(&watchers[*i]).unwrap().at - killed_at))
+        .collect();
+    // Not before the lease ran out (it is exclusive), and soon after: peers
+    // re-read a held row at least every 2 s.
+    for (i, t) in &takeover {
+        let t = t.as_secs_f64();
+        assert!(
+            t > lease_left - 0.5 && t < lease_left + 3.0,
+            "sidecar {i} got version 1 {t:.2}s after the kill, with {lease_left:.2}s of lease left"
+        );
+    }
+    eprintln!(
+        "lease holder: sidecar {victim} ({holder}), killed with {lease_left:.2}s of lease left"
+    );
+    eprintln!("takeover, kill -> version 1 on each survivor's watcher: {takeover:?}");
+    eprintln!(
+        "Get during the wait: deadline 25s -> version {} after {long_after:?}; deadline 2s -> {} after {short_after:?}",
+        long_token.version,
+        match &short_get {
+            Ok(t) => format!("version {}", t.version),
+            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+        }
+    );
+    eprintln!(
+        "upstream token requests: {} (successful grants {})",
+        oauth.calls(),
+        oauth.grants("client_credentials")
+    );
+    assert!(
+        oauth.calls() <= 2,
+        "at most one extra upstream call: {}",
+        oauth.calls()
+    );
+    assert_eq!(oauth.grants("client_credentials"), 1);
+    // No token existed before the takeover: a short deadline ends in
+    // DEADLINE_EXCEEDED, not in a made-up token or another error.
+    assert_eq!(
+        short_get.as_ref().map_err(tonic::Status::code).err(),
+        Some(tonic::Code::DeadlineExceeded),
+        "a 2 s Get during the wait: {short_get:?}"
+    );
+    for i in &survivors {
+        assert_log_clean(&sidecars[*i], &env, &issued);
+    }
+}
