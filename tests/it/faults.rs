@@ -1,13 +1,16 @@
 //! Fault tests on a fleet of real `token-broker` processes sharing one Postgres
 //! database: the lease holder killed mid-call (a peer takes over once its
-//! lease expires, at most one extra upstream call). Each test prints what it
-//! measured.
+//! lease expires, at most one extra upstream call), and every listener
+//! backend killed just before a rotation (the rotation still reaches every
+//! sidecar, through the resync that follows a reconnect). Each test prints
+//! what it measured.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
 use sqlx::PgPool;
+use token_broker::grpc::pb::InvalidateTokenRequest;
 use tokio::time::Instant;
 
 use crate::fleet::{FleetEnv, Seen, Sidecar, assert_one_value_per_version, fleet_config, watcher};
@@ -214,5 +217,130 @@ async fn killing_the_lease_holder_mid_call_costs_at_most_one_extra_upstream_call
     );
     for i in &survivors {
         assert_log_clean(&sidecars[*i], &env, &issued);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_listener_backend_before_a_rotation_still_reaches_every_sidecar() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let env = FleetEnv::new(db.url.clone());
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
+    let config = fleet_config(&oauth.token_url(), "");
+    let mut sidecars = Vec::new();
+    let mut watchers = Vec::new();
+    for _ in 0..3 {
+        let s = Sidecar::start(&config, &env).await;
+        watchers.push(watcher(&s, "api").await);
+        sidecars.push(s);
+    }
+    eventually(
+        "version 1 on every sidecar",
+        Duration::from_secs(10),
+        async || watchers.iter().all(|w| first_seen(w).is_some()),
+    )
+    .await;
+    // Past the minimum refresh interval (1 s), so the forced rotation starts
+    // at once and its NOTIFY lands while the listeners reconnect.
+    let v1_at = first_seen(&watchers[0]).unwrap().at;
+    tokio::time::sleep_until(v1_at + Duration::from_millis(1500)).await;
+    let mut client = sidecars[0].client().await;
+
+    // The listener backends: their last query is `LISTEN "token_broker"` or
+    // the heartbeat's `SELECT 1` (sent after 1 s without news), which no
+    // pooled connection runs.
+    macro_rules! listeners {
+        () => {
+            "FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND application_name = 'token-broker'
+                AND (query LIKE 'LISTEN%' OR query = 'SELECT 1')"
+        };
+    }
+    let count = |pool: &PgPool| {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(concat!("SELECT count(*) ", listeners!()))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    eventually(
+        "three listener backends",
+        Duration::from_secs(5),
+        async || count(&pool).await == 3,
+    )
+    .await;
+    let killed: Vec<bool> =
+        sqlx::query_scalar(concat!("SELECT pg_terminate_backend(pid) ", listeners!()))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let invalidated_at = Instant::now();
+    let mut req = tonic::Request::new(InvalidateTokenRequest {
+        collection: "api".to_owned(),
+        version: 1,
+        value: String::new(),
+        reason: "fault test: 401".to_owned(),
+    });
+    req.set_timeout(Duration::from_secs(5));
+    let resp = client.invalidate_token(req).await.unwrap().into_inner();
+    let answered = invalidated_at.elapsed();
+    assert_eq!(
+        killed.iter().filter(|k| **k).count(),
+        3,
+        "killed every listener"
+    );
+    assert!(resp.refreshed);
+    assert_eq!(resp.token.as_ref().unwrap().version, 2);
+
+    eventually(
+        "version 2 on every sidecar's watcher",
+        Duration::from_secs(5),
+        async || {
+            watchers
+                .iter()
+                .all(|w| w.lock().unwrap().iter().any(|s| s.version == 2))
+        },
+    )
+    .await;
+    let delays: Vec<Duration> = watchers
+        .iter()
+        .map(|w| {
+            let w = w.lock().unwrap();
+            w.iter().find(|s| s.version == 2).unwrap().at - invalidated_at
+        })
+        .collect();
+    let reconnected = {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count(&pool).await < 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        count(&pool).await
+    };
+    eprintln!(
+        "listener backends killed: {}; InvalidateToken answered after {answered:?}; \
+         version 2 on each sidecar's watcher after {delays:?} (sidecar 0 rotated); \
+         listener backends afterwards: {reconnected}",
+        killed.len()
+    );
+    assert!(delays.iter().all(|d| *d < Duration::from_secs(5)));
+    assert_eq!(
+        oauth.grants("client_credentials"),
+        2,
+        "one upstream call per rotation"
+    );
+    let mut all = Vec::new();
+    for (i, w) in watchers.iter().enumerate() {
+        let w = w.lock().unwrap();
+        crate::fleet::assert_in_order(&w, &format!("watcher on sidecar {i}"));
+        all.extend(w.iter().cloned());
+    }
+    assert_one_value_per_version(&all);
+    let issued = oauth.issued();
+    for s in &sidecars {
+        assert_log_clean(s, &env, &issued);
     }
 }
