@@ -143,6 +143,10 @@ async fn killing_the_lease_holder_mid_call_costs_at_most_one_extra_upstream_call
     .await
     .unwrap();
     assert_eq!(oauth.calls(), 1, "only the holder called the upstream");
+    assert!(
+        lease_left > 5.0,
+        "the holder's call must still be pending (fetch_timeout 3 s of an 8 s lease): {lease_left:.2}s left"
+    );
 
     sidecars[victim].kill9();
     let killed_at = Instant::now();
