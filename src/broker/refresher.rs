@@ -215,6 +215,14 @@ async fn attempt(
         if let Err(e) = store.release(lease).await {
             debug!(collection = %c.name, error = %e, "could not give back the refresh lease");
         }
+        if backing_off {
+            // A peer's attempt failed: it counts as the attempt callers wait
+            // for, so they get its error now instead of at their deadline.
+            publish(c, shared, |s| {
+                s.started += 1;
+                finish(s);
+            });
+        }
         return Next::Continue;
     }
     // Demand recorded up to here is served by this attempt.

@@ -499,3 +499,47 @@ async fn a_database_that_refuses_stops_the_start_before_anything_binds() {
     );
     assert!(!sock.exists(), "nothing was bound");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_upstream_is_backed_off_fleet_wide() {
+    let db = TestDb::create().await;
+    let env = FleetEnv::new(db.url.clone());
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
+    oauth.script((0..100).map(|_| crate::upstream::Reply::empty(503)));
+    let config = fleet_config(&oauth.token_url(), ", backoff_max = \"2s\"");
+    let mut sidecars = Vec::new();
+    for _ in 0..3 {
+        sidecars.push(Sidecar::start(&config, &env).await);
+    }
+    // A caller without a token gets the shared failure, not a timeout.
+    let started = Instant::now();
+    let mut client = sidecars[2].client().await;
+    let err = crate::support::get(&mut client, "api", Duration::from_secs(8))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("upstream_error"), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Every upstream call was one fleet-wide attempt, recorded in the row's
+    // shared failure count: no sidecar called on its own.
+    let pool = db.pool().await;
+    let failures: i32 =
+        sqlx::query_scalar("SELECT failures FROM token_broker_tokens WHERE collection = 'api'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let calls = oauth.calls();
+    eprintln!(
+        "3 sidecars, failing upstream, ~5 s: {calls} upstream calls, row failures {failures}"
+    );
+    assert!(
+        (calls as i32 - failures).abs() <= 1,
+        "{calls} upstream calls but {failures} recorded failures"
+    );
+    assert!(calls <= 10, "{calls} calls: the backoff is not shared");
+}
