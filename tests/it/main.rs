@@ -10,6 +10,7 @@ mod api;
 mod cli;
 mod examples;
 mod fault;
+mod faults;
 mod fleet;
 mod pg;
 mod pgstore;
