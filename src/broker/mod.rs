@@ -163,6 +163,9 @@ pub(crate) struct Collection {
     refresh_token: Mutex<Option<Secret>>,
     /// A token published while the store was unreachable, not yet committed.
     unshared: Mutex<Option<Unshared>>,
+    /// Set when the store answers again (a resync): reconcile without
+    /// waiting for the next retry.
+    store_back: AtomicBool,
 }
 
 /// A token published locally (L1 and watchers) but not yet in the store.
@@ -240,6 +243,7 @@ impl Broker {
                     wake: Notify::new(),
                     refresh_token: Mutex::new(None),
                     unshared: Mutex::new(None),
+                    store_back: AtomicBool::new(false),
                 };
                 (c.name.clone(), Arc::new(c))
             })

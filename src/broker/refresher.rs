@@ -73,6 +73,9 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
     let mut store_retry_at: Option<SystemTime> = None;
     loop {
         let now = clock.now();
+        if c.store_back.swap(false, Ordering::Relaxed) {
+            store_retry_at = None;
+        }
         let refresh = next_attempt(&c, now).map(|at| not_before.map_or(at, |nb| at.max(nb)));
         let reconcile = lock(&c.unshared)
             .is_some()
@@ -122,6 +125,9 @@ pub(super) async fn follow(
                 .filter(|c| c.name == collection && current_version(c) < version)
                 .collect(),
             Ok(StoreEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                for c in &collections {
+                    c.store_back.store(true, Ordering::Relaxed);
+                }
                 collections.iter().collect()
             }
             Err(broadcast::error::RecvError::Closed) => return,

@@ -705,8 +705,9 @@ async fn listen(
             store.mark_down(&outcome);
             debug!(error = %outcome, "could not open the notification connection; retrying");
         }
-        // Back off while the database stays away, but reconnect at once after
-        // a connection that had been up for a while.
+        // Back off briefly while the database stays away (the listener is the
+        // probe that ends an outage, so keep it short), but reconnect at once
+        // after a connection that had been up for a while.
         if started.elapsed() > Duration::from_secs(10) {
             delay = Duration::from_millis(100);
         }
@@ -714,7 +715,7 @@ async fn listen(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
+        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 
