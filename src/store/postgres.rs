@@ -116,10 +116,11 @@ pub struct PgStore {
     last_failure: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
-/// After an operation found the database unreachable, further operations
-/// fail at once for this long (and for as long as the listener cannot
-/// reconnect), so that a black-holed database costs one `query_timeout`, not
-/// one per operation, and due refreshes go local without waiting.
+/// After an operation found no answer within `query_timeout`, further
+/// operations fail at once for this long (and for as long as the listener
+/// cannot reconnect), so that a black-holed database costs one
+/// `query_timeout`, not one per operation, and due refreshes go local
+/// without waiting.
 const FAIL_FAST: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for PgStore {
@@ -173,11 +174,11 @@ impl PgStore {
                     return Err(anyhow::anyhow!("store: {}", describe(&e)));
                 }
                 Ok(Err(e)) => {
-                    store.mark_down(&describe(&e));
+                    store.mark_down(&describe(&e), false);
                     false
                 }
                 Err(_) => {
-                    store.mark_down("no answer within store.connect_timeout");
+                    store.mark_down("no answer within store.connect_timeout", false);
                     false
                 }
             };
@@ -225,11 +226,16 @@ impl PgStore {
         &self.pool
     }
 
-    fn mark_down(&self, why: &str) {
-        *self
-            .last_failure
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now());
+    /// Records an outage; `fail_fast` (after a timeout: the database may be
+    /// black-holed) makes the next operations fail at once for `FAIL_FAST`.
+    fn mark_down(&self, why: &str, fail_fast: bool) {
+        if fail_fast {
+            *self
+                .last_failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(tokio::time::Instant::now());
+        }
         if !self.degraded.swap(true, Ordering::Relaxed) {
             warn!(error = %why, "database unreachable: serving tokens from memory; due refreshes happen locally until it answers");
         }
@@ -261,35 +267,47 @@ impl PgStore {
         recent || !self.listening.load(Ordering::Relaxed)
     }
 
-    /// Runs `op` under the query timeout, recording reachability.
-    async fn timed<T>(
-        &self,
-        op: impl Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, Failure> {
+    /// Runs `op` under the query timeout, recording reachability. An error
+    /// that means "connection lost" (not a timeout) is retried once at once:
+    /// a pooled connection that died since its last use (the database
+    /// restarted, a proxy dropped it) fails one try, and the retry gets a new
+    /// one. Every operation here is safe to repeat (acquire re-grants to its
+    /// holder, commits are fenced and compare values).
+    async fn timed<T, F>(&self, op: impl Fn() -> F) -> Result<T, Failure>
+    where
+        F: Future<Output = Result<T, sqlx::Error>>,
+    {
         if self.failing_fast() {
             return Err(Failure::Db(
                 "database unreachable (not retried until it answers again)".into(),
             ));
         }
-        match tokio::time::timeout(self.query_timeout, op).await {
-            Ok(Ok(v)) => {
-                self.mark_up();
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                let why = describe(&e);
-                if unreachable(&e) {
-                    self.mark_down(&why);
+        let mut retried = false;
+        loop {
+            match tokio::time::timeout(self.query_timeout, op()).await {
+                Ok(Ok(v)) => {
+                    self.mark_up();
+                    return Ok(v);
                 }
-                Err(Failure::Db(why))
-            }
-            Err(_) => {
-                let why = format!(
-                    "no answer within {}",
-                    humantime::format_duration(self.query_timeout)
-                );
-                self.mark_down(&why);
-                Err(Failure::Db(why))
+                Ok(Err(e)) if unreachable(&e) && !retried => {
+                    debug!(error = %describe(&e), "database connection lost; retrying once");
+                    retried = true;
+                }
+                Ok(Err(e)) => {
+                    let why = describe(&e);
+                    if unreachable(&e) {
+                        self.mark_down(&why, false);
+                    }
+                    return Err(Failure::Db(why));
+                }
+                Err(_) => {
+                    let why = format!(
+                        "no answer within {}",
+                        humantime::format_duration(self.query_timeout)
+                    );
+                    self.mark_down(&why, true);
+                    return Err(Failure::Db(why));
+                }
             }
         }
     }
@@ -628,7 +646,7 @@ fn describe(e: &sqlx::Error) -> String {
 impl Store for PgStore {
     fn load(&self, collection: &str) -> BoxFuture<'_, Result<Row, StoreError>> {
         let collection = collection.to_owned();
-        Box::pin(async move { Ok(self.timed(self.load_row(&collection)).await?) })
+        Box::pin(async move { Ok(self.timed(|| self.load_row(&collection)).await?) })
     }
 
     fn acquire(
@@ -641,7 +659,7 @@ impl Store for PgStore {
         let (collection, holder) = (collection.to_owned(), holder.to_owned());
         Box::pin(async move {
             Ok(self
-                .timed(self.try_acquire(&collection, &holder, ttl, now))
+                .timed(|| self.try_acquire(&collection, &holder, ttl, now))
                 .await?)
         })
     }
@@ -651,7 +669,10 @@ impl Store for PgStore {
         lease: Lease,
         token: NewToken,
     ) -> BoxFuture<'_, Result<Committed, StoreError>> {
-        Box::pin(async move { self.timed(self.try_commit_token(&lease, token)).await? })
+        Box::pin(async move {
+            self.timed(|| self.try_commit_token(&lease, token.clone()))
+                .await?
+        })
     }
 
     fn commit_failure(
@@ -661,7 +682,7 @@ impl Store for PgStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             match self
-                .timed(self.try_commit_failure(&lease, &backoff))
+                .timed(|| self.try_commit_failure(&lease, &backoff))
                 .await?
             {
                 0 => Err(StoreError::LeaseLost(lease.collection)),
@@ -672,7 +693,7 @@ impl Store for PgStore {
 
     fn release(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            match self.timed(self.try_release(&lease)).await? {
+            match self.timed(|| self.try_release(&lease)).await? {
                 0 => Err(StoreError::LeaseLost(lease.collection)),
                 _ => Ok(()),
             }
@@ -702,7 +723,7 @@ async fn listen(
         if connected {
             warn!(error = %outcome, "lost the notification connection; reconnecting, then re-reading every row");
         } else {
-            store.mark_down(&outcome);
+            store.mark_down(&outcome, false);
             debug!(error = %outcome, "could not open the notification connection; retrying");
         }
         // Back off briefly while the database stays away (the listener is the
