@@ -273,12 +273,12 @@ impl PgStore {
     /// restarted, a proxy dropped it) fails one try, and the retry gets a new
     /// one. Every operation here is safe to repeat (acquire re-grants to its
     /// holder, commits are fenced and compare values).
-    async fn timed<T, F>(&self, op: impl Fn() -> F) -> Result<T, Failure>
+    async fn timed<T, F>(&self, op: impl Fn() -> F) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, sqlx::Error>>,
     {
         if self.failing_fast() {
-            return Err(Failure::Db(
+            return Err(StoreError::Unavailable(
                 "database unreachable (not retried until it answers again)".into(),
             ));
         }
@@ -298,7 +298,7 @@ impl PgStore {
                     if unreachable(&e) {
                         self.mark_down(&why, false);
                     }
-                    return Err(Failure::Db(why));
+                    return Err(StoreError::Unavailable(why));
                 }
                 Err(_) => {
                     let why = format!(
@@ -306,7 +306,7 @@ impl PgStore {
                         humantime::format_duration(self.query_timeout)
                     );
                     self.mark_down(&why, true);
-                    return Err(Failure::Db(why));
+                    return Err(StoreError::Unavailable(why));
                 }
             }
         }
@@ -588,18 +588,6 @@ struct LeaseCols {
     holder: Option<String>,
     until: Option<SystemTime>,
     fence: u64,
-}
-
-enum Failure {
-    Db(String),
-}
-
-impl From<Failure> for StoreError {
-    fn from(f: Failure) -> Self {
-        match f {
-            Failure::Db(why) => StoreError::Unavailable(why),
-        }
-    }
 }
 
 fn fence_i64(v: u64) -> i64 {
