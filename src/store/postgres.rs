@@ -634,7 +634,7 @@ fn describe(e: &sqlx::Error) -> String {
 impl Store for PgStore {
     fn load(&self, collection: &str) -> BoxFuture<'_, Result<Row, StoreError>> {
         let collection = collection.to_owned();
-        Box::pin(async move { Ok(self.timed(|| self.load_row(&collection)).await?) })
+        Box::pin(async move { self.timed(|| self.load_row(&collection)).await })
     }
 
     fn acquire(
@@ -646,9 +646,8 @@ impl Store for PgStore {
     ) -> BoxFuture<'_, Result<Acquired, StoreError>> {
         let (collection, holder) = (collection.to_owned(), holder.to_owned());
         Box::pin(async move {
-            Ok(self
-                .timed(|| self.try_acquire(&collection, &holder, ttl, now))
-                .await?)
+            self.timed(|| self.try_acquire(&collection, &holder, ttl, now))
+                .await
         })
     }
 
