@@ -296,28 +296,17 @@ async fn local_refresh(c: &Collection, shared: &Shared, now: SystemTime) {
 fn keep_local(c: &Collection, shared: &Shared, new: NewToken) {
     let (version, rotated) = {
         let snap = c.state.borrow();
-        match snap.token.as_ref() {
-            Some(t) if t.value == new.value => (t.version, false),
-            Some(t) => (t.version + 1, true),
-            None => (1, true),
-        }
-    };
-    let token = Token {
-        value: new.value,
-        version,
-        fetched_at: new.fetched_at,
-        expires_at: new.expires_at,
-        refresh_at: new.refresh_at,
-        parent_version: new.parent_version,
+        new.version_over(snap.token.as_ref().map(|t| (t.version, &t.value)))
     };
     if let Some(rt) = &new.refresh_token {
         *lock(&c.refresh_token) = Some(rt.clone());
     }
+    let new_refresh_token = new.refresh_token.clone();
+    let token = new.into_token(version);
     {
         let mut unshared = lock(&c.unshared);
-        let refresh_token = new
-            .refresh_token
-            .or_else(|| unshared.as_ref().and_then(|u| u.refresh_token.clone()));
+        let refresh_token =
+            new_refresh_token.or_else(|| unshared.as_ref().and_then(|u| u.refresh_token.clone()));
         *unshared = Some(Unshared {
             token: token.clone(),
             refresh_token,

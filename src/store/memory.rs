@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 
 use super::{Acquired, Backoff, Committed, Lease, NewToken, Row, Store, StoreError, StoreEvent};
 use crate::source::BoxFuture;
-use crate::token::Token;
 
 #[derive(Debug)]
 pub struct MemoryStore {
@@ -118,26 +117,19 @@ impl Store for MemoryStore {
     ) -> BoxFuture<'_, Result<Committed, StoreError>> {
         let result = self.with(|inner| {
             let entry = fenced(inner, &lease)?;
-            let (version, rotated) = match &entry.row.token {
-                Some(old) if old.value == new.value && old.version >= new.min_version => {
-                    (old.version, false)
-                }
-                Some(old) => ((old.version + 1).max(new.min_version), true),
-                None => (new.min_version.max(1), true),
-            };
-            let token = Token {
-                value: new.value,
-                version,
-                fetched_at: new.fetched_at,
-                expires_at: new.expires_at,
-                refresh_at: new.refresh_at,
-                parent_version: new.parent_version,
-            };
-            entry.row.token = Some(token.clone());
-            if let Some(rt) = new.refresh_token {
+            let (version, rotated) = new.version_over(
+                entry
+                    .row
+                    .token
+                    .as_ref()
+                    .map(|old| (old.version, &old.value)),
+            );
+            if let Some(rt) = new.refresh_token.clone() {
                 entry.row.refresh_token = Some(rt);
-                entry.row.refresh_seed = new.refresh_seed;
+                entry.row.refresh_seed = new.refresh_seed.clone();
             }
+            let token = new.into_token(version);
+            entry.row.token = Some(token.clone());
             entry.row.backoff = None;
             entry.lease = None;
             Ok(Committed { token, rotated })

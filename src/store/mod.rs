@@ -91,6 +91,33 @@ pub struct NewToken {
     pub min_version: u64,
 }
 
+impl NewToken {
+    /// The version this token takes over `current` (the version and value it
+    /// replaces, if any), and whether that is a rotation: the same value keeps
+    /// its version (a refetch) unless `min_version` is above it; a new value
+    /// takes `max(current + 1, min_version)`. Every store and the broker's
+    /// local path use this one rule.
+    pub fn version_over(&self, current: Option<(u64, &Secret)>) -> (u64, bool) {
+        match current {
+            Some((v, value)) if *value == self.value && v >= self.min_version => (v, false),
+            Some((v, _)) => ((v + 1).max(self.min_version), true),
+            None => (self.min_version.max(1), true),
+        }
+    }
+
+    /// The token as committed under `version`.
+    pub fn into_token(self, version: u64) -> Token {
+        Token {
+            value: self.value,
+            version,
+            fetched_at: self.fetched_at,
+            expires_at: self.expires_at,
+            refresh_at: self.refresh_at,
+            parent_version: self.parent_version,
+        }
+    }
+}
+
 /// News about rows written by other processes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreEvent {

@@ -221,11 +221,6 @@ impl PgStore {
         Ok(())
     }
 
-    /// The pool, for tests and `migrate`.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Records an outage; `fail_fast` (after a timeout: the database may be
     /// black-holed) makes the next operations fail at once for `FAIL_FAST`.
     fn mark_down(&self, why: &str, fail_fast: bool) {
@@ -245,11 +240,6 @@ impl PgStore {
         if self.degraded.swap(false, Ordering::Relaxed) {
             info!("database reachable again");
         }
-    }
-
-    /// True while the database does not answer.
-    pub fn degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
     }
 
     /// True while operations should not even try: the database was found
@@ -385,7 +375,8 @@ impl PgStore {
         Ok((row, lease))
     }
 
-    async fn load_row(&self, collection: &str) -> Result<Row, sqlx::Error> {
+    /// One row with every decoded column, if it exists.
+    async fn select(&self, collection: &str) -> Result<Option<(Row, LeaseCols)>, sqlx::Error> {
         let row = sqlx::query(concat!(
             "SELECT ",
             cols!(),
@@ -394,10 +385,15 @@ impl PgStore {
         .bind(collection)
         .fetch_optional(&self.pool)
         .await?;
-        match row {
-            Some(r) => Ok(self.decode(collection, &r)?.0),
-            None => Ok(Row::default()),
-        }
+        row.map(|r| self.decode(collection, &r)).transpose()
+    }
+
+    async fn load_row(&self, collection: &str) -> Result<Row, sqlx::Error> {
+        Ok(self
+            .select(collection)
+            .await?
+            .map(|(row, _)| row)
+            .unwrap_or_default())
     }
 
     async fn try_acquire(
@@ -442,19 +438,10 @@ impl PgStore {
                     row,
                 });
             }
-            let held = sqlx::query(concat!(
-                "SELECT ",
-                cols!(),
-                " FROM token_broker_tokens WHERE collection = $1"
-            ))
-            .bind(collection)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(r) = held {
-                let (row, lease) = self.decode(collection, &r)?;
-                if let (Some(until), Some(_)) = (lease.until, lease.holder) {
-                    return Ok(Acquired::Held { until, row });
-                }
+            if let Some((row, lease)) = self.select(collection).await?
+                && let (Some(until), Some(_)) = (lease.until, lease.holder)
+            {
+                return Ok(Acquired::Held { until, row });
             }
         }
         Err(sqlx::Error::Protocol(
@@ -490,14 +477,11 @@ impl PgStore {
                 };
                 self.keyring.open(c, "value", &sealed).ok()
             });
-        let same = old_version > 0
-            && old_version >= new.min_version
-            && old_value.as_ref() == Some(&new.value);
-        let version = if same {
-            old_version
-        } else {
-            (old_version + 1).max(new.min_version)
-        };
+        let current = old_value
+            .as_ref()
+            .filter(|_| old_version > 0)
+            .map(|v| (old_version, v));
+        let (version, rotated) = new.version_over(current);
         let value = self.keyring.seal(c, "value", &new.value);
         let refresh = new
             .refresh_token
@@ -529,7 +513,7 @@ impl PgStore {
         .bind(&new.refresh_seed)
         .fetch_one(&mut *tx)
         .await?;
-        if !same {
+        if rotated {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
                 .bind(format!("{c}:{version}"))
@@ -540,16 +524,17 @@ impl PgStore {
         let at = |col: &str| -> Result<SystemTime, sqlx::Error> {
             Ok(SystemTime::from(written.try_get::<OffsetDateTime, _>(col)?))
         };
+        // The instants as stored (microseconds), so every sidecar holds the same.
+        let (fetched_at, expires_at, refresh_at) =
+            (at("fetched_at")?, at("expires_at")?, at("refresh_at")?);
         Ok(Ok(Committed {
             token: Token {
-                value: new.value,
-                version,
-                fetched_at: at("fetched_at")?,
-                expires_at: at("expires_at")?,
-                refresh_at: at("refresh_at")?,
-                parent_version: new.parent_version,
+                fetched_at,
+                expires_at,
+                refresh_at,
+                ..new.into_token(version)
             },
-            rotated: !same,
+            rotated,
         }))
     }
 
