@@ -4,12 +4,12 @@
 //! issue; the server's debug log holds none of the secrets.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use token_broker::listen::ListenAddr;
 
+use crate::served::Served;
 use crate::support::random_secret;
 use crate::upstream::{FakeHttp, OAuthConfig, OAuthServer, OverDriveServer, Reply};
 
@@ -36,97 +36,6 @@ fn rewritten(name: &str, edits: &[(&str, &str, String)]) -> String {
         source.insert((*field).to_owned(), toml::Value::String(value.clone()));
     }
     toml::to_string(&table).unwrap()
-}
-
-/// The real binary serving `config` on a Unix socket, with `env` set and a
-/// debug log captured to a file. Killed on drop.
-struct Served {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl Served {
-    async fn start(config: &str, env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, config).unwrap();
-        let sock = dir.path().join("tb.sock");
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let served = Self {
-            child: Some(child),
-            dir,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "server did not start: {}",
-                served.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        served
-    }
-
-    fn addr(&self) -> ListenAddr {
-        ListenAddr::Unix(self.dir.path().join("tb.sock"))
-    }
-
-    async fn try_get(&self, collection: &str) -> Result<String, tonic::Status> {
-        let mut client = token_broker::client::connect(&self.addr()).await.unwrap();
-        crate::support::get(&mut client, collection, Duration::from_secs(10))
-            .await
-            .map(|t| t.value)
-    }
-
-    async fn get(&self, collection: &str) -> String {
-        match self.try_get(collection).await {
-            Ok(value) => value,
-            Err(e) => panic!("{collection}: {e:?}\nlog:\n{}", self.log()),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    /// Stops the server (SIGTERM, clean exit) and returns its log.
-    fn stop(mut self) -> String {
-        let child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "exit: {:?}\n{}",
-            out.status,
-            self.log()
-        );
-        self.log()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn check_config(name: &str, env: &[(&str, &str)]) {

@@ -21,7 +21,9 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::fault::FaultProxy;
-use crate::fleet::{FleetEnv, Seen, Sidecar, assert_one_value_per_version, fleet_config, watcher};
+use crate::fleet::{
+    FleetEnv, Seen, Sidecar, assert_one_value_per_version, fleet_config, watch_each,
+};
 use crate::pg::TestDb;
 use crate::support::{get, ts};
 use crate::upstream::{OAuthConfig, OAuthServer, Reply};
@@ -110,13 +112,12 @@ async fn killing_the_lease_holder_mid_call_costs_at_most_one_extra_upstream_call
         "{}\n[server]\nrequest_timeout = \"30s\"\n",
         fleet_config(&oauth.token_url(), r#", fetch_timeout = "3s""#)
     );
-    let mut sidecars = Vec::new();
-    let mut watchers = Vec::new();
-    for _ in 0..3 {
-        let s = Sidecar::start(&config, &env).await;
-        watchers.push(watcher(&s, "api").await);
-        sidecars.push(s);
-    }
+    let mut sidecars = env.start_fleet(&config, 3).await;
+    let watchers: Vec<_> = watch_each(&sidecars, 1)
+        .await
+        .into_iter()
+        .map(|(_, w)| w)
+        .collect();
 
     // The lease holder is the sidecar whose pid ends the row's lease_holder,
     // once its (hanging) request reached the upstream.
@@ -344,17 +345,8 @@ async fn database_outage_during_traffic_loses_no_read_and_converges() {
     })
     .await;
     let config = fleet_config(&oauth.token_url(), "");
-    let mut sidecars = Vec::new();
-    for _ in 0..SIDECARS {
-        sidecars.push(Sidecar::start(&config, &env).await);
-    }
-    let sidecars = Arc::new(sidecars);
-    let mut watchers = Vec::new();
-    for (i, s) in sidecars.iter().enumerate() {
-        for _ in 0..WATCHERS_PER_SIDECAR {
-            watchers.push((i, watcher(s, "api").await));
-        }
-    }
+    let sidecars = Arc::new(env.start_fleet(&config, SIDECARS).await);
+    let watchers = watch_each(&sidecars, WATCHERS_PER_SIDECAR).await;
 
     // Clients, each on its own connection, reading in a loop; every read
     // is recorded with the sidecar it came from.
@@ -573,13 +565,12 @@ async fn killing_the_listener_backend_before_a_rotation_still_reaches_every_side
     let env = FleetEnv::new(db.url.clone());
     let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
     let config = fleet_config(&oauth.token_url(), "");
-    let mut sidecars = Vec::new();
-    let mut watchers = Vec::new();
-    for _ in 0..3 {
-        let s = Sidecar::start(&config, &env).await;
-        watchers.push(watcher(&s, "api").await);
-        sidecars.push(s);
-    }
+    let sidecars = env.start_fleet(&config, 3).await;
+    let watchers: Vec<_> = watch_each(&sidecars, 1)
+        .await
+        .into_iter()
+        .map(|(_, w)| w)
+        .collect();
     eventually(
         "version 1 on every sidecar",
         Duration::from_secs(10),

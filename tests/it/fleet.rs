@@ -5,13 +5,12 @@
 //! measured. [`Sidecar`] and [`fleet_config`] are shared with the fault tests.
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use token_broker::grpc::pb::{self, WatchTokenRequest};
-use token_broker::listen::ListenAddr;
+use token_broker::grpc::pb::WatchTokenRequest;
 use tokio::time::Instant;
 
 use crate::pg::TestDb;
@@ -64,80 +63,27 @@ impl FleetEnv {
     }
 }
 
-/// One real sidecar process on a Unix socket in its own temp dir, logging at
-/// debug to a file. Killed on drop.
-pub struct Sidecar {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
+/// A fleet member: the real binary (see [`Served`]).
+pub use crate::served::Served as Sidecar;
 
-impl Sidecar {
-    pub async fn start(config: &str, env: &FleetEnv) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, config).unwrap();
-        let sock = dir.path().join("tb.sock");
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .env("TB_DATABASE_URL", &env.database_url)
-            .env("TB_ENCRYPTION_KEY", &env.encryption_key)
-            .env("TB_CLIENT_SECRET", &env.client_secret)
-            .env("RUST_LOG", "info,token_broker=debug")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let sidecar = Self {
-            child: Some(child),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "sidecar did not start: {}",
-                sidecar.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+impl FleetEnv {
+    /// Starts one sidecar of this fleet serving `config`.
+    pub async fn start(&self, config: &str) -> Sidecar {
+        let env = [
+            ("TB_DATABASE_URL", self.database_url.as_str()),
+            ("TB_ENCRYPTION_KEY", self.encryption_key.as_str()),
+            ("TB_CLIENT_SECRET", self.client_secret.as_str()),
+        ];
+        Sidecar::start_logging(config, &env, "info,token_broker=debug").await
+    }
+
+    /// Starts `n` sidecars serving `config`.
+    pub async fn start_fleet(&self, config: &str, n: usize) -> Vec<Sidecar> {
+        let mut sidecars = Vec::new();
+        for _ in 0..n {
+            sidecars.push(self.start(config).await);
         }
-        sidecar
-    }
-
-    pub fn addr(&self) -> ListenAddr {
-        ListenAddr::Unix(self.dir.path().join("tb.sock"))
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    pub async fn client(
-        &self,
-    ) -> pb::token_broker_client::TokenBrokerClient<tonic::transport::Channel> {
-        token_broker::client::connect(&self.addr()).await.unwrap()
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    /// SIGKILL: no shutdown path runs, the lease stays in the row.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        self.kill9();
+        sidecars
     }
 }
 
@@ -150,7 +96,7 @@ pub struct Seen {
 }
 
 /// A `WatchToken` stream from the start, recording every token it gets.
-pub async fn watcher(sidecar: &Sidecar, collection: &str) -> Arc<Mutex<Vec<Seen>>> {
+async fn watcher(sidecar: &Sidecar, collection: &str) -> Arc<Mutex<Vec<Seen>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut client = sidecar.client().await;
     let mut stream = client
@@ -173,6 +119,20 @@ pub async fn watcher(sidecar: &Sidecar, collection: &str) -> Arc<Mutex<Vec<Seen>
         }
     });
     seen
+}
+
+/// A watched sidecar's record of tokens, tagged with the sidecar's index.
+pub type Watched = (usize, Arc<Mutex<Vec<Seen>>>);
+
+/// `per` watchers from the start on each sidecar.
+pub async fn watch_each(sidecars: &[Sidecar], per: usize) -> Vec<Watched> {
+    let mut watchers = Vec::new();
+    for (i, s) in sidecars.iter().enumerate() {
+        for _ in 0..per {
+            watchers.push((i, watcher(s, "api").await));
+        }
+    }
+    watchers
 }
 
 /// Checks one watcher's record: strictly increasing versions with no gap after
@@ -220,19 +180,9 @@ async fn four_sidecars_400_clients_one_upstream_call_per_rotation() {
     })
     .await;
     let config = fleet_config(&oauth.token_url(), "");
-    let mut sidecars = Vec::new();
-    for _ in 0..SIDECARS {
-        sidecars.push(Sidecar::start(&config, &env).await);
-    }
-    let sidecars = Arc::new(sidecars);
-
+    let sidecars = Arc::new(env.start_fleet(&config, SIDECARS).await);
     // Watchers first, so every sidecar's first token is seen.
-    let mut watchers = Vec::new();
-    for (i, s) in sidecars.iter().enumerate() {
-        for _ in 0..WATCHERS_PER_SIDECAR {
-            watchers.push((i, watcher(s, "api").await));
-        }
-    }
+    let watchers = watch_each(&sidecars, WATCHERS_PER_SIDECAR).await;
 
     // 400 clients, 100 per sidecar, each on its own connection, reading in a loop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -392,7 +342,7 @@ async fn a_sidecar_starts_without_its_database_and_shares_its_token_once_it_answ
     proxy.cut();
     let env = FleetEnv::new(db.url_via(proxy.addr()));
     let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
-    let sidecar = Sidecar::start(&fleet_config(&oauth.token_url(), ""), &env).await;
+    let sidecar = env.start(&fleet_config(&oauth.token_url(), "")).await;
     // Served from a local fetch while the database is away.
     let mut client = sidecar.client().await;
     let t = crate::support::get(&mut client, "api", Duration::from_secs(10))
@@ -421,7 +371,7 @@ async fn a_sidecar_starts_without_its_database_and_shares_its_token_once_it_answ
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A second sidecar now gets that token from the store, not the upstream.
-    let second = Sidecar::start(&fleet_config(&oauth.token_url(), ""), &env).await;
+    let second = env.start(&fleet_config(&oauth.token_url(), "")).await;
     let mut client = second.client().await;
     let t2 = crate::support::get(&mut client, "api", Duration::from_secs(10))
         .await
@@ -507,10 +457,7 @@ async fn a_failing_upstream_is_backed_off_fleet_wide() {
     let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
     oauth.script((0..100).map(|_| crate::upstream::Reply::empty(503)));
     let config = fleet_config(&oauth.token_url(), ", backoff_max = \"2s\"");
-    let mut sidecars = Vec::new();
-    for _ in 0..3 {
-        sidecars.push(Sidecar::start(&config, &env).await);
-    }
+    let sidecars = env.start_fleet(&config, 3).await;
     // A caller without a token gets the shared failure, not a timeout.
     let started = Instant::now();
     let mut client = sidecars[2].client().await;

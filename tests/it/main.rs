@@ -15,6 +15,7 @@ mod fleet;
 mod pg;
 mod pgstore;
 mod refresh;
+mod served;
 mod server;
 mod sources;
 mod support;

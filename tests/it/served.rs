@@ -1,0 +1,125 @@
+//! The real `token-broker` binary serving a config on a Unix socket in its
+//! own temp dir, with its log captured to a file: used by the example tests
+//! and by the multi-process (fleet and fault) tests. Killed on drop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
+use token_broker::listen::ListenAddr;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+
+pub struct Served {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Served {
+    /// Serves `config` with `env` set, logging at debug.
+    pub async fn start(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_logging(config, env, "debug").await
+    }
+
+    /// Serves `config` with `env` set and `RUST_LOG=rust_log`; returns once
+    /// the socket exists.
+    pub async fn start_logging(config: &str, env: &[(&str, &str)], rust_log: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config).unwrap();
+        let sock = dir.path().join("tb.sock");
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .envs(env.iter().copied())
+            .env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let served = Self {
+            child: Some(child),
+            dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server did not start: {}",
+                served.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        served
+    }
+
+    pub fn addr(&self) -> ListenAddr {
+        ListenAddr::Unix(self.dir.path().join("tb.sock"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub async fn client(&self) -> TokenBrokerClient<Channel> {
+        token_broker::client::connect(&self.addr()).await.unwrap()
+    }
+
+    pub async fn try_get(&self, collection: &str) -> Result<String, tonic::Status> {
+        let mut client = self.client().await;
+        crate::support::get(&mut client, collection, Duration::from_secs(10))
+            .await
+            .map(|t| t.value)
+    }
+
+    pub async fn get(&self, collection: &str) -> String {
+        match self.try_get(collection).await {
+            Ok(value) => value,
+            Err(e) => panic!("{collection}: {e:?}\nlog:\n{}", self.log()),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Stops the server (SIGTERM, clean exit) and returns its log.
+    pub fn stop(mut self) -> String {
+        let child = self.child.take().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "exit: {:?}\n{}",
+            out.status,
+            self.log()
+        );
+        self.log()
+    }
+
+    /// SIGKILL: no shutdown path runs (a lease it holds stays in the row).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
