@@ -344,3 +344,18 @@ pub fn random_secret(prefix: &str) -> String {
     let n: u64 = rand::rng().random();
     format!("{prefix}-{n:016x}")
 }
+
+/// The Python interpreter of the test tools' virtualenv (`scripts/py-env`):
+/// `TOKEN_BROKER_TEST_PYTHON`, else `target/py/bin/python`. Panics with the
+/// way to get one, so a missing tool is a failure, never a skipped test.
+pub fn python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("TOKEN_BROKER_TEST_PYTHON") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
+    assert!(
+        p.exists(),
+        "the Python test tools are missing: run scripts/test (or `source scripts/py-env`)"
+    );
+    p
+}
