@@ -500,7 +500,7 @@ impl Row {
 fn main() -> anyhow::Result<()> {
     let knobs = Knobs::from_env()?;
     if let Some(format) = knobs.log {
-        token_broker::telemetry::init(format);
+        token_broker::telemetry::init(format, false);
     }
     println!("# token-broker hot path: GetCollectionToken(\"{COLLECTION}\"), warm collection");
     println!();

@@ -53,6 +53,33 @@ pub struct Config {
     pub collections: Vec<CollectionConfig>,
     /// The shared tier; `None`: the in-memory store (one sidecar only).
     pub store: Option<PgSettings>,
+    /// The admin HTTP listener (metrics, liveness, readiness); `None`: off.
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin listener: `/metrics`, `/livez`, `/readyz` and gRPC health over
+/// HTTP/1.1 and h2c on one TCP port, apart from the token API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 9464)),
+        }
+    }
+}
+
+/// Parses an admin listen address (`IP:PORT`), naming `field` on error.
+pub fn parse_admin_listen(field: &str, s: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        ConfigError::new(
+            field,
+            format!("must be IP:PORT (e.g. 127.0.0.1:9464 or 0.0.0.0:9464), got {s:?}"),
+        )
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +121,8 @@ pub struct CollectionConfig {
     pub source: SourceConfig,
     pub policy: Policy,
     pub prefetch: bool,
+    /// Readiness waits for this collection to hold a servable token.
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -184,8 +213,10 @@ impl Config {
                 source: SourceConfig::Demo { ttl },
                 policy,
                 prefetch: true,
+                required: true,
             }],
             store: None,
+            admin: Some(AdminConfig::default()),
         })
     }
 }
@@ -211,6 +242,28 @@ struct RawConfig {
     #[serde(default)]
     collections: BTreeMap<String, RawCollection>,
     store: Option<RawStore>,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    enabled: Option<bool>,
+    listen: Option<String>,
+}
+
+impl RawAdmin {
+    fn validate(self) -> Result<Option<AdminConfig>, ConfigError> {
+        let listen = match self.listen {
+            Some(s) => parse_admin_listen("admin.listen", &s)?,
+            None => AdminConfig::default().listen,
+        };
+        Ok(self
+            .enabled
+            .unwrap_or(true)
+            .then_some(AdminConfig { listen }))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,6 +311,8 @@ struct RawCollection {
     source: toml::Table,
     #[serde(default = "yes")]
     prefetch: bool,
+    #[serde(default)]
+    required: bool,
     #[serde(default)]
     policy: RawPolicy,
 }
@@ -476,11 +531,13 @@ impl RawConfig {
             .collect::<Result<Vec<_>, _>>()?;
         check_dependencies(&collections)?;
         let store = self.store.map(RawStore::validate).transpose()?;
+        let admin = self.admin.validate()?;
         Ok(Config {
             server,
             http,
             collections,
             store,
+            admin,
         })
     }
 }
@@ -635,11 +692,18 @@ impl RawCollection {
             }
         };
         let policy = self.policy.validate(&field("policy"))?;
+        if self.required && !self.prefetch {
+            return Err(ConfigError::new(
+                field("required"),
+                "a required collection must be prefetched (remove prefetch = false)",
+            ));
+        }
         Ok(CollectionConfig {
             name,
             source,
             policy,
             prefetch: self.prefetch,
+            required: self.required,
         })
     }
 }

@@ -13,15 +13,19 @@
 //!   validation, error-to-status mapping and server assembly.
 //! - [`listen`]: listen addresses (TCP loopback or Unix socket).
 //! - [`client`]: the human-facing client subcommands.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging and OpenTelemetry trace set-up.
+//! - [`metrics`]: the Prometheus metrics the broker and the gRPC layer record.
+//! - [`admin`]: the admin listener (`/metrics`, `/livez`, `/readyz`, gRPC health).
 //! - [`clock`]: the single wall-clock seam.
 
+pub mod admin;
 pub mod broker;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod grpc;
 pub mod listen;
+pub mod metrics;
 pub mod source;
 pub mod store;
 pub mod telemetry;
@@ -43,18 +47,33 @@ pub async fn open_store(
     })
 }
 
-/// Builds the broker from a validated config on `store` and serves it on an
-/// already-bound listener until `shutdown` is cancelled (then drains within
-/// the configured grace period).
+/// Builds the broker from a validated config on `store` and serves it on
+/// already-bound listeners until `shutdown` is cancelled (then drains within
+/// the configured grace period). The admin listener, if any, stops last, so
+/// liveness holds while calls drain.
 pub async fn run_on(
     config: config::Config,
     store: Arc<dyn store::Store>,
     listener: listen::Listener,
+    admin: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let broker =
         broker::Broker::from_config(&config, store, clock::Clock::system(), shutdown.clone())?;
-    grpc::serve(broker, &config.server, listener, shutdown).await?;
+    let reporter = grpc::server::health(&broker, &shutdown).await;
+    let admin_stop = CancellationToken::new();
+    let admin_task = admin.map(|l| {
+        let (broker, reporter, stop) = (broker.clone(), reporter.clone(), admin_stop.clone());
+        tokio::spawn(async move { admin::serve(l, broker, &reporter, stop).await })
+    });
+    let served =
+        grpc::server::serve_with(broker, &config.server, listener, &reporter, shutdown).await;
+    admin_stop.cancel();
+    if let Some(task) = admin_task {
+        // Open health watches could hold the admin server: bound the wait.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), task).await;
+    }
+    served?;
     Ok(())
 }
 
@@ -65,5 +84,5 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = open_store(&config, &shutdown).await?;
-    run_on(config, store, listener, shutdown).await
+    run_on(config, store, listener, None, shutdown).await
 }

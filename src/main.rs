@@ -42,6 +42,13 @@ enum Command {
         /// Where to listen: IP:PORT or unix:/path/to.sock (overrides server.listen).
         #[arg(long)]
         listen: Option<String>,
+        /// Where the admin listener (metrics, livez, readyz, gRPC health)
+        /// listens: IP:PORT (overrides admin.listen; port 0 picks one).
+        #[arg(long, conflicts_with = "no_admin")]
+        admin_listen: Option<String>,
+        /// No admin listener (overrides admin.enabled).
+        #[arg(long)]
+        no_admin: bool,
         #[arg(
             long,
             value_enum,
@@ -139,7 +146,7 @@ fn main() -> ExitCode {
                     "no [store] section: the in-memory store has nothing to migrate",
                 );
             };
-            telemetry::init(LogFormat::Text);
+            telemetry::init(LogFormat::Text, false);
             run_async(async move {
                 let applied = token_broker::store::PgStore::migrate(&settings).await?;
                 if applied.is_empty() {
@@ -155,6 +162,8 @@ fn main() -> ExitCode {
             dev,
             dev_token_ttl,
             listen,
+            admin_listen,
+            no_admin,
             log_format,
         } => {
             let loaded = match (config, dev) {
@@ -171,8 +180,23 @@ fn main() -> ExitCode {
                     Err(e) => return config_error("--listen", e),
                 }
             }
-            telemetry::init(log_format);
-            run_async(serve(config))
+            if no_admin {
+                config.admin = None;
+            } else if let Some(a) = admin_listen {
+                match token_broker::config::parse_admin_listen("--admin-listen", &a) {
+                    Ok(listen) => config.admin = Some(token_broker::config::AdminConfig { listen }),
+                    Err(e) => return config_error(&e.field, &e.reason),
+                }
+            }
+            run_async(async move {
+                // Inside the runtime: the trace exporter's channel lives on it.
+                let telemetry = telemetry::init(log_format, true);
+                let result = serve(config).await;
+                tokio::task::spawn_blocking(move || telemetry.shutdown())
+                    .await
+                    .ok();
+                result
+            })
         }
         Command::Get {
             collection,
@@ -244,8 +268,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = Listener::bind(&config.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+    let admin =
+        match &config.admin {
+            None => None,
+            Some(a) => Some(tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
+                anyhow::anyhow!("admin.listen: cannot listen on {}: {e}", a.listen)
+            })?),
+        };
     tokio::spawn(signals(shutdown.clone()));
-    token_broker::run_on(config, store, listener, shutdown).await
+    token_broker::run_on(config, store, listener, admin, shutdown).await
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::{Config, SourceConfig};
+use crate::metrics::{CollectionMetrics, Metrics};
 use crate::source::http::HttpClient;
 use crate::source::{DemoSource, HttpJsonSource, OAuthSource, OverDriveSource, Source};
 use crate::store::{Backoff, Store};
@@ -55,6 +56,8 @@ pub struct CollectionSpec {
     pub policy: Policy,
     /// Fetch at start-up and keep refreshed even before anyone asks.
     pub prefetch: bool,
+    /// Readiness waits for this collection to hold a servable token.
+    pub required: bool,
 }
 
 /// A point-in-time view of one collection, published by its refresher.
@@ -152,7 +155,12 @@ pub(crate) struct Collection {
     name: String,
     source: Arc<dyn Source>,
     policy: Policy,
-    prefetch: bool,
+    required: bool,
+    metrics: CollectionMetrics,
+    /// The span of a caller that is waiting for a refresh: the next attempt's
+    /// `refresh` span becomes its child, so the caller's trace shows why it
+    /// waited.
+    trigger: Mutex<Option<tracing::Span>>,
     state: tokio_watch::Sender<Snapshot>,
     demand: Demand,
     /// Wakes the refresher after demand was recorded. `notify_one` stores a
@@ -208,6 +216,8 @@ pub struct Broker {
 
 struct Inner {
     collections: HashMap<String, Arc<Collection>>,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
     /// Parent name -> the collections whose source depends on it.
     children: HashMap<String, Vec<Arc<Collection>>>,
     clock: Clock,
@@ -226,6 +236,7 @@ impl Broker {
         shutdown: CancellationToken,
     ) -> Self {
         let (epoch, _) = tokio_watch::channel(0);
+        let metrics = Arc::new(Metrics::new());
         let collections = specs
             .into_iter()
             .map(|spec| {
@@ -235,10 +246,12 @@ impl Broker {
                         active: AtomicBool::new(spec.prefetch),
                         ..Demand::default()
                     },
+                    metrics: metrics.collection(&spec.name),
+                    trigger: Mutex::new(None),
                     name: spec.name,
                     source: spec.source,
                     policy: spec.policy,
-                    prefetch: spec.prefetch,
+                    required: spec.required,
                     state,
                     wake: Notify::new(),
                     refresh_token: Mutex::new(None),
@@ -259,6 +272,8 @@ impl Broker {
         }
         let inner = Arc::new(Inner {
             collections,
+            metrics,
+            store: store.clone(),
             children,
             clock,
             epoch,
@@ -320,10 +335,16 @@ impl Broker {
                 && want_until.is_none_or(|u| t.expires_at >= u)
             {
                 c.activate();
-                return Ok(snap.served(t, now));
+                c.metrics.memory_hits.inc();
+                let served = snap.served(t, now);
+                if served.stale {
+                    c.metrics.stale_serves.inc();
+                }
+                return Ok(served);
             }
         }
         c.activate();
+        c.metrics.get_waits.inc();
         let need = match want_until {
             Some(u) => Need::ExpiringAfter(u),
             None => Need::Servable,
@@ -400,22 +421,53 @@ impl Broker {
             after_version,
             self.inner.clock,
             self.inner.shutdown.clone(),
+            c.metrics.watch_streams.clone(),
         ))
     }
 
-    /// True when every prefetch collection holds a servable token; also returns
-    /// the earliest hard expiry among them (readiness changes then).
-    pub fn readiness(&self) -> (bool, Option<SystemTime>) {
+    /// Ready when every required collection holds a servable token.
+    pub fn readiness(&self) -> Readiness {
         let now = self.inner.clock.now();
-        let mut ready = true;
+        let mut waiting = Vec::new();
         let mut earliest: Option<SystemTime> = None;
-        for c in self.inner.collections.values().filter(|c| c.prefetch) {
+        for c in self.inner.collections.values().filter(|c| c.required) {
             match c.state.borrow().servable(now) {
                 Some(t) => earliest = Some(earliest.map_or(t.expires_at, |e| e.min(t.expires_at))),
-                None => ready = false,
+                None => waiting.push(c.name.clone()),
             }
         }
-        (ready, earliest)
+        waiting.sort();
+        Readiness {
+            ready: waiting.is_empty(),
+            waiting,
+            earliest_expiry: earliest,
+        }
+    }
+
+    /// The metrics in the Prometheus text format, with the state gauges
+    /// (expiry, version, readiness, database degraded) set from now.
+    pub fn metrics_text(&self) -> String {
+        let now = self.inner.clock.now();
+        let m = &self.inner.metrics;
+        for c in self.inner.collections.values() {
+            let snap = c.state.borrow();
+            let version = snap.token.as_ref().map_or(0, |t| t.version);
+            let expires_in = snap
+                .token
+                .as_ref()
+                .map(|t| match t.expires_at.duration_since(now) {
+                    Ok(d) => d.as_secs_f64(),
+                    Err(e) => -e.duration().as_secs_f64(),
+                });
+            m.set_token(&c.name, version, expires_in);
+        }
+        m.set_state(self.readiness().ready, self.inner.store.degraded());
+        m.encode()
+    }
+
+    /// The metrics the gRPC layer records RPCs in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Changes whenever any collection's state changes.
@@ -458,6 +510,12 @@ impl Broker {
             }
             snap.started + 1
         };
+        {
+            let mut trigger = lock(&c.trigger);
+            if trigger.is_none() {
+                *trigger = Some(tracing::Span::current());
+            }
+        }
         c.wake.notify_one();
         let mut rx = c.state.subscribe();
         let wait = tokio::time::timeout_at(
@@ -537,14 +595,26 @@ pub fn specs(config: &Config) -> anyhow::Result<Vec<CollectionSpec>> {
                 source,
                 policy: c.policy.clone(),
                 prefetch: c.prefetch,
+                required: c.required,
             })
         })
         .collect()
 }
 
+/// Whether the sidecar is ready, and what it waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Required collections without a servable token, sorted.
+    pub waiting: Vec<String>,
+    /// The earliest hard expiry among the required tokens (readiness changes then).
+    pub earliest_expiry: Option<SystemTime>,
+}
+
 /// What refresher tasks share with the broker.
 #[derive(Clone)]
 struct Shared {
+    metrics: Arc<Metrics>,
     clock: Clock,
     epoch: tokio_watch::Sender<u64>,
     shutdown: CancellationToken,
@@ -556,6 +626,7 @@ struct Shared {
 impl Inner {
     fn shared(this: &Arc<Self>) -> Shared {
         Shared {
+            metrics: this.metrics.clone(),
             clock: this.clock,
             epoch: this.epoch.clone(),
             shutdown: this.shutdown.clone(),

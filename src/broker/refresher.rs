@@ -18,11 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use tokio::sync::broadcast;
 
 use super::{Collection, HISTORY, Shared, Snapshot, Unshared, lock};
+use crate::metrics::RefreshOutcome;
 use crate::source::{FailureClass, FetchContext, FetchError};
 use crate::store::{Acquired, Backoff, Lease, NewToken, Row, Store, StoreError, StoreEvent};
 use crate::token::{Secret, Token};
@@ -116,19 +118,24 @@ pub(super) async fn follow(
             () = shared.shutdown.cancelled() => return,
             event = events.recv() => event,
         };
-        let stale: Vec<&Arc<Collection>> = match event {
+        // For a rotation: its version and the commit's database time.
+        let (stale, rotation): (Vec<&Arc<Collection>>, _) = match event {
             Ok(StoreEvent::Rotated {
                 collection,
                 version,
-            }) => collections
-                .iter()
-                .filter(|c| c.name == collection && current_version(c) < version)
-                .collect(),
+                committed_at,
+            }) => (
+                collections
+                    .iter()
+                    .filter(|c| c.name == collection && current_version(c) < version)
+                    .collect(),
+                committed_at.map(|at| (version, at)),
+            ),
             Ok(StoreEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 for c in &collections {
                     c.store_back.store(true, Ordering::Relaxed);
                 }
-                collections.iter().collect()
+                (collections.iter().collect(), None)
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
@@ -138,6 +145,13 @@ pub(super) async fn follow(
                 Err(e) => debug!(collection = %c.name, error = %e, "could not re-read a row"),
             }
             c.wake.notify_one();
+            // From a peer's commit to this sidecar serving its token.
+            if let Some((version, at)) = rotation
+                && current_version(c) >= version
+            {
+                let lag = shared.clock.now().duration_since(at).unwrap_or_default();
+                shared.metrics.notification_lag(lag);
+            }
         }
     }
 }
@@ -178,10 +192,54 @@ fn next_attempt(c: &Collection, now: SystemTime) -> Option<SystemTime> {
     Some(due.max(allowed))
 }
 
-/// One pass: takes the lease (or finds a peer holding it, or the store
-/// down), reconciles an unshared token, and refreshes when `due` and still
-/// wanted once the row is adopted.
+/// One pass, in a `refresh` span (a child of the span of a caller waiting for
+/// it, if any) that records whether the lease was held or waited for, the
+/// outcome and the version: see [`attempt_in`].
 async fn attempt(
+    c: &Collection,
+    store: &dyn Store,
+    shared: &Shared,
+    holder: &str,
+    due: bool,
+) -> Next {
+    let trigger = lock(&c.trigger).take();
+    let span = info_span!(
+        parent: trigger.as_ref().and_then(Span::id),
+        "refresh",
+        collection = %c.name,
+        source = c.source.kind(),
+        attempt = Empty,
+        lease = Empty,
+        outcome = Empty,
+        version = Empty,
+        class = Empty,
+        otel.status_code = Empty,
+    );
+    drop(trigger);
+    attempt_in(c, store, shared, holder, due)
+        .instrument(span)
+        .await
+}
+
+/// Records how an attempt that called the upstream ended: in the metrics and
+/// on the current `refresh` span.
+fn outcome(c: &Collection, outcome: RefreshOutcome, version: Option<u64>) {
+    c.metrics.refresh(outcome);
+    let span = Span::current();
+    span.record("outcome", outcome.as_str());
+    if let Some(v) = version {
+        span.record("version", v);
+    }
+    if let RefreshOutcome::Failed(class) = outcome {
+        span.record("class", class.as_str());
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// Takes the lease (or finds a peer holding it, or the store down),
+/// reconciles an unshared token, and refreshes when `due` and still wanted
+/// once the row is adopted.
+async fn attempt_in(
     c: &Collection,
     store: &dyn Store,
     shared: &Shared,
@@ -191,14 +249,23 @@ async fn attempt(
     let clock = shared.clock;
     let now = clock.now();
     let ttl = c.policy.fetch_timeout + LEASE_MARGIN;
+    let span = Span::current();
     let (lease, row) = match store.acquire(&c.name, holder, ttl, now).await {
-        Ok(Acquired::Granted { lease, row }) => (lease, row),
+        Ok(Acquired::Granted { lease, row }) => {
+            c.metrics.lease_acquired.inc();
+            span.record("lease", "held");
+            (lease, row)
+        }
         Ok(Acquired::Held { until, row }) => {
+            c.metrics.lease_waits.inc();
+            span.record("lease", "waited");
+            span.record("outcome", "peer");
             debug!(collection = %c.name, "refresh lease held by a peer; waiting for its result");
             adopt(c, shared, row);
             return Next::HeldUntil(until.min(now + HELD_RECHECK));
         }
         Err(e) => {
+            span.record("lease", "store_down");
             if due {
                 warn!(collection = %c.name, error = %e, "store unavailable: refreshing locally");
                 // The acquire may have taken the whole query timeout: stamp
@@ -223,6 +290,7 @@ async fn attempt(
         if let Err(e) = store.release(lease).await {
             debug!(collection = %c.name, error = %e, "could not give back the refresh lease");
         }
+        span.record("outcome", if backing_off { "peer_failed" } else { "peer" });
         if backing_off {
             // A peer's attempt failed: it counts as the attempt callers wait
             // for, so they get its error now instead of at their deadline.
@@ -237,21 +305,15 @@ async fn attempt(
     c.demand.force_version.store(0, Ordering::Relaxed);
     c.demand.want_until_ms.store(0, Ordering::Relaxed);
     let attempt_no = begin(c, shared, now);
-    let span =
-        info_span!("refresh", collection = %c.name, source = c.source.kind(), attempt = attempt_no);
-    async {
-        let refresh_token =
-            stored_refresh_token(c, &row).or_else(|| lock(&c.refresh_token).clone());
-        match fetch_token(c, shared, now, refresh_token).await {
-            Ok(new) => commit_token(c, store, shared, lease, new).await,
-            Err(err) => {
-                commit_failure(c, store, shared, lease, row, err).await;
-                Next::Continue
-            }
+    span.record("attempt", attempt_no);
+    let refresh_token = stored_refresh_token(c, &row).or_else(|| lock(&c.refresh_token).clone());
+    match fetch_token(c, shared, now, refresh_token).await {
+        Ok(new) => commit_token(c, store, shared, lease, new).await,
+        Err(err) => {
+            commit_failure(c, store, shared, lease, row, err).await;
+            Next::Continue
         }
     }
-    .instrument(span)
-    .await
 }
 
 /// Marks an attempt as started in L1; returns its number.
@@ -271,24 +333,21 @@ async fn local_refresh(c: &Collection, shared: &Shared, now: SystemTime) {
     c.demand.force_version.store(0, Ordering::Relaxed);
     c.demand.want_until_ms.store(0, Ordering::Relaxed);
     let attempt_no = begin(c, shared, now);
-    let span = info_span!("refresh", collection = %c.name, source = c.source.kind(), attempt = attempt_no, local = true);
-    async {
-        let refresh_token = lock(&c.refresh_token).clone();
-        match fetch_token(c, shared, now, refresh_token).await {
-            Ok(new) => keep_local(c, shared, new),
-            Err(err) => {
-                let failures = c.state.borrow().failure.as_ref().map_or(0, |f| f.failures) + 1;
-                let backoff = backoff_after(c, shared, failures, &err);
-                warn!(class = %err.class, detail = %err.detail, failures, "local refresh failed");
-                publish(c, shared, |s| {
-                    s.failure = Some(backoff);
-                    finish(s);
-                });
-            }
+    Span::current().record("attempt", attempt_no);
+    let refresh_token = lock(&c.refresh_token).clone();
+    match fetch_token(c, shared, now, refresh_token).await {
+        Ok(new) => keep_local(c, shared, new),
+        Err(err) => {
+            outcome(c, RefreshOutcome::Failed(err.class), None);
+            let failures = c.state.borrow().failure.as_ref().map_or(0, |f| f.failures) + 1;
+            let backoff = backoff_after(c, shared, failures, &err);
+            warn!(class = %err.class, detail = %err.detail, failures, "local refresh failed");
+            publish(c, shared, |s| {
+                s.failure = Some(backoff);
+                finish(s);
+            });
         }
     }
-    .instrument(span)
-    .await;
 }
 
 /// Publishes a fetched token that the store could not take: the next version
@@ -303,6 +362,7 @@ fn keep_local(c: &Collection, shared: &Shared, new: NewToken) {
     }
     let new_refresh_token = new.refresh_token.clone();
     let token = new.into_token(version);
+    outcome(c, RefreshOutcome::Local, Some(version));
     {
         let mut unshared = lock(&c.unshared);
         let refresh_token =
@@ -451,8 +511,15 @@ async fn fetch(
             tokio::time::Instant::now() + timeout.mul_f64(0.9),
         )),
     };
-    let task = tokio::spawn(async move { tokio::time::timeout(timeout, source.fetch(ctx)).await });
-    match task.await {
+    let started = std::time::Instant::now();
+    // The source's HTTP spans are children of this refresh's span.
+    let task = tokio::spawn(
+        async move { tokio::time::timeout(timeout, source.fetch(ctx)).await }.in_current_span(),
+    );
+    let result = task.await;
+    c.metrics
+        .upstream(matches!(result, Ok(Ok(Ok(_)))), started.elapsed());
+    match result {
         Ok(Ok(result)) => result,
         Ok(Err(_elapsed)) => Err(FetchError::new(
             FailureClass::Timeout,
@@ -483,6 +550,12 @@ async fn commit_token(
                 *lock(&c.refresh_token) = Some(rt);
             }
             let token = Arc::new(committed.token);
+            let kind = if committed.rotated {
+                RefreshOutcome::Rotated
+            } else {
+                RefreshOutcome::Unchanged
+            };
+            outcome(c, kind, Some(token.version));
             let recovered = c.state.borrow().failure.as_ref().map(|f| f.failures);
             if committed.rotated {
                 info!(version = token.version, expires_in = ?shared.clock.until(token.expires_at), "token rotated");
@@ -512,6 +585,7 @@ async fn commit_token(
         Err(e @ StoreError::LeaseLost(_)) => {
             // A peer took over after our lease ran out; its result arrives
             // through the store.
+            outcome(c, RefreshOutcome::LeaseLost, None);
             warn!(error = %e, "could not store the refreshed token");
             publish(c, shared, finish);
             Next::Continue
@@ -527,6 +601,7 @@ async fn commit_failure(
     row: Row,
     err: FetchError,
 ) {
+    outcome(c, RefreshOutcome::Failed(err.class), None);
     let failures = row.backoff.as_ref().map_or(0, |b| b.failures) + 1;
     let backoff = backoff_after(c, shared, failures, &err);
     // The first failure is news; repeats are noise until the class changes.

@@ -8,6 +8,7 @@
 //! broker's versions are lower than the watcher's `after_version` (the in-memory
 //! store restarted), the current token is sent so the watcher is not stuck.
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,14 @@ pub struct TokenWatch {
     last: u64,
     clock: Clock,
     shutdown: CancellationToken,
+    /// The open-streams gauge: up while this watch lives.
+    open: Gauge,
+}
+
+impl Drop for TokenWatch {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 impl TokenWatch {
@@ -27,12 +36,15 @@ impl TokenWatch {
         after_version: u64,
         clock: Clock,
         shutdown: CancellationToken,
+        open: Gauge,
     ) -> Self {
+        open.inc();
         Self {
             rx,
             last: after_version,
             clock,
             shutdown,
+            open,
         }
     }
 

@@ -5,7 +5,7 @@
 //! one place ([`status`]); nothing below this module knows about protobuf.
 
 mod convert;
-mod server;
+pub mod server;
 mod service;
 pub mod status;
 

@@ -4,7 +4,10 @@
 //! Contract: `serve` takes an already-bound listener (tests bind port 0) and a
 //! cancellation token; on cancellation it stops accepting, ends watch streams,
 //! lets in-flight calls finish and returns within `shutdown_grace`. Health says
-//! SERVING exactly while every prefetch collection holds a servable token.
+//! SERVING for `""` and `token_broker.v1.TokenBroker` exactly while every
+//! required collection holds a servable token (readiness), and SERVING for
+//! `liveness` while the process runs; the admin listener serves the same
+//! statuses.
 
 use std::future::Future;
 use std::time::Duration;
@@ -14,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 use tracing::{info, warn};
 
 use super::pb::token_broker_server::TokenBrokerServer;
@@ -32,20 +36,54 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// The health service name that says the process is alive (for liveness
+/// probes): SERVING from start to exit, whatever the upstream or database do.
+pub const LIVENESS: &str = "liveness";
+
+/// Starts keeping health statuses in step with the broker: readiness for
+/// `""` and the service name, and [`LIVENESS`].
+pub async fn health(broker: &Broker, shutdown: &CancellationToken) -> HealthReporter {
+    let reporter = HealthReporter::new();
+    for name in ["", SERVICE_NAME] {
+        reporter
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
+    tokio::spawn(health_loop(
+        broker.clone(),
+        reporter.clone(),
+        shutdown.clone(),
+    ));
+    reporter
+}
+
+/// The `grpc.health.v1.Health` service answering from `reporter`.
+pub fn health_service(reporter: &HealthReporter) -> HealthServer<HealthService> {
+    HealthServer::new(HealthService::from_health_reporter(reporter.clone()))
+}
+
+/// [`serve_with`] its own health statuses.
 pub async fn serve(
     broker: Broker,
     cfg: &ServerConfig,
     listener: Listener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    tokio::spawn(health_loop(broker.clone(), reporter, shutdown.clone()));
+    let reporter = health(&broker, &shutdown).await;
+    serve_with(broker, cfg, listener, &reporter, shutdown).await
+}
+
+pub async fn serve_with(
+    broker: Broker,
+    cfg: &ServerConfig,
+    listener: Listener,
+    reporter: &HealthReporter,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let health = health_service(reporter);
 
     // Both reflection versions advertise both reflection services (each builder
     // would otherwise list only its own), health, and ours.
@@ -123,7 +161,8 @@ async fn health_loop(broker: Broker, reporter: HealthReporter, shutdown: Cancell
     let mut changes = broker.changes();
     let mut last: Option<bool> = None;
     loop {
-        let (ready, earliest_expiry) = broker.readiness();
+        let readiness = broker.readiness();
+        let ready = readiness.ready;
         if last != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving
@@ -132,13 +171,15 @@ async fn health_loop(broker: Broker, reporter: HealthReporter, shutdown: Cancell
             };
             reporter.set_service_status("", status).await;
             reporter.set_service_status(SERVICE_NAME, status).await;
-            info!(ready, "readiness changed");
+            info!(ready, waiting = ?readiness.waiting, "readiness changed");
             last = Some(ready);
         }
         // Readiness can also change without any event: when a token expires.
-        let sleep = earliest_expiry.map_or(Duration::from_secs(60), |t| {
-            clock.until(t) + Duration::from_millis(1)
-        });
+        let sleep = readiness
+            .earliest_expiry
+            .map_or(Duration::from_secs(60), |t| {
+                clock.until(t) + Duration::from_millis(1)
+            });
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {

@@ -5,14 +5,20 @@
 //! `try_acquire` (load shedding: over the limit is RESOURCE_EXHAUSTED at once,
 //! never a queue); streams take one from a separate semaphore for their whole
 //! life. Health and reflection are not limited.
+//!
+//! Telemetry: each RPC runs in a span named after its method, continuing the
+//! caller's W3C trace context when the metadata carries one, with the gRPC
+//! status code recorded on it; each finished RPC is counted by method and code
+//! (a `WatchToken` when its stream ends).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, debug, info, info_span};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, info, info_span};
 
 use super::convert;
 use super::pb;
@@ -44,18 +50,59 @@ fn admit(sem: &Arc<Semaphore>, what: &'static str) -> Result<OwnedSemaphorePermi
         .map_err(|_| ApiError::Overloaded(what))
 }
 
-/// Logs the outcome of an RPC inside its span and converts the error.
-fn finish<T>(result: Result<T, ApiError>) -> Result<T, Status> {
+/// An RPC's span: the caller's trace continues into it.
+macro_rules! rpc_span {
+    ($name:literal, $method:literal, $metadata:expr, $($field:tt)*) => {{
+        let span = info_span!(
+            $name,
+            otel.name = concat!("token_broker.v1.TokenBroker/", $method),
+            otel.kind = "server",
+            otel.status_code = Empty,
+            rpc.system = "grpc",
+            rpc.service = "token_broker.v1.TokenBroker",
+            rpc.method = $method,
+            rpc.grpc.status_code = Empty,
+            $($field)*
+        );
+        crate::telemetry::set_remote_parent(&span, $metadata);
+        span
+    }};
+}
+
+/// Logs the outcome of an RPC inside its span, records it on the span and in
+/// the metrics, and converts the error.
+fn finish<T>(
+    broker: &Broker,
+    method: &'static str,
+    started: Option<Instant>,
+    result: Result<T, ApiError>,
+) -> Result<T, Status> {
+    let result = result.map_err(Status::from);
+    let code = result
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok);
+    record_code(code);
+    broker
+        .metrics()
+        .rpc(method, code, started.map(|s| s.elapsed()));
     match result {
         Ok(v) => {
             debug!(code = "OK", "rpc done");
             Ok(v)
         }
-        Err(e) => {
-            let status = Status::from(e);
+        Err(status) => {
             info!(code = ?status.code(), error = status.message(), "rpc failed");
             Err(status)
         }
+    }
+}
+
+/// Puts the status code on the current RPC span.
+fn record_code(code: tonic::Code) {
+    let span = Span::current();
+    span.record("rpc.grpc.status_code", code as i32);
+    if code != tonic::Code::Ok {
+        span.record("otel.status_code", "ERROR");
     }
 }
 
@@ -65,9 +112,19 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::GetCollectionTokenRequest>,
     ) -> Result<Response<pb::GetCollectionTokenResponse>, Status> {
+        let started = Instant::now();
         let deadline = convert::deadline(request.metadata(), self.request_timeout);
+        let span = rpc_span!(
+            "get_collection_token",
+            "GetCollectionToken",
+            request.metadata(),
+            collection = Empty,
+        );
         let req = request.into_inner();
-        let span = info_span!("get_collection_token", collection = %req.collection.escape_debug());
+        span.record(
+            "collection",
+            tracing::field::display(req.collection.escape_debug()),
+        );
         let result = async {
             let _permit = admit(
                 &self.unary,
@@ -82,20 +139,28 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
         }
         .instrument(span.clone())
         .await;
-        span.in_scope(|| finish(result))
+        span.in_scope(|| finish(&self.broker, "GetCollectionToken", Some(started), result))
     }
 
     async fn invalidate_token(
         &self,
         request: Request<pb::InvalidateTokenRequest>,
     ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
+        let started = Instant::now();
         let deadline = convert::deadline(request.metadata(), self.request_timeout);
-        let req = request.into_inner();
-        let span = info_span!(
+        let span = rpc_span!(
             "invalidate_token",
-            collection = %req.collection.escape_debug(),
-            version = req.version,
+            "InvalidateToken",
+            request.metadata(),
+            collection = Empty,
+            version = Empty,
         );
+        let req = request.into_inner();
+        span.record(
+            "collection",
+            tracing::field::display(req.collection.escape_debug()),
+        );
+        span.record("version", req.version);
         let result = async {
             let _permit = admit(
                 &self.unary,
@@ -128,7 +193,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
         }
         .instrument(span.clone())
         .await;
-        span.in_scope(|| finish(result))
+        span.in_scope(|| finish(&self.broker, "InvalidateToken", Some(started), result))
     }
 
     type WatchTokenStream = ReceiverStream<Result<pb::WatchTokenResponse, Status>>;
@@ -137,43 +202,67 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let span = rpc_span!(
+            "watch_token",
+            "WatchToken",
+            request.metadata(),
+            collection = Empty,
+            after_version = Empty,
+        );
         let req = request.into_inner();
-        let span = info_span!("watch_token", collection = %req.collection.escape_debug(), after_version = req.after_version);
+        span.record(
+            "collection",
+            tracing::field::display(req.collection.escape_debug()),
+        );
+        span.record("after_version", req.after_version);
         let opened = span.in_scope(|| {
             let permit = admit(&self.streams, "too many watch streams open")?;
             let name = convert::collection(&req.collection)?.to_owned();
             let watch = self.broker.watch(&name, req.after_version)?;
             Ok::<_, ApiError>((permit, name, watch))
         });
-        let (permit, name, mut watch) = span.in_scope(|| finish(opened))?;
+        let (permit, name, mut watch) = match opened {
+            Ok(v) => v,
+            Err(e) => return span.in_scope(|| finish(&self.broker, "WatchToken", None, Err(e))),
+        };
         let (tx, rx) = mpsc::channel(4);
+        let broker = self.broker.clone();
         tokio::spawn(
             async move {
                 let _permit = permit;
                 debug!("watch opened");
-                loop {
+                let code = loop {
                     let batch = tokio::select! {
                         biased;
-                        () = tx.closed() => break,
+                        () = tx.closed() => break tonic::Code::Cancelled,
                         batch = watch.next() => batch,
                     };
                     let Some(batch) = batch else {
                         let status = Status::from(ApiError::Broker(BrokerError::ShuttingDown));
+                        let code = status.code();
                         let _ = tx.send(Err(status)).await;
-                        break;
+                        break code;
                     };
+                    let mut closed = false;
                     for served in batch {
                         let msg = pb::WatchTokenResponse {
                             token: Some(convert::token(&name, &served)),
                         };
                         if tx.send(Ok(msg)).await.is_err() {
-                            debug!("watch closed by the client");
-                            return;
+                            closed = true;
+                            break;
                         }
                         debug!(version = served.token.version, "watch sent a token");
                     }
-                }
-                debug!("watch ended");
+                    if closed {
+                        break tonic::Code::Cancelled;
+                    }
+                };
+                // The stream's gauge goes down with the watch, before the count.
+                drop(watch);
+                record_code(code);
+                broker.metrics().rpc("WatchToken", code, None);
+                debug!(code = ?code, "watch ended");
             }
             .instrument(span),
         );

@@ -17,6 +17,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use tracing::Instrument;
+
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 
@@ -101,10 +103,46 @@ impl HttpClient {
 
     /// Sends `req` and reads the whole body (up to the size cap). Only transport
     /// problems are errors here; the caller classifies the status.
+    ///
+    /// Runs in an `http` span: method, host, port and path (never the query
+    /// string), the response status, the error class and the duration.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<Response, FetchError> {
         let req = req
             .build()
             .map_err(|e| FetchError::new(FailureClass::Internal, transport_detail("?", &e)))?;
+        let method = req.method().as_str().to_owned();
+        let span = tracing::info_span!(
+            "http",
+            otel.name = %format_args!("HTTP {method}"),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            server.address = req.url().host_str().unwrap_or("?"),
+            server.port = req.url().port_or_known_default(),
+            url.path = req.url().path(),
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let result = self.send_built(req).instrument(span.clone()).await;
+        span.record("duration_ms", started.elapsed().as_secs_f64() * 1e3);
+        match &result {
+            Ok(r) => {
+                span.record("http.response.status_code", r.status.as_u16());
+                if !r.status.is_success() {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            Err(e) => {
+                span.record("error.type", e.class.as_str());
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        result
+    }
+
+    async fn send_built(&self, req: reqwest::Request) -> Result<Response, FetchError> {
         let target = describe(req.url());
         let mut resp = self
             .inner

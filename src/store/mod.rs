@@ -121,8 +121,13 @@ impl NewToken {
 /// News about rows written by other processes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreEvent {
-    /// `collection` rotated to `version`.
-    Rotated { collection: String, version: u64 },
+    /// `collection` rotated to `version`; `committed_at` is the database's
+    /// clock at the commit, when the notification carried it.
+    Rotated {
+        collection: String,
+        version: u64,
+        committed_at: Option<SystemTime>,
+    },
     /// News may have been lost (the listener reconnected, or a periodic poll):
     /// re-read every row.
     Resync,
@@ -180,4 +185,10 @@ pub trait Store: Send + Sync + 'static {
     /// News about rows changed by other processes. A lagging receiver must
     /// treat the lag as [`StoreEvent::Resync`].
     fn events(&self) -> tokio::sync::broadcast::Receiver<StoreEvent>;
+
+    /// True while the store is unreachable (reads are served from memory,
+    /// refreshes happen locally). The in-memory store never is.
+    fn degraded(&self) -> bool {
+        false
+    }
 }

@@ -514,11 +514,16 @@ impl PgStore {
         .fetch_one(&mut *tx)
         .await?;
         if rotated {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CHANNEL)
-                .bind(format!("{c}:{version}"))
-                .execute(&mut *tx)
-                .await?;
+            // The database's clock at commit rides along (microseconds since
+            // the epoch), for the notification-lag metric.
+            sqlx::query(
+                "SELECT pg_notify($1, $2 || ':' || \
+                 (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)",
+            )
+            .bind(CHANNEL)
+            .bind(format!("{c}:{version}"))
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         let at = |col: &str| -> Result<SystemTime, sqlx::Error> {
@@ -675,6 +680,10 @@ impl Store for PgStore {
     fn events(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
     }
+
+    fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
 }
 
 /// The listener task: one `LISTEN` connection, rebuilt after any trouble.
@@ -763,13 +772,8 @@ async fn listen_once(
                 }
                 next = tokio::time::timeout(settings.heartbeat_interval, listener.try_recv()) => match next {
                     Ok(Ok(Some(n))) => {
-                        if let Some((collection, version)) = n.payload().rsplit_once(':')
-                            && let Ok(version) = version.parse()
-                        {
-                            let _ = store.events.send(StoreEvent::Rotated {
-                                collection: collection.to_owned(),
-                                version,
-                            });
+                        if let Some(event) = parse_notification(n.payload()) {
+                            let _ = store.events.send(event);
                         }
                     }
                     Ok(Ok(None)) => return "the notification connection was closed".to_owned(),
@@ -793,4 +797,50 @@ async fn listen_once(
         let _ = tokio::time::timeout(Duration::from_secs(1), pool.close()).await;
     });
     (outcome, connected)
+}
+
+/// A notification payload: `COLLECTION:VERSION`, and since 0.1 `:MICROS`
+/// (the commit's database clock); collection names never contain `:`.
+fn parse_notification(payload: &str) -> Option<StoreEvent> {
+    let mut parts = payload.split(':');
+    let collection = parts.next()?;
+    let version = parts.next()?.parse().ok()?;
+    let committed_at = parts
+        .next()
+        .and_then(|m| m.parse::<u64>().ok())
+        .map(|m| std::time::UNIX_EPOCH + Duration::from_micros(m));
+    Some(StoreEvent::Rotated {
+        collection: collection.to_owned(),
+        version,
+        committed_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_parse_with_and_without_the_commit_time() {
+        assert_eq!(
+            parse_notification("a.b-c:7:1700000000000001"),
+            Some(StoreEvent::Rotated {
+                collection: "a.b-c".into(),
+                version: 7,
+                committed_at: Some(
+                    std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_001)
+                ),
+            })
+        );
+        assert_eq!(
+            parse_notification("x:3"),
+            Some(StoreEvent::Rotated {
+                collection: "x".into(),
+                version: 3,
+                committed_at: None,
+            })
+        );
+        assert_eq!(parse_notification("x"), None);
+        assert_eq!(parse_notification("x:y"), None);
+    }
 }

@@ -12,7 +12,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::support::{Scripted, Step, TestServer, get, policy, spec, steady};
+use crate::support::{Scripted, Step, TestServer, get, policy, required, spec, steady};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -177,15 +177,23 @@ async fn concurrency_limit_sheds_load_but_not_health() {
 }
 
 #[tokio::test]
-async fn health_is_serving_once_prefetch_collections_hold_a_token() {
+async fn health_is_serving_once_required_collections_hold_a_token() {
     let (source, gate) = Scripted::gated([], Step::Token(Some(Duration::from_secs(300))));
     let server = TestServer::start(vec![
-        spec("pre", source, policy(), true),
+        required(spec("pre", source, policy(), true)),
         spec(
             "lazy",
             Scripted::tokens(Duration::from_secs(300)),
             policy(),
             false,
+        ),
+        // Prefetched but not required: its failing upstream does not hold
+        // readiness back.
+        spec(
+            "optional",
+            Scripted::new([], Step::Fail(token_broker::source::FailureClass::Connect)),
+            policy(),
+            true,
         ),
     ])
     .await;
@@ -274,14 +282,14 @@ async fn reflection_lists_every_service_in_v1_and_v1alpha() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn health_drops_to_not_serving_when_a_prefetch_token_expires() {
+async fn health_drops_to_not_serving_when_a_required_token_expires() {
     // One 100 s token (hard expiry after 90 s), then the upstream fails for ever.
     let source = Scripted::new(
         [Step::Token(Some(Duration::from_secs(100)))],
         Step::Fail(token_broker::source::FailureClass::Timeout),
     );
     let started = tokio::time::Instant::now();
-    let server = TestServer::start(vec![spec("c", source, policy(), true)]).await;
+    let server = TestServer::start(vec![required(spec("c", source, policy(), true))]).await;
     let mut health = HealthClient::new(server.channel().await);
     let mut updates = health
         .watch(HealthCheckRequest {

@@ -58,7 +58,15 @@ fn dev_server_answers_the_client_subcommands_without_leaking_tokens() {
     let addr = format!("unix:{}", sock.display());
     let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
     let child = Command::new(BIN)
-        .args(["serve", "--dev", "--dev-token-ttl", "2s", "--listen", &addr])
+        .args([
+            "serve",
+            "--dev",
+            "--dev-token-ttl",
+            "2s",
+            "--listen",
+            &addr,
+            "--no-admin",
+        ])
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(log)
@@ -260,7 +268,7 @@ fn serve_runs_from_a_config_file() {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"unix:{}\"\n[collections.lazy]\nprefetch = false\nsource = {{ kind = \"demo\", ttl = \"1h\" }}\n",
+            "[server]\nlisten = \"unix:{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[collections.lazy]\nprefetch = false\nsource = {{ kind = \"demo\", ttl = \"1h\" }}\n",
             sock.display()
         ),
     )

@@ -429,7 +429,7 @@ async fn a_database_that_refuses_stops_the_start_before_anything_binds() {
     std::fs::write(&config, fleet_config("http://127.0.0.1:9/token", "")).unwrap();
     let sock = dir.path().join("tb.sock");
     let out = Command::new(BIN)
-        .args(["serve", "--config"])
+        .args(["serve", "--no-admin", "--config"])
         .arg(&config)
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))

@@ -103,7 +103,16 @@ async fn next_rotation(
                 StoreEvent::Rotated {
                     collection,
                     version,
-                } => return (collection, version),
+                    committed_at,
+                } => {
+                    // The commit's database time rides along (the lag metric).
+                    let at = committed_at.expect("payload carries the commit time");
+                    let age = std::time::SystemTime::now()
+                        .duration_since(at)
+                        .unwrap_or_default();
+                    assert!(age < Duration::from_secs(60), "commit time {age:?} ago");
+                    return (collection, version);
+                }
                 StoreEvent::Resync => {}
             }
         }

@@ -35,6 +35,7 @@ impl Served {
             .arg(&path)
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
+            .args(["--admin-listen", "127.0.0.1:0"])
             .envs(env.iter().copied())
             .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
@@ -60,6 +61,33 @@ impl Served {
 
     pub fn addr(&self) -> ListenAddr {
         ListenAddr::Unix(self.dir.path().join("tb.sock"))
+    }
+
+    /// The admin listener's address, as the server logged it.
+    pub async fn admin_addr(&self) -> std::net::SocketAddr {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if let Some(addr) = log
+                .lines()
+                .filter(|l| l.contains("admin listener serving"))
+                .find_map(|l| {
+                    l.split_once("admin=")?
+                        .1
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+            {
+                return addr;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no admin listener in the log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -140,6 +140,15 @@ pub fn spec(name: &str, source: Arc<Scripted>, policy: Policy, prefetch: bool) -
         source,
         policy,
         prefetch,
+        required: false,
+    }
+}
+
+/// `spec` marked required: readiness waits for its token.
+pub fn required(spec: CollectionSpec) -> CollectionSpec {
+    CollectionSpec {
+        required: true,
+        ..spec
     }
 }
 
