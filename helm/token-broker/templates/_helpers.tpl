@@ -174,7 +174,10 @@ schema cannot check: every referenced variable must be provided by secrets.env o
 {{- define "token-broker.configMap" -}}
 {{- $cfg := deepCopy (.Values.config | default dict) -}}
 {{- if not (get $cfg "collections") -}}
-{{- fail "token-broker: config.collections: at least one collection is required" -}}
+{{- /* Nothing configured: a demo collection, so the chart installs as it is. (A default in
+values.yaml could not be removed from a parent chart: Helm keeps subchart defaults that a parent
+sets to null.) */ -}}
+{{- $_ := set $cfg "collections" (dict "demo" (dict "source" (dict "kind" "demo" "ttl" "5m"))) -}}
 {{- end -}}
 {{- $server := get $cfg "server" | default dict -}}
 {{- $_ := set $server "listen" (include "token-broker.tokenApiAddr" .) -}}
