@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod api;
+mod chart;
 mod cli;
 mod examples;
 mod fault;

@@ -1,0 +1,354 @@
+{{/*
+Named templates of the token-broker chart.
+
+The public ones (token-broker.container, token-broker.volumes, token-broker.appVolumeMounts,
+token-broker.appEnv, token-broker.podAnnotations) are what an application chart includes to add
+the sidecar to its own pod spec. They take a context with `.Values` holding this chart's values,
+`.Release`, and (for the default image tag) `.Chart`. From a parent chart that lists token-broker
+as a dependency, pass the subchart's own scope:
+
+  {{- $tb := index .Subcharts "token-broker" }}
+  containers:
+    {{- include "token-broker.container" $tb | nindent 4 }}
+
+or build one: (dict "Values" (index .Values "token-broker") "Release" .Release "Chart" (dict "AppVersion" "0.1.0")).
+Names below never use .Chart, so both forms name the same ConfigMap.
+*/}}
+
+{{/* <release>-token-broker (or the release name when it already says token-broker). */}}
+{{- define "token-broker.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains "token-broker" .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-token-broker" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end }}
+
+{{/* The chart's appVersion, or "" when the context carries no .Chart. */}}
+{{- define "token-broker.appVersion" -}}
+{{- $chart := .Chart | default dict -}}
+{{- $chart.AppVersion | default "" -}}
+{{- end }}
+
+{{- define "token-broker.selectorLabels" -}}
+app.kubernetes.io/name: token-broker
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "token-broker.labels" -}}
+{{ include "token-broker.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "token-broker.appVersion" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "token-broker.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- $tag := .Values.image.tag | default (include "token-broker.appVersion" .) -}}
+{{- if not $tag -}}
+{{- fail "token-broker: image.tag is empty and the context has no .Chart.AppVersion: pass the subchart's scope (index .Subcharts \"token-broker\") or set image.tag" -}}
+{{- end -}}
+{{- printf "%s:%s" .Values.image.repository (toString $tag) -}}
+{{- end -}}
+{{- end }}
+
+{{/* The address the application uses: IP:PORT or unix:/path. */}}
+{{- define "token-broker.tokenApiAddr" -}}
+{{- if .Values.tokenApi.socket.enabled -}}
+{{- printf "unix:%s/%s" (trimSuffix "/" .Values.tokenApi.socket.dir) .Values.tokenApi.socket.name -}}
+{{- else -}}
+{{- .Values.tokenApi.listen -}}
+{{- end -}}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- TOML rendering.
+Helm's toToml turns every YAML number into a float (`pool_size = 2.0`), which the broker
+refuses, so the config is rendered here: integral numbers as integers, strings JSON-escaped
+(valid TOML basic strings), maps as [tables], maps inside arrays as inline tables, null skipped. */}}
+
+{{- define "token-broker.toml.key" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . -}}
+{{- . -}}
+{{- else -}}
+{{- toJson . -}}
+{{- end -}}
+{{- end }}
+
+{{- define "token-broker.toml.value" -}}
+{{- $k := kindOf . -}}
+{{- if eq $k "string" -}}
+{{- toJson . -}}
+{{- else if eq $k "bool" -}}
+{{- ternary "true" "false" . -}}
+{{- else if or (eq $k "float64") (eq $k "float32") -}}
+{{- if eq (floor .) (float64 .) -}}
+{{- printf "%.0f" . -}}
+{{- else -}}
+{{- printf "%v" . -}}
+{{- end -}}
+{{- else if has $k (list "int" "int8" "int16" "int32" "int64" "uint" "uint8" "uint16" "uint32" "uint64") -}}
+{{- printf "%d" . -}}
+{{- else if eq $k "slice" -}}
+{{- $items := list -}}
+{{- range . -}}
+{{- $items = append $items (include "token-broker.toml.value" .) -}}
+{{- end -}}
+{{- printf "[%s]" (join ", " $items) -}}
+{{- else if eq $k "map" -}}
+{{- $m := . -}}
+{{- $items := list -}}
+{{- range $key := keys $m | sortAlpha -}}
+{{- $v := index $m $key -}}
+{{- if ne (kindOf $v) "invalid" -}}
+{{- $items = append $items (printf "%s = %s" (include "token-broker.toml.key" $key) (include "token-broker.toml.value" $v)) -}}
+{{- end -}}
+{{- end -}}
+{{- printf "{ %s }" (join ", " $items) -}}
+{{- else -}}
+{{- fail (printf "token-broker: config: cannot render a %s as TOML" $k) -}}
+{{- end -}}
+{{- end }}
+
+{{/* One table: its plain keys first, then each sub-table under its own [header]. */}}
+{{- define "token-broker.toml.table" -}}
+{{- $t := .table -}}
+{{- $prefix := .prefix -}}
+{{- range $key := keys $t | sortAlpha -}}
+{{- $v := index $t $key -}}
+{{- if not (has (kindOf $v) (list "map" "invalid")) -}}
+{{- printf "%s = %s\n" (include "token-broker.toml.key" $key) (include "token-broker.toml.value" $v) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := keys $t | sortAlpha -}}
+{{- $v := index $t $key -}}
+{{- if eq (kindOf $v) "map" -}}
+{{- $path := include "token-broker.toml.key" $key -}}
+{{- if $prefix -}}
+{{- $path = printf "%s.%s" $prefix $path -}}
+{{- end -}}
+{{- /* A header only where it holds keys (or the table is empty): [a.b.c] implies [a.b]. */ -}}
+{{- $plain := 0 -}}
+{{- $sub := 0 -}}
+{{- range $vv := values $v -}}
+{{- if eq (kindOf $vv) "map" -}}
+{{- $sub = add1 $sub -}}
+{{- else if ne (kindOf $vv) "invalid" -}}
+{{- $plain = add1 $plain -}}
+{{- end -}}
+{{- end -}}
+{{- if or $plain (not $sub) -}}
+{{- printf "\n[%s]\n" $path -}}
+{{- end -}}
+{{- include "token-broker.toml.table" (dict "prefix" $path "table" $v) -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* Names of environment variables the config refers to (`*_env = "VAR"`, `{ env = "VAR" }`),
+one per line. */}}
+{{- define "token-broker.envRefs" -}}
+{{- $k := kindOf . -}}
+{{- if eq $k "map" -}}
+{{- $m := . -}}
+{{- range $key := keys $m | sortAlpha -}}
+{{- $v := index $m $key -}}
+{{- if and (or (hasSuffix "_env" $key) (and (eq $key "env") (eq (len $m) 1))) (eq (kindOf $v) "string") -}}
+{{- printf "%s\n" $v -}}
+{{- else -}}
+{{- include "token-broker.envRefs" $v -}}
+{{- end -}}
+{{- end -}}
+{{- else if eq $k "slice" -}}
+{{- range . -}}
+{{- include "token-broker.envRefs" . -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* The config as a map: the user's `config` plus what the chart manages. Fails on values the
+schema cannot check: every referenced variable must be provided by secrets.env or extraEnv. */}}
+{{- define "token-broker.configMap" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) -}}
+{{- if not (get $cfg "collections") -}}
+{{- /* Nothing configured: a demo collection, so the chart installs as it is. (A default in
+values.yaml could not be removed from a parent chart: Helm keeps subchart defaults that a parent
+sets to null.) */ -}}
+{{- $_ := set $cfg "collections" (dict "demo" (dict "source" (dict "kind" "demo" "ttl" "5m"))) -}}
+{{- end -}}
+{{- $server := get $cfg "server" | default dict -}}
+{{- $_ := set $server "listen" (include "token-broker.tokenApiAddr" .) -}}
+{{- $_ := set $cfg "server" $server -}}
+{{- $_ := set $cfg "admin" (dict "enabled" true "listen" (printf "%s:%d" (toString .Values.admin.bindAddress) (int .Values.admin.port))) -}}
+{{- if .Values.store.enabled -}}
+{{- $store := deepCopy (.Values.store.extra | default dict) -}}
+{{- $_ := set $store "database_url_env" .Values.store.databaseUrlEnv -}}
+{{- if .Values.store.encryptionKeyEnv -}}
+{{- $_ := set $store "encryption_key_env" .Values.store.encryptionKeyEnv -}}
+{{- end -}}
+{{- $_ := set $store "pool_size" (int .Values.store.poolSize) -}}
+{{- $_ := set $store "migrate" (not .Values.migration.enabled) -}}
+{{- $_ := set $cfg "store" $store -}}
+{{- end -}}
+{{- $provided := list -}}
+{{- range .Values.secrets.env -}}
+{{- $provided = append $provided .name -}}
+{{- end -}}
+{{- range .Values.extraEnv -}}
+{{- $provided = append $provided .name -}}
+{{- end -}}
+{{- range $var := splitList "\n" (include "token-broker.envRefs" $cfg) -}}
+{{- if and $var (not (has $var $provided)) -}}
+{{- fail (printf "token-broker: the config refers to the environment variable %s, which neither secrets.env nor extraEnv provides" $var) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $cfg -}}
+{{- end }}
+
+{{/* The config file's text. */}}
+{{- define "token-broker.configToml" -}}
+# Rendered by the token-broker Helm chart from its values; edit the values, not this file.
+{{ include "token-broker.toml.table" (dict "prefix" "" "table" (include "token-broker.configMap" . | fromJson)) -}}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Sidecar. */}}
+
+{{- define "token-broker.configVolumeName" -}}token-broker-config{{- end }}
+{{- define "token-broker.socketVolumeName" -}}token-broker-socket{{- end }}
+{{- define "token-broker.configDir" -}}/etc/token-broker{{- end }}
+
+{{/* The probe handler, for "liveness" or "readiness". */}}
+{{- define "token-broker.probeHandler" -}}
+{{- $v := .ctx.Values -}}
+{{- if eq $v.probes.type "http" -}}
+httpGet:
+  path: {{ ternary "/livez" "/readyz" (eq .kind "liveness") }}
+  port: {{ int $v.admin.port }}
+{{- else -}}
+grpc:
+  port: {{ int $v.admin.port }}
+  {{- if eq .kind "liveness" }}
+  service: liveness
+  {{- end }}
+{{- end -}}
+{{- end }}
+
+{{/* The secret environment of the broker (sidecar and migration Job). */}}
+{{- define "token-broker.secretEnv" -}}
+{{- $secret := .Values.secrets.existingSecret -}}
+{{- range .Values.secrets.env }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
+
+{{/* The sidecar container: one list item for `containers:` (or `initContainers:` with
+nativeSidecar). */}}
+{{- define "token-broker.container" -}}
+- name: {{ .Values.containerName }}
+  image: {{ include "token-broker.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if .Values.nativeSidecar }}
+  restartPolicy: Always
+  {{- end }}
+  args:
+    - serve
+    - --config
+    - {{ include "token-broker.configDir" . }}/config.toml
+  env:
+    - name: TOKEN_BROKER_LOG_FORMAT
+      value: {{ .Values.logFormat | quote }}
+    - name: RUST_LOG
+      value: {{ .Values.logLevel | quote }}
+    {{- with include "token-broker.secretEnv" . | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
+    {{- with .Values.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    - name: tb-admin
+      containerPort: {{ int .Values.admin.port }}
+      protocol: TCP
+  {{- if .Values.probes.startup.enabled }}
+  startupProbe:
+    {{- include "token-broker.probeHandler" (dict "ctx" . "kind" "liveness") | nindent 4 }}
+    {{- toYaml (omit .Values.probes.startup "enabled") | nindent 4 }}
+  {{- end }}
+  livenessProbe:
+    {{- include "token-broker.probeHandler" (dict "ctx" . "kind" "liveness") | nindent 4 }}
+    {{- with .Values.probes.liveness }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  readinessProbe:
+    {{- include "token-broker.probeHandler" (dict "ctx" . "kind" "readiness") | nindent 4 }}
+    {{- with .Values.probes.readiness }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  resources:
+    {{- toYaml .Values.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: {{ include "token-broker.configVolumeName" . }}
+      mountPath: {{ include "token-broker.configDir" . }}
+      readOnly: true
+    {{- if .Values.tokenApi.socket.enabled }}
+    - name: {{ include "token-broker.socketVolumeName" . }}
+      mountPath: {{ .Values.tokenApi.socket.dir }}
+    {{- end }}
+    {{- with .Values.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/* The pod's volumes for the sidecar: list items for `volumes:`. */}}
+{{- define "token-broker.volumes" -}}
+- name: {{ include "token-broker.configVolumeName" . }}
+  configMap:
+    name: {{ include "token-broker.fullname" . }}
+{{- if .Values.tokenApi.socket.enabled }}
+- name: {{ include "token-broker.socketVolumeName" . }}
+  emptyDir:
+    {{- if .Values.tokenApi.socket.memoryMedium }}
+    medium: Memory
+    {{- end }}
+    sizeLimit: 1Mi
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The application container's mount of the socket directory: list items for its
+`volumeMounts:`, empty without tokenApi.socket.enabled. */}}
+{{- define "token-broker.appVolumeMounts" -}}
+{{- if .Values.tokenApi.socket.enabled -}}
+- name: {{ include "token-broker.socketVolumeName" . }}
+  mountPath: {{ .Values.tokenApi.socket.dir }}
+{{- end -}}
+{{- end }}
+
+{{/* The application container's `TOKEN_BROKER_ADDR` (read by the token-broker CLI; use it in
+your client too): a list item for its `env:`. */}}
+{{- define "token-broker.appEnv" -}}
+- name: TOKEN_BROKER_ADDR
+  value: {{ include "token-broker.tokenApiAddr" . | quote }}
+{{- end }}
+
+{{/* Pod annotations: Prometheus scrape annotations and a checksum of the config, so pods roll
+when it changes. Mapping entries for the pod template's `annotations:`. */}}
+{{- define "token-broker.podAnnotations" -}}
+checksum/token-broker-config: {{ include "token-broker.configToml" . | sha256sum }}
+{{- if .Values.metrics.scrapeAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.admin.port | int | toString | quote }}
+prometheus.io/path: {{ .Values.metrics.path | quote }}
+{{- end }}
+{{- end }}
