@@ -34,11 +34,9 @@ fn chart_lints_renders_and_refuses_bad_values() {
     run_checks(&[]);
 }
 
-/// The configs the chart renders are accepted by the binary. Ignored until the
-/// binary knows `[admin]` and `collections.NAME.required`, which the chart
-/// renders (being added on main).
+/// The configs the chart renders (with `[admin]` and required collections)
+/// are accepted by the binary.
 #[test]
-#[ignore = "needs [admin] and collections.NAME.required in the binary's config"]
 fn chart_configs_pass_check_config() {
     let dir = tempfile::tempdir().unwrap();
     run_checks(&["--emit-configs".as_ref(), dir.path().as_os_str()]);
