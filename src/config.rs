@@ -1190,6 +1190,32 @@ mod tests {
     }
 
     #[test]
+    fn admin_listener_and_required_collections() {
+        let demo = "[collections.a]\nsource = { kind = \"demo\" }\n";
+        let c = Config::parse(demo).unwrap();
+        assert_eq!(c.admin, Some(AdminConfig::default()));
+        assert_eq!(c.admin.unwrap().listen.to_string(), "127.0.0.1:9464");
+        assert!(!c.collections[0].required);
+        let c = Config::parse(&format!("[admin]\nlisten = \"0.0.0.0:9500\"\n{demo}")).unwrap();
+        assert_eq!(c.admin.unwrap().listen.to_string(), "0.0.0.0:9500");
+        let c = Config::parse(&format!("[admin]\nenabled = false\n{demo}")).unwrap();
+        assert_eq!(c.admin, None);
+        let e = err(&format!("[admin]\nlisten = \"unix:/x.sock\"\n{demo}"));
+        assert_eq!(e.field, "admin.listen", "{e}");
+        let e = err(&format!("[admin]\nport = 1\n{demo}"));
+        assert_eq!(e.field, "admin.port", "{e}");
+        let c = Config::parse("[collections.a]\nrequired = true\nsource = { kind = \"demo\" }\n")
+            .unwrap();
+        assert!(c.collections[0].required);
+        let e = err(
+            "[collections.a]\nrequired = true\nprefetch = false\nsource = { kind = \"demo\" }\n",
+        );
+        assert_eq!(e.field, "collections.a.required", "{e}");
+        // The demo of `serve --dev` is required: health waits for its token.
+        assert!(Config::dev(Duration::from_secs(30)).unwrap().collections[0].required);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let e = err("[collections.demo]\nsource = { kind = \"demo\", ttl = \"5x\" }\n");
         assert_eq!(e.field, "collections.demo.source.ttl", "{e}");

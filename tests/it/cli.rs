@@ -284,3 +284,22 @@ fn serve_runs_from_a_config_file() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("version:    1"));
 }
+
+#[test]
+fn a_bad_or_busy_admin_address_fails_at_start_naming_it() {
+    let out = run(&["serve", "--dev", "--admin-listen", "nope"]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--admin-listen"), "{}", stderr(&out));
+    // A port someone else holds: no half-started sidecar.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = format!("unix:{}", dir.path().join("tb.sock").display());
+    let out = run(&["serve", "--dev", "--listen", &sock, "--admin-listen", &addr]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("admin.listen: cannot listen on {addr}")),
+        "{}",
+        stderr(&out)
+    );
+}

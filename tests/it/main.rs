@@ -6,6 +6,7 @@
 //! one database, and fault tests cut it through a TCP proxy (`fault`).
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
+mod admin;
 mod api;
 mod chart;
 mod cli;
@@ -20,5 +21,6 @@ mod served;
 mod server;
 mod sources;
 mod support;
+mod telemetry;
 mod upstream;
 mod watch;
