@@ -14,6 +14,7 @@ mod faults;
 mod fleet;
 mod pg;
 mod pgstore;
+mod python_client;
 mod refresh;
 mod served;
 mod server;
