@@ -21,4 +21,5 @@ mod server;
 mod sources;
 mod support;
 mod upstream;
+mod walkthrough;
 mod watch;
