@@ -1,7 +1,8 @@
 """Gets a token from token-broker, calls a protected API with it, and on a 401
 reports the token to the broker (InvalidateToken) and retries once with the
-new one. With --watch, then keeps the current token through WatchToken in a
-background thread and prints each rotation until the time is up or Ctrl-C.
+new one; exits 1 unless the API then answers 2xx. With --watch, then keeps the
+current token through WatchToken in a background thread and prints each
+rotation until the time is up or Ctrl-C.
 
 Prints versions, statuses and times; never a token value. --json prints one
 JSON object per line instead of text.
@@ -96,7 +97,6 @@ def main(argv=None):
             return 1
         emit("token", version=token.version, expires_at=token.expires_at.isoformat(), stale=token.stale)
 
-        status = None
         if args.api_url:
             try:
                 status = call_with_retry(client, args.collection, args.api_url, token, args.timeout)
@@ -105,6 +105,8 @@ def main(argv=None):
                 return 1
             except (urllib.error.URLError, OSError) as e:
                 emit("error", call="api", url=safe_url(args.api_url), message=str(getattr(e, "reason", e)))
+                return 1
+            if not 200 <= status < 300:
                 return 1
 
         if args.watch > 0:
@@ -126,7 +128,7 @@ def main(argv=None):
             if watcher.error is not None:
                 return 1
 
-    return 0 if status is None or 200 <= status < 300 else 1
+    return 0
 
 
 if __name__ == "__main__":
