@@ -11,9 +11,18 @@ use tonic::transport::Channel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
+/// Arguments added to every `serve` this harness starts, so that no test binds
+/// a fixed port: the admin listener takes a free port, which it logs
+/// ([`Served::admin_addr`]).
+pub const SERVE_EXTRA_ARGS: &[&str] = &["--admin-listen", "127.0.0.1:0"];
+
 pub struct Served {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// The `serve` arguments before `--listen`, kept for `restart`.
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
+    rust_log: String,
 }
 
 impl Served {
@@ -28,35 +37,80 @@ impl Served {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config).unwrap();
-        let sock = dir.path().join("tb.sock");
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let args = vec!["--config".into(), path.into_os_string()];
+        Self::spawn(dir, args, env, rust_log).await
+    }
+
+    /// `serve --dev` with `args` (e.g. `["--dev-token-ttl", "5s"]`), logging
+    /// at debug; returns once the socket exists.
+    pub async fn start_dev(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let args = std::iter::once("--dev")
+            .chain(args.iter().copied())
+            .map(Into::into)
+            .collect();
+        Self::spawn(dir, args, &[], "debug").await
+    }
+
+    async fn spawn(
+        dir: tempfile::TempDir,
+        args: Vec<std::ffi::OsString>,
+        env: &[(&str, &str)],
+        rust_log: &str,
+    ) -> Self {
+        let mut served = Self {
+            child: None,
+            dir,
+            args,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            rust_log: rust_log.to_owned(),
+        };
+        served.run().await;
+        served
+    }
+
+    /// Starts the process (on `tb.sock`, logging to `server.log`) and waits
+    /// for the socket.
+    async fn run(&mut self) {
+        let sock = self.dir.path().join("tb.sock");
+        let log = std::fs::File::create(self.dir.path().join("server.log")).unwrap();
         let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&path)
+            .arg("serve")
+            .args(&self.args)
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .envs(env.iter().copied())
-            .env("RUST_LOG", rust_log)
+            .args(SERVE_EXTRA_ARGS)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", &self.rust_log)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        let served = Self {
-            child: Some(child),
-            dir,
-        };
+        self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "server did not start: {}",
-                served.log()
+                self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        served
+    }
+
+    /// Stops the server (SIGTERM, clean exit), starts the same command again
+    /// on the same socket path, and returns the first run's log (`log()` then
+    /// reads the new run's).
+    pub async fn restart(&mut self) -> String {
+        let child = self.child.take().unwrap();
+        self.terminate(child);
+        let log = self.log();
+        self.run().await;
+        log
     }
 
     pub fn addr(&self) -> ListenAddr {
@@ -90,6 +144,11 @@ impl Served {
         }
     }
 
+    /// The socket's path (the same across `restart`).
+    pub fn sock(&self) -> std::path::PathBuf {
+        self.dir.path().join("tb.sock")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
@@ -119,6 +178,12 @@ impl Served {
     /// Stops the server (SIGTERM, clean exit) and returns its log.
     pub fn stop(mut self) -> String {
         let child = self.child.take().unwrap();
+        self.terminate(child);
+        self.log()
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn terminate(&self, child: Child) {
         let status = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
@@ -131,7 +196,6 @@ impl Served {
             out.status,
             self.log()
         );
-        self.log()
     }
 
     /// SIGKILL: no shutdown path runs (a lease it holds stays in the row).
