@@ -114,16 +114,12 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
     ) -> Result<Response<pb::GetCollectionTokenResponse>, Status> {
         let started = Instant::now();
         let deadline = convert::deadline(request.metadata(), self.request_timeout);
+        let (metadata, _, req) = request.into_parts();
         let span = rpc_span!(
             "get_collection_token",
             "GetCollectionToken",
-            request.metadata(),
-            collection = Empty,
-        );
-        let req = request.into_inner();
-        span.record(
-            "collection",
-            tracing::field::display(req.collection.escape_debug()),
+            &metadata,
+            collection = %req.collection.escape_debug(),
         );
         let result = async {
             let _permit = admit(
@@ -148,19 +144,14 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
     ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
         let started = Instant::now();
         let deadline = convert::deadline(request.metadata(), self.request_timeout);
+        let (metadata, _, req) = request.into_parts();
         let span = rpc_span!(
             "invalidate_token",
             "InvalidateToken",
-            request.metadata(),
-            collection = Empty,
-            version = Empty,
+            &metadata,
+            collection = %req.collection.escape_debug(),
+            version = req.version,
         );
-        let req = request.into_inner();
-        span.record(
-            "collection",
-            tracing::field::display(req.collection.escape_debug()),
-        );
-        span.record("version", req.version);
         let result = async {
             let _permit = admit(
                 &self.unary,
@@ -202,19 +193,14 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let (metadata, _, req) = request.into_parts();
         let span = rpc_span!(
             "watch_token",
             "WatchToken",
-            request.metadata(),
-            collection = Empty,
-            after_version = Empty,
+            &metadata,
+            collection = %req.collection.escape_debug(),
+            after_version = req.after_version,
         );
-        let req = request.into_inner();
-        span.record(
-            "collection",
-            tracing::field::display(req.collection.escape_debug()),
-        );
-        span.record("after_version", req.after_version);
         let opened = span.in_scope(|| {
             let permit = admit(&self.streams, "too many watch streams open")?;
             let name = convert::collection(&req.collection)?.to_owned();
