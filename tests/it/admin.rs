@@ -121,6 +121,8 @@ async fn metrics_after_traffic_and_health_endpoints() {
     for v in &values {
         assert!(!text.contains(v.as_str()), "a token value in /metrics");
     }
+    // Labels come from bounded sets: names sent by callers never become series.
+    assert!(!text.contains("nope") && !text.contains("bad name"), "{text}");
     let m = samples(&text);
     let at = |series: &str| -> f64 {
         *m.get(series)
