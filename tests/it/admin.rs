@@ -122,7 +122,10 @@ async fn metrics_after_traffic_and_health_endpoints() {
         assert!(!text.contains(v.as_str()), "a token value in /metrics");
     }
     // Labels come from bounded sets: names sent by callers never become series.
-    assert!(!text.contains("nope") && !text.contains("bad name"), "{text}");
+    assert!(
+        !text.contains("nope") && !text.contains("bad name"),
+        "{text}"
+    );
     let m = samples(&text);
     let at = |series: &str| -> f64 {
         *m.get(series)
