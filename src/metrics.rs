@@ -4,9 +4,11 @@
 //! Contract: every label value comes from a bounded set (gRPC method names and
 //! status codes, configured collection names, fixed outcome and failure-class
 //! names), never from a request or an upstream answer, and no token, refresh
-//! token or secret is ever a label or a value. Recording is a few atomic
-//! operations on handles resolved once per collection, so the hot path never
-//! takes a lock here. Gauges that describe state (seconds until expiry, current
+//! token or secret is ever a label or a value. Per-collection counters and
+//! gauges are resolved once, so recording them is an atomic add; an RPC's
+//! count and duration go through a family lookup (a shared read lock) and the
+//! histogram's short mutex (measured: broker/bare throughput 0.98x over TCP,
+//! docs/benchmark.md). Gauges that describe state (seconds until expiry, current
 //! version, readiness, database degraded) are set from the broker's state
 //! when scraped. Every metric is listed in README "Metrics".
 

@@ -44,11 +44,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Flushes and stops the exporter, waiting at most [`SHUTDOWN_BOUND`]
     /// (an unreachable collector loses the last spans, never the exit).
     pub fn shutdown(self) {
@@ -135,7 +130,8 @@ pub fn init(format: LogFormat, traces: bool) -> Telemetry {
             .boxed(),
     }
     .with_filter(filter);
-    let (provider, problem) = match otlp_endpoint().filter(|_| traces) {
+    let endpoint = otlp_endpoint().filter(|_| traces);
+    let (provider, problem) = match &endpoint {
         None => (None, None),
         Some(_) => match provider() {
             Ok(p) => (Some(p), None),
@@ -154,18 +150,20 @@ pub fn init(format: LogFormat, traces: bool) -> Telemetry {
     tracing_subscriber::registry().with(fmt).with(otel).init();
     if let Some(e) = problem {
         tracing::warn!(error = %e, "cannot set up trace export; traces are off");
-    } else if let Some(endpoint) = otlp_endpoint().filter(|_| provider.is_some()) {
+    } else if let Some(endpoint) = endpoint.filter(|_| provider.is_some()) {
         tracing::info!(endpoint = %redact_endpoint(&endpoint), "exporting traces over OTLP/gRPC");
     }
     Telemetry { provider }
 }
 
-/// The endpoint without any user-info part (`http://user:pass@host`).
+/// The endpoint without any user-info part (`http://user:pass@host`) or
+/// query string.
 fn redact_endpoint(endpoint: &str) -> String {
     match url::Url::parse(endpoint) {
         Ok(mut u) => {
             let _ = u.set_username("");
             let _ = u.set_password(None);
+            u.set_query(None);
             u.to_string()
         }
         Err(_) => "(unparsable)".to_owned(),
