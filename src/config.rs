@@ -465,6 +465,8 @@ struct RawPolicy {
     backoff_initial: Option<HumanDuration>,
     backoff_max: Option<HumanDuration>,
     fetch_timeout: Option<HumanDuration>,
+    lease_ttl: Option<HumanDuration>,
+    max_lifetime: Option<HumanDuration>,
 }
 
 /// A duration written like `30s`, `5m`, `1h 30m`, `7d`.
@@ -1139,6 +1141,8 @@ impl RawPolicy {
             backoff_initial: pick(self.backoff_initial, d.backoff_initial),
             backoff_max: pick(self.backoff_max, d.backoff_max),
             fetch_timeout: pick(self.fetch_timeout, d.fetch_timeout),
+            lease_ttl: pick(self.lease_ttl, d.lease_ttl),
+            max_lifetime: pick(self.max_lifetime, d.max_lifetime),
         };
         let f = |name: &str| format!("{prefix}.{name}");
         check_fraction(&f("refresh_fraction"), p.refresh_fraction, 0.1, 0.95)?;
@@ -1156,6 +1160,17 @@ impl RawPolicy {
         check_positive(&f("max_age"), p.max_age, ms(1000))?;
         check_positive(&f("backoff_initial"), p.backoff_initial, ms(10))?;
         check_positive(&f("fetch_timeout"), p.fetch_timeout, ms(10))?;
+        check_positive(&f("lease_ttl"), p.lease_ttl, ms(500))?;
+        if p.lease_ttl > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                f("lease_ttl"),
+                "must be at most 60s: a dead holder blocks refreshes for this long",
+            ));
+        }
+        check_positive(&f("max_lifetime"), p.max_lifetime, Duration::from_secs(1))?;
+        if p.max_lifetime > Duration::from_secs(10 * 365 * 24 * 3600) {
+            return Err(ConfigError::new(f("max_lifetime"), "must be at most 3650d"));
+        }
         if p.backoff_max < p.backoff_initial {
             return Err(ConfigError::new(
                 f("backoff_max"),

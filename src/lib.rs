@@ -17,6 +17,7 @@
 //! - [`metrics`]: the Prometheus metrics the broker and the gRPC layer record.
 //! - [`admin`]: the admin listener (`/metrics`, `/livez`, `/readyz`, gRPC health).
 //! - [`clock`]: the single wall-clock seam.
+//! - [`supervise`]: background tasks restarted after a panic, with backoff.
 
 pub mod admin;
 pub mod broker;
@@ -28,6 +29,7 @@ pub mod listen;
 pub mod metrics;
 pub mod source;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 pub mod token;
 

@@ -55,6 +55,12 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: &'static str,
+    pub collection: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -136,6 +142,7 @@ pub struct Metrics {
     notification_lag: Histogram,
     store_degraded: Gauge,
     ready: Gauge,
+    task_restarts: Family<TaskLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -163,6 +170,7 @@ impl Metrics {
             notification_lag: lag_buckets(),
             store_degraded: Gauge::default(),
             ready: Gauge::default(),
+            task_restarts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -247,6 +255,11 @@ impl Metrics {
             "1 while every required collection holds a servable token, else 0",
             m.ready.clone(),
         );
+        registry.register(
+            "task_restarts",
+            "Background tasks restarted after a panic, by task (refresher, follower, listener, health) and collection (empty for tasks that serve none)",
+            m.task_restarts.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -315,6 +328,12 @@ impl Metrics {
 
     /// The registry in the Prometheus text format (OpenMetrics flavour).
     pub fn encode(&self) -> String {
+        for ((task, collection), n) in crate::supervise::restarts() {
+            let c = self
+                .task_restarts
+                .get_or_create(&TaskLabels { task, collection });
+            c.inc_by(n.saturating_sub(c.get()));
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -224,17 +224,26 @@ struct Inner {
     /// Bumped after any collection's state changes (for readiness).
     epoch: tokio_watch::Sender<u64>,
     shutdown: CancellationToken,
+    /// The follower and every refresher, supervised (restarted after a
+    /// panic); aborted when the broker is dropped.
+    tasks: Mutex<Vec<crate::supervise::Supervised>>,
 }
 
 impl Broker {
     /// Starts a broker with one refresher task per collection. Must be called
     /// inside a tokio runtime; the tasks stop when `shutdown` is cancelled.
+    /// With a store that has a clock of its own (Postgres), `clock` follows
+    /// it, so every instant shared through the store is on one clock.
     pub fn start(
         specs: Vec<CollectionSpec>,
         store: Arc<dyn Store>,
         clock: Clock,
         shutdown: CancellationToken,
     ) -> Self {
+        let clock = match store.clock_offset() {
+            Some(offset) => clock.following(offset),
+            None => clock,
+        };
         let (epoch, _) = tokio_watch::channel(0);
         let metrics = Arc::new(Metrics::new());
         let collections = specs
@@ -277,23 +286,46 @@ impl Broker {
             children,
             clock,
             epoch,
-            shutdown,
+            shutdown: shutdown.clone(),
+            tasks: Mutex::new(Vec::new()),
         });
         let holder = refresher::holder_id();
-        tokio::spawn(refresher::follow(
-            inner.collections.values().cloned().collect(),
-            store.events(),
-            Inner::shared(&inner),
-            store.clone(),
-        ));
+        let mut tasks = Vec::new();
+        {
+            let collections: Vec<_> = inner.collections.values().cloned().collect();
+            let (shared, store) = (Inner::shared(&inner), store.clone());
+            let mut started = false;
+            tasks.push(crate::supervise::spawn(
+                "follower",
+                None,
+                shutdown.clone(),
+                move || {
+                    let restarted = std::mem::replace(&mut started, true);
+                    refresher::follow(
+                        collections.clone(),
+                        store.events(),
+                        shared.clone(),
+                        store.clone(),
+                        restarted,
+                    )
+                },
+            ));
+        }
         for c in inner.collections.values() {
-            tokio::spawn(refresher::run(
+            let (c, store, shared, holder) = (
                 c.clone(),
                 store.clone(),
                 Inner::shared(&inner),
                 holder.clone(),
+            );
+            tasks.push(crate::supervise::spawn(
+                "refresher",
+                Some(c.name.clone()),
+                shutdown.clone(),
+                move || refresher::run(c.clone(), store.clone(), shared.clone(), holder.clone()),
             ));
         }
+        *lock(&inner.tasks) = tasks;
         Self { inner }
     }
 
@@ -308,7 +340,7 @@ impl Broker {
     }
 
     pub fn clock(&self) -> Clock {
-        self.inner.clock
+        self.inner.clock.clone()
     }
 
     fn collection(&self, name: &str) -> Result<&Arc<Collection>, BrokerError> {
@@ -419,7 +451,7 @@ impl Broker {
         Ok(TokenWatch::new(
             c.state.subscribe(),
             after_version,
-            self.inner.clock,
+            self.inner.clock.clone(),
             self.inner.shutdown.clone(),
             c.metrics.watch_streams.clone(),
         ))
@@ -483,7 +515,7 @@ impl Broker {
         need: Need,
         deadline: Instant,
     ) -> Result<(Served, bool), BrokerError> {
-        let clock = self.inner.clock;
+        let clock = &self.inner.clock;
         if let Need::ExpiringAfter(u) = need {
             c.demand
                 .want_until_ms
@@ -627,7 +659,7 @@ impl Inner {
     fn shared(this: &Arc<Self>) -> Shared {
         Shared {
             metrics: this.metrics.clone(),
-            clock: this.clock,
+            clock: this.clock.clone(),
             epoch: this.epoch.clone(),
             shutdown: this.shutdown.clone(),
             broker: Arc::downgrade(this),

@@ -34,6 +34,14 @@ pub struct Policy {
     pub backoff_max: Duration,
     /// Upper bound on one upstream fetch.
     pub fetch_timeout: Duration,
+    /// Life of the refresh lease in the shared store, renewed by its holder
+    /// every third of it while its fetch runs: a holder that dies is replaced
+    /// within this long. Independent of `fetch_timeout`.
+    pub lease_ttl: Duration,
+    /// Tokens are treated as expiring at most this long after their fetch,
+    /// whatever the upstream says (`expires_in: 9999999999` is not a reason to
+    /// never refresh).
+    pub max_lifetime: Duration,
 }
 
 impl Default for Policy {
@@ -49,6 +57,8 @@ impl Default for Policy {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             fetch_timeout: Duration::from_secs(15),
+            lease_ttl: Duration::from_secs(3),
+            max_lifetime: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -62,8 +72,15 @@ pub struct Schedule {
 
 impl Policy {
     /// Computes the schedule of a token fetched at `fetched_at` whose upstream
-    /// expiry is `upstream_expiry` (`None`: opaque). Returns `None` when the token
-    /// is already past its hard expiry, which makes it unusable.
+    /// expiry is `upstream_expiry` (`None`: opaque), capped at `max_lifetime`.
+    /// Returns `None` when the token is already past its hard expiry, which
+    /// makes it unusable.
+    ///
+    /// The soft refresh leaves room before the hard expiry for a takeover
+    /// (one `lease_ttl`, should the holder die mid-call) plus a fetch of about
+    /// that long: it comes no later than `2 * lease_ttl` before the hard
+    /// expiry, but never before half the servable life, so short tokens are
+    /// not refreshed at once.
     pub fn schedule(
         &self,
         fetched_at: SystemTime,
@@ -73,7 +90,11 @@ impl Policy {
         let jitter = rng.random_range(-1.0..=1.0) * self.refresh_jitter;
         let schedule = match upstream_expiry {
             Some(upstream) => {
-                let lifetime = upstream.duration_since(fetched_at).ok()?;
+                let lifetime = upstream
+                    .duration_since(fetched_at)
+                    .ok()?
+                    .min(self.max_lifetime);
+                let upstream = fetched_at + lifetime;
                 let skew = self
                     .expiry_skew
                     .min(lifetime.mul_f64(self.expiry_skew_fraction));
@@ -92,6 +113,13 @@ impl Policy {
                     expires_at,
                 }
             }
+        };
+        let servable = schedule.expires_at.duration_since(fetched_at).ok()?;
+        let room = self.lease_ttl.saturating_mul(2);
+        let latest = (fetched_at + servable.saturating_sub(room)).max(fetched_at + servable / 2);
+        let schedule = Schedule {
+            refresh_at: schedule.refresh_at.min(latest),
+            ..schedule
         };
         (schedule.expires_at > fetched_at).then_some(schedule)
     }
@@ -136,7 +164,30 @@ mod tests {
         let s = p.schedule(t(0), Some(t(3)), &mut rng).unwrap();
         assert_eq!(s.expires_at, t(0) + Duration::from_millis(2700));
         assert!(s.refresh_at < s.expires_at);
-        assert!(s.refresh_at >= t(0) + Duration::from_millis(1950));
+        // Too short for the takeover room: refreshed at half its servable life.
+        assert_eq!(s.refresh_at, t(0) + Duration::from_millis(1350));
+    }
+
+    #[test]
+    fn soft_refresh_leaves_room_for_a_takeover_and_a_fetch() {
+        let p = Policy::default();
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..1000 {
+            // 20 s tokens: servable 18 s; room 6 s -> refresh by 12 s.
+            let s = p.schedule(t(0), Some(t(20)), &mut rng).unwrap();
+            assert_eq!(s.expires_at, t(18));
+            assert!(s.refresh_at <= t(12) && s.refresh_at >= t(9), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn lifetimes_are_capped() {
+        let p = Policy::default();
+        let mut rng = StdRng::seed_from_u64(7);
+        // expires_in: 9999999999 (316 years) lives at most max_lifetime.
+        let s = p.schedule(t(0), Some(t(9_999_999_999)), &mut rng).unwrap();
+        assert_eq!(s.expires_at, t(24 * 3600 - 30));
+        assert!(s.refresh_at <= t(24 * 3600 * 85 / 100));
     }
 
     #[test]

@@ -8,11 +8,24 @@
 //! then publishes to L1. A failure is recorded as backoff, never as a token.
 //!
 //! Shared tier: on a grant, the row is adopted first and the lease given back
-//! when a peer already did the work (one upstream call per rotation). When a
+//! when a peer already did the work (one upstream call per rotation). The
+//! lease is short (`lease_ttl`) and renewed every third of it while the
+//! fetch runs, so a holder that dies loses it within one `lease_ttl`. When a
 //! peer holds the lease, the refresher waits for its news, re-reading the row
-//! every `HELD_RECHECK` until the lease ends. When the store does not answer,
-//! a due refresh is fetched locally (still single-flight and rate-limited),
-//! published as "unshared" and reconciled once the store answers again.
+//! every `HELD_RECHECK` or when the lease ends, whichever is first. When the
+//! store does not answer, a due refresh is fetched locally (still
+//! single-flight and rate-limited), published as "unshared" and reconciled
+//! once the store answers again; except for a source whose refresh token
+//! rotates (every pod spending the same refresh token would get all but one
+//! refused and may get the grant revoked): it serves its current token while
+//! it is servable and waits for the store.
+//!
+//! Versions: a commit asks for at least the L1 version (the same value) or
+//! one above it (a new value), so nothing this sidecar served is relabelled;
+//! [`install`] never lowers L1's version; a row found below L1 (a restore, a
+//! failover to a lagging replica, a hand edit) gets L1's token committed
+//! over it (as an unshared token is), so the fleet moves forward from the
+//! highest version any sidecar held.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,8 +45,9 @@ use crate::token::{Secret, Token};
 /// The refresher re-evaluates at least this often, so that a wall-clock jump
 /// cannot leave it asleep past a deadline for long.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
-/// The lease outlives the fetch timeout by this much.
-const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// The least time between two attempts when a peer holds the lease, so a
+/// pod whose idea of the lease's end is off cannot spin.
+const HELD_MIN_WAIT: Duration = Duration::from_millis(100);
 /// While a peer holds the lease, re-read the row at least this often (in case
 /// its notification is lost).
 const HELD_RECHECK: Duration = Duration::from_secs(2);
@@ -51,7 +65,8 @@ enum Next {
     StoreDown,
 }
 
-/// A name for this process in lease rows: host name and process id.
+/// A name for this process in lease rows: host name, process id and a random
+/// part (two containers with the same host name, both pid 1, must differ).
 pub(super) fn holder_id() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
@@ -59,11 +74,16 @@ pub(super) fn holder_id() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown-host".to_owned());
-    format!("{host}/{}", std::process::id())
+    let host: String = host.chars().take(64).collect();
+    format!(
+        "{host}/{}/{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Shared, holder: String) {
-    let clock = shared.clock;
+    let clock = shared.clock.clone();
     // Start from what the store already holds (a previous run's or a peer's token).
     match store.load(&c.name).await {
         Ok(row) => adopt(&c, &shared, row),
@@ -89,7 +109,10 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
             let due = refresh.is_some_and(|at| at <= now);
             match attempt(&c, store.as_ref(), &shared, &holder, due).await {
                 Next::Continue => (not_before, store_retry_at) = (None, None),
-                Next::HeldUntil(until) => (not_before, store_retry_at) = (Some(until), None),
+                Next::HeldUntil(until) => {
+                    let until = until.max(clock.now() + HELD_MIN_WAIT);
+                    (not_before, store_retry_at) = (Some(until), None);
+                }
                 Next::StoreDown => store_retry_at = Some(clock.now() + STORE_RETRY),
             }
             continue;
@@ -111,12 +134,19 @@ pub(super) async fn follow(
     mut events: broadcast::Receiver<StoreEvent>,
     shared: Shared,
     store: Arc<dyn Store>,
+    restarted: bool,
 ) {
+    // A follower started again after a panic may have missed news: re-read
+    // everything first.
+    let mut first = restarted.then_some(Ok(StoreEvent::Resync));
     loop {
-        let event = tokio::select! {
-            biased;
-            () = shared.shutdown.cancelled() => return,
-            event = events.recv() => event,
+        let event = match first.take() {
+            Some(event) => event,
+            None => tokio::select! {
+                biased;
+                () = shared.shutdown.cancelled() => return,
+                event = events.recv() => event,
+            },
         };
         // For a rotation: its version and the commit's database time.
         let (stale, rotation): (Vec<&Arc<Collection>>, _) = match event {
@@ -246,9 +276,9 @@ async fn attempt_in(
     holder: &str,
     due: bool,
 ) -> Next {
-    let clock = shared.clock;
+    let clock = &shared.clock;
     let now = clock.now();
-    let ttl = c.policy.fetch_timeout + LEASE_MARGIN;
+    let ttl = c.policy.lease_ttl;
     let span = Span::current();
     let (lease, row) = match store.acquire(&c.name, holder, ttl, now).await {
         Ok(Acquired::Granted { lease, row }) => {
@@ -266,6 +296,14 @@ async fn attempt_in(
         }
         Err(e) => {
             span.record("lease", "store_down");
+            if due && rotating_grant(c) {
+                // Every pod would spend the same refresh token: the upstream
+                // would refuse all but one and may revoke the grant.
+                if !c.state.borrow().refreshing {
+                    warn!(collection = %c.name, error = %e, "store unavailable: not refreshing locally (the refresh token rotates); serving the current token while it is servable");
+                }
+                return Next::StoreDown;
+            }
             if due {
                 warn!(collection = %c.name, error = %e, "store unavailable: refreshing locally");
                 // The acquire may have taken the whole query timeout: stamp
@@ -307,13 +345,74 @@ async fn attempt_in(
     let attempt_no = begin(c, shared, now);
     span.record("attempt", attempt_no);
     let refresh_token = stored_refresh_token(c, &row).or_else(|| lock(&c.refresh_token).clone());
-    match fetch_token(c, shared, now, refresh_token).await {
-        Ok(new) => commit_token(c, store, shared, lease, new).await,
+    let spent = refresh_token.clone();
+    let fetched = renewing(
+        c,
+        store,
+        shared,
+        &lease,
+        fetch_token(c, shared, now, refresh_token),
+    )
+    .await;
+    match fetched {
+        Ok(new) => commit_token(c, store, shared, lease, new, spent).await,
         Err(err) => {
             commit_failure(c, store, shared, lease, row, err).await;
             Next::Continue
         }
     }
+}
+
+/// Runs `work` while renewing `lease` every third of its TTL, so that the
+/// lease outlives a live holder's fetch of any length and a dead holder's by
+/// at most one TTL. A renewal refused (a peer took over) stops the renewals;
+/// the commit will be refused too.
+async fn renewing<T>(
+    c: &Collection,
+    store: &dyn Store,
+    shared: &Shared,
+    lease: &Lease,
+    work: impl Future<Output = T>,
+) -> T {
+    let ttl = c.policy.lease_ttl;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + ttl / 3, ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(work);
+    let mut renew = true;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            _ = tick.tick(), if renew => {
+                match store.renew(lease, ttl, shared.clock.now()).await {
+                    Ok(()) => {}
+                    Err(StoreError::LeaseLost(_)) => {
+                        warn!(collection = %c.name, "refresh lease taken over by a peer during the fetch");
+                        renew = false;
+                    }
+                    Err(e) => debug!(collection = %c.name, error = %e, "could not renew the refresh lease"),
+                }
+            }
+        }
+    }
+}
+
+/// A source whose refresh token rotates (an OAuth refresh-token grant): it
+/// must never be refreshed by several pods with the same refresh token.
+fn rotating_grant(c: &Collection) -> bool {
+    c.source.seed_fingerprint().is_some()
+}
+
+/// The lowest version `value` may be committed or published under: L1's
+/// version for the value L1 holds, one more for any other value.
+fn min_version(c: &Collection, value: &Secret) -> u64 {
+    c.state.borrow().token.as_ref().map_or(0, |t| {
+        if t.value == *value {
+            t.version
+        } else {
+            t.version + 1
+        }
+    })
 }
 
 /// Marks an attempt as started in L1; returns its number.
@@ -352,10 +451,12 @@ async fn local_refresh(c: &Collection, shared: &Shared, now: SystemTime) {
 
 /// Publishes a fetched token that the store could not take: the next version
 /// when the value changed, kept as unshared until reconciled.
-fn keep_local(c: &Collection, shared: &Shared, new: NewToken) {
+fn keep_local(c: &Collection, shared: &Shared, mut new: NewToken) {
+    new.min_version = new.min_version.max(min_version(c, &new.value));
     let (version, rotated) = {
         let snap = c.state.borrow();
-        new.version_over(snap.token.as_ref().map(|t| (t.version, &t.value)))
+        let current = snap.token.as_ref();
+        new.version_over(current.map_or(0, |t| t.version), current.map(|t| &t.value))
     };
     if let Some(rt) = &new.refresh_token {
         *lock(&c.refresh_token) = Some(rt.clone());
@@ -380,7 +481,7 @@ fn keep_local(c: &Collection, shared: &Shared, new: NewToken) {
     }
     publish(c, shared, |s| {
         s.failure = None;
-        install(s, Arc::new(token));
+        install(&c.name, s, Arc::new(token));
         finish(s);
     });
 }
@@ -420,8 +521,10 @@ async fn reconcile(
     };
     match store.commit_token(lease, new).await {
         Ok(committed) => {
-            info!(collection = %c.name, version = committed.token.version, "token fetched while the store was unavailable is now shared");
-            publish(c, shared, |s| install(s, Arc::new(committed.token)));
+            info!(collection = %c.name, version = committed.token.version, "token held locally is now shared");
+            publish(c, shared, |s| {
+                install(&c.name, s, Arc::new(committed.token));
+            });
             Next::Continue
         }
         Err(e) => {
@@ -445,8 +548,15 @@ async fn fetch_token(
     now: SystemTime,
     refresh_token: Option<Secret>,
 ) -> Result<NewToken, FetchError> {
-    let clock = shared.clock;
+    let clock = &shared.clock;
     let fetched = fetch(c, shared, now, refresh_token).await?;
+    deliverable(&fetched.value)?;
+    if fetched.expires_at.is_some_and(|e| e > latest_instant()) {
+        return Err(FetchError::new(
+            FailureClass::BadResponse,
+            "upstream expiry is out of range (after 9999-12-31)",
+        ));
+    }
     let schedule = c
         .policy
         .schedule(now, fetched.expires_at, &mut rand::rng())
@@ -470,6 +580,38 @@ async fn fetch_token(
         parent_version: fetched.parent_version,
         min_version: 0,
     })
+}
+
+/// The largest token value handed out: a `GetCollectionToken` answer must fit
+/// the gRPC layer's default message limit (64 KiB) with room for the rest.
+pub const MAX_TOKEN_BYTES: usize = 60 * 1024;
+
+/// A token that cannot be delivered is a bad response, never a cached token:
+/// too large for an answer, or carrying control characters (CR/LF would let a
+/// token split a header line in the application's request).
+fn deliverable(value: &Secret) -> Result<(), FetchError> {
+    let v = value.expose();
+    if v.len() > MAX_TOKEN_BYTES {
+        return Err(FetchError::new(
+            FailureClass::BadResponse,
+            format!(
+                "token of {} bytes is larger than the {MAX_TOKEN_BYTES} bytes an answer can carry",
+                v.len()
+            ),
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(FetchError::new(
+            FailureClass::BadResponse,
+            "token contains control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// 9999-12-31T23:59:59Z: no instant after it is accepted from an upstream.
+fn latest_instant() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
 }
 
 /// The row's refresh token, when it descends from the configured seed (a
@@ -541,8 +683,10 @@ async fn commit_token(
     store: &dyn Store,
     shared: &Shared,
     lease: Lease,
-    new: NewToken,
+    mut new: NewToken,
+    spent: Option<Secret>,
 ) -> Next {
+    new.min_version = new.min_version.max(min_version(c, &new.value));
     let refresh_token = new.refresh_token.clone();
     match store.commit_token(lease, new.clone()).await {
         Ok(committed) => {
@@ -570,7 +714,7 @@ async fn commit_token(
             }
             publish(c, shared, |s| {
                 s.failure = None;
-                install(s, token);
+                install(&c.name, s, token);
                 finish(s);
             });
             Next::Continue
@@ -587,6 +731,22 @@ async fn commit_token(
             // through the store.
             outcome(c, RefreshOutcome::LeaseLost, None);
             warn!(error = %e, "could not store the refreshed token");
+            // The upstream already spent the old refresh token: keep the new
+            // one, unless a peer committed a newer grant meanwhile.
+            if let Some(rt) = refresh_token {
+                let seed = new.refresh_seed.clone();
+                match store
+                    .save_refresh_token(&c.name, spent, rt.clone(), seed)
+                    .await
+                {
+                    Ok(true) => {
+                        *lock(&c.refresh_token) = Some(rt);
+                        info!("kept the rotated refresh token of the refused commit");
+                    }
+                    Ok(false) => debug!("a peer stored a newer refresh token; dropping ours"),
+                    Err(e) => warn!(error = %e, "could not keep the rotated refresh token"),
+                }
+            }
             publish(c, shared, finish);
             Next::Continue
         }
@@ -642,6 +802,7 @@ pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
     if let Some(rt) = stored_refresh_token(c, &row) {
         *lock(&c.refresh_token) = Some(rt);
     }
+    behind(c, shared, &row);
     let (newer, refetched) = {
         let snap = c.state.borrow();
         let current = snap.token.as_deref();
@@ -676,10 +837,7 @@ pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
         }
     }
     publish(c, shared, |s| {
-        let installed = newer.is_some();
-        if let Some(t) = newer {
-            install(s, Arc::new(t));
-        }
+        let installed = newer.is_some_and(|t| install(&c.name, s, Arc::new(t)));
         match row.backoff {
             Some(b) => s.failure = Some(b),
             None if installed => s.failure = None,
@@ -691,9 +849,61 @@ pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
     });
 }
 
+/// When the row's token is behind L1's (a lower version, or L1's version
+/// with another value: a restore, a lagging replica, a hand edit), L1's
+/// token, while servable, is queued to be committed over it like a token
+/// fetched while the store was away, so the fleet moves forward from the
+/// highest version any sidecar held.
+fn behind(c: &Collection, shared: &Shared, row: &Row) {
+    let Some(row_token) = &row.token else {
+        return;
+    };
+    let l1 = c.state.borrow().token.clone();
+    let Some(l1) = l1.filter(|t| t.servable_at(shared.clock.now())) else {
+        return;
+    };
+    let behind = row_token.version < l1.version
+        || (row_token.version == l1.version && row_token.value != l1.value);
+    if !behind {
+        return;
+    }
+    let mut unshared = lock(&c.unshared);
+    if unshared
+        .as_ref()
+        .is_some_and(|u| u.token.version >= l1.version)
+    {
+        return;
+    }
+    warn!(
+        collection = %c.name,
+        stored = row_token.version,
+        held = l1.version,
+        "the stored token is behind the one this sidecar holds (a restore or a hand edit?); committing ours over it"
+    );
+    *unshared = Some(Unshared {
+        token: (*l1).clone(),
+        refresh_token: None,
+    });
+    c.wake.notify_one();
+}
+
 /// Makes `token` current: a new version joins the history, a refetch of the
-/// current version replaces it in place.
-fn install(s: &mut Snapshot, token: Arc<Token>) {
+/// current version (same value) replaces it in place. A lower version, or
+/// the current version with another value, is refused (logged): L1's
+/// versions only increase and each carries one value. True when installed.
+fn install(collection: &str, s: &mut Snapshot, token: Arc<Token>) -> bool {
+    if let Some(cur) = &s.token
+        && (token.version < cur.version
+            || (token.version == cur.version && token.value != cur.value))
+    {
+        warn!(
+            collection,
+            held = cur.version,
+            offered = token.version,
+            "refusing a token that would move this sidecar's version backwards or relabel it"
+        );
+        return false;
+    }
     match s.history.back() {
         Some(last) if last.version == token.version => {
             s.history.pop_back();
@@ -705,6 +915,7 @@ fn install(s: &mut Snapshot, token: Arc<Token>) {
         s.history.pop_front();
     }
     s.token = Some(token);
+    true
 }
 
 fn finish(s: &mut Snapshot) {

@@ -2,9 +2,14 @@
 //! random 96-bit nonce per write.
 //!
 //! Contract:
-//! - A [`Keyring`] holds one or more named 256-bit keys; the first encrypts,
-//!   every key decrypts (so a key can be rotated: new writes use the new key,
-//!   rows written under an old one still read while it stays listed).
+//! - A [`Keyring`] holds one or more named 256-bit keys; the first one not
+//!   marked `decrypt-only` encrypts, every key decrypts. So a key is rotated
+//!   safely in three roll-outs: add the new key as decrypt-only everywhere,
+//!   then make it the encrypting key (every pod can already read what it
+//!   writes), then drop the old key once no row names it.
+//! - With keys configured, a value without a key id (plaintext) is refused:
+//!   a row written without the key (a hand edit, an attacker with write access
+//!   to the table) is never served.
 //! - A sealed value is `nonce || ciphertext || tag` plus the id of its key; the
 //!   associated data binds it to its collection and field, so a ciphertext moved
 //!   to another row or column fails to open.
@@ -58,6 +63,8 @@ pub enum CryptoError {
     Corrupt(String),
     #[error("stored plaintext is not valid UTF-8")]
     NotUtf8,
+    #[error("value is stored without a key id although keys are configured; refused")]
+    Unsealed,
 }
 
 impl Keyring {
@@ -67,8 +74,9 @@ impl Keyring {
     }
 
     /// Parses key material: entries `<id>:<base64 of 32 bytes>` separated by
-    /// whitespace or commas; the first entry encrypts. Errors never include
-    /// key material.
+    /// whitespace or commas, each optionally followed by `:decrypt-only`; the
+    /// first entry that is not decrypt-only encrypts. Errors never include key
+    /// material.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut ring = Self::default();
         for (i, entry) in text
@@ -77,9 +85,18 @@ impl Keyring {
             .enumerate()
         {
             let n = i + 1;
-            let (id, b64) = entry
+            let (id, rest) = entry
                 .split_once(':')
-                .ok_or_else(|| format!("entry {n} must be <key id>:<base64 key>"))?;
+                .ok_or_else(|| format!("entry {n} must be <key id>:<base64 key>[:decrypt-only]"))?;
+            let (b64, decrypt_only) = match rest.split_once(':') {
+                None => (rest, false),
+                Some((b64, "decrypt-only")) => (b64, true),
+                Some(_) => {
+                    return Err(format!(
+                        "entry {n}: after the key only \":decrypt-only\" may follow"
+                    ));
+                }
+            };
             if id.is_empty()
                 || id.len() > 64
                 || !id
@@ -98,10 +115,15 @@ impl Keyring {
             if ring.keys.insert(id.to_owned(), cipher).is_some() {
                 return Err(format!("key id {id:?} is listed twice"));
             }
-            ring.current.get_or_insert_with(|| id.to_owned());
+            if !decrypt_only {
+                ring.current.get_or_insert_with(|| id.to_owned());
+            }
+        }
+        if ring.keys.is_empty() {
+            return Err("no key given".into());
         }
         if ring.current.is_none() {
-            return Err("no key given".into());
+            return Err("every key is decrypt-only: one must encrypt".into());
         }
         Ok(ring)
     }
@@ -152,6 +174,7 @@ impl Keyring {
         sealed: &Sealed,
     ) -> Result<Secret, CryptoError> {
         let plain = match &sealed.key_id {
+            None if !self.keys.is_empty() => return Err(CryptoError::Unsealed),
             None => sealed.bytes.clone(),
             Some(id) => {
                 let cipher = self
@@ -232,6 +255,47 @@ mod tests {
             dropped.open("c", "value", &sealed),
             Err(CryptoError::UnknownKey("k1".into()))
         );
+    }
+
+    #[test]
+    fn decrypt_only_keys_read_but_never_write() {
+        let old = Keyring::parse(&format!("k1:{}", key(1))).unwrap();
+        // Step 1 of a rotation: k2 is known everywhere before anyone writes with it.
+        let staged = Keyring::parse(&format!("k2:{}:decrypt-only k1:{}", key(2), key(1))).unwrap();
+        assert_eq!(staged.current_id(), Some("k1"));
+        let by_staged = staged.seal("c", "value", &Secret::new("t"));
+        assert_eq!(
+            old.open("c", "value", &by_staged).unwrap(),
+            Secret::new("t")
+        );
+        // Step 2: k2 encrypts; a pod still on step 1 reads what it writes.
+        let switched = Keyring::parse(&format!("k2:{} k1:{}", key(2), key(1))).unwrap();
+        let by_switched = switched.seal("c", "value", &Secret::new("u"));
+        assert_eq!(by_switched.key_id.as_deref(), Some("k2"));
+        assert_eq!(
+            staged.open("c", "value", &by_switched).unwrap(),
+            Secret::new("u")
+        );
+        for (text, want) in [
+            (
+                format!("k1:{}:decrypt-only", key(1)),
+                "every key is decrypt-only",
+            ),
+            (format!("k1:{}:other", key(1)), "decrypt-only\" may follow"),
+        ] {
+            let err = Keyring::parse(&text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_keyed_ring_refuses_plaintext_values() {
+        let ring = Keyring::parse(&format!("k1:{}", key(1))).unwrap();
+        let forged = Sealed {
+            bytes: b"attacker-chosen-token".to_vec(),
+            key_id: None,
+        };
+        assert_eq!(ring.open("c", "value", &forged), Err(CryptoError::Unsealed));
     }
 
     #[test]

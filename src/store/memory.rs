@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{Acquired, Backoff, Committed, Lease, NewToken, Row, Store, StoreError, StoreEvent};
 use crate::source::BoxFuture;
+use crate::token::Secret;
 
 #[derive(Debug)]
 pub struct MemoryStore {
@@ -57,7 +58,14 @@ impl MemoryStore {
 
 fn fenced<'a>(inner: &'a mut Inner, lease: &Lease) -> Result<&'a mut Entry, StoreError> {
     match inner.rows.get_mut(&lease.collection) {
-        Some(entry) if entry.lease.as_ref().is_some_and(|l| l.fence == lease.fence) => Ok(entry),
+        Some(entry)
+            if entry
+                .lease
+                .as_ref()
+                .is_some_and(|l| l.fence == lease.fence && l.holder == lease.holder) =>
+        {
+            Ok(entry)
+        }
         _ => Err(StoreError::LeaseLost(lease.collection.clone())),
     }
 }
@@ -117,13 +125,9 @@ impl Store for MemoryStore {
     ) -> BoxFuture<'_, Result<Committed, StoreError>> {
         let result = self.with(|inner| {
             let entry = fenced(inner, &lease)?;
-            let (version, rotated) = new.version_over(
-                entry
-                    .row
-                    .token
-                    .as_ref()
-                    .map(|old| (old.version, &old.value)),
-            );
+            let old = entry.row.token.as_ref();
+            let (version, rotated) =
+                new.version_over(old.map_or(0, |t| t.version), old.map(|t| &t.value));
             if let Some(rt) = new.refresh_token.clone() {
                 entry.row.refresh_token = Some(rt);
                 entry.row.refresh_seed = new.refresh_seed.clone();
@@ -135,6 +139,40 @@ impl Store for MemoryStore {
             Ok(Committed { token, rotated })
         });
         Box::pin(async move { result })
+    }
+
+    fn renew(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let result = self.with(|inner| {
+            let entry = fenced(inner, lease)?;
+            if let Some(held) = entry.lease.as_mut() {
+                held.until = now + ttl;
+            }
+            Ok(())
+        });
+        Box::pin(async move { result })
+    }
+
+    fn save_refresh_token(
+        &self,
+        collection: &str,
+        replaced: Option<Secret>,
+        new: Secret,
+        seed: Option<String>,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let saved = self.with(|inner| match inner.rows.get_mut(collection) {
+            Some(entry) if entry.row.refresh_token == replaced => {
+                entry.row.refresh_token = Some(new);
+                entry.row.refresh_seed = seed;
+                true
+            }
+            _ => false,
+        });
+        Box::pin(async move { Ok(saved) })
     }
 
     fn commit_failure(
@@ -168,7 +206,6 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
     use crate::source::FailureClass;
-    use crate::token::Secret;
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)

@@ -10,11 +10,18 @@
 use sqlx::{PgPool, Row as _};
 
 /// `(version, description, sql)`, in ascending version order.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "tokens table",
-    include_str!("../../migrations/0001_tokens.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "tokens table",
+        include_str!("../../migrations/0001_tokens.sql"),
+    ),
+    (
+        2,
+        "lease fence sequence",
+        include_str!("../../migrations/0002_lease_fence_sequence.sql"),
+    ),
+];
 
 /// Arbitrary, fixed: "tokenbro" in ASCII.
 const LOCK_KEY: i64 = 0x746f_6b65_6e62_726f;

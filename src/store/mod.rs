@@ -3,13 +3,19 @@
 //!
 //! Contract (every implementation):
 //! - `version` only increases; a commit whose value equals the current value
-//!   keeps the version (a refetch, not a rotation).
+//!   keeps the version (a refetch, not a rotation) unless the committing
+//!   sidecar already holds a higher one.
 //! - Writes are fenced: `commit_*` succeed only while the caller's lease is the
-//!   current one, and they release it. A lease expires on its own, so a holder
-//!   that dies never blocks a collection for longer than the lease TTL.
+//!   current one (same fence and same holder), and they release it. A lease is
+//!   short and renewed by its holder ([`Store::renew`]) while its fetch runs,
+//!   and it expires on its own, so a holder that dies never blocks a collection
+//!   for longer than the lease TTL. Fences never go backwards, even when a row
+//!   is deleted and created again.
 //! - A commit that rotates the value sets `version` to
-//!   `max(current + 1, min_version)`, so a token first published while the
-//!   store was unreachable keeps (or raises) the version watchers saw.
+//!   `max(row version + 1, min_version)`, whether or not the row's current value
+//!   could be read (a value sealed with a key this sidecar lacks still counts),
+//!   so a commit never lands at or below a version anyone held: see
+//!   [`NewToken::version_over`].
 //! - Errors never carry token values.
 //! - [`Store::events`] tells the broker about rows changed by other processes
 //!   (rotations, and "resync everything" after any gap in that news).
@@ -86,22 +92,33 @@ pub struct NewToken {
     /// Fingerprint of the seed that refresh token descends from (written with it).
     pub refresh_seed: Option<String>,
     pub parent_version: Option<u64>,
-    /// The lowest version a rotation may take (0: no constraint): the version
-    /// under which this token was already published locally.
+    /// The lowest version this token may take (0: no constraint): the version
+    /// under which this very token was already published locally, or one more
+    /// than the committing sidecar's L1 version (so nothing it ever served is
+    /// relabelled, even when the row went back in time).
     pub min_version: u64,
 }
 
 impl NewToken {
-    /// The version this token takes over `current` (the version and value it
-    /// replaces, if any), and whether that is a rotation: the same value keeps
-    /// its version (a refetch) unless `min_version` is above it; a new value
-    /// takes `max(current + 1, min_version)`. Every store and the broker's
-    /// local path use this one rule.
-    pub fn version_over(&self, current: Option<(u64, &Secret)>) -> (u64, bool) {
-        match current {
-            Some((v, value)) if *value == self.value && v >= self.min_version => (v, false),
-            Some((v, _)) => ((v + 1).max(self.min_version), true),
-            None => (self.min_version.max(1), true),
+    /// The version this token takes over a row at `row_version` whose value
+    /// is `row_value` (`None`: no value, or one this sidecar cannot read), and
+    /// whether that is a rotation: the same value keeps its version (a
+    /// refetch) unless `min_version` is above it; anything else takes
+    /// `max(row_version + 1, min_version, 1)`. An unreadable value is never
+    /// "the same", and its version still counts, so no commit reuses a version
+    /// that carried another value. Every store and the broker's local path use
+    /// this one rule.
+    pub fn version_over(&self, row_version: u64, row_value: Option<&Secret>) -> (u64, bool) {
+        match row_value {
+            Some(value)
+                if row_version > 0 && *value == self.value && row_version >= self.min_version =>
+            {
+                (row_version, false)
+            }
+            _ => (
+                row_version.saturating_add(1).max(self.min_version).max(1),
+                true,
+            ),
         }
     }
 
@@ -172,6 +189,28 @@ pub trait Store: Send + Sync + 'static {
         token: NewToken,
     ) -> BoxFuture<'_, Result<Committed, StoreError>>;
 
+    /// Extends a held lease to `ttl` from now (the database's clock where the
+    /// store has one, else `now`), fenced; the holder calls it while its fetch
+    /// runs. `LeaseLost` when a peer took over.
+    fn renew(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// After a commit was refused (`LeaseLost`): stores `new`, a refresh token
+    /// the upstream already rotated to, if and only if the row still holds
+    /// `replaced` (the one spent to get it), so that the grant is not lost
+    /// while no newer one was committed. True when it was stored.
+    fn save_refresh_token(
+        &self,
+        collection: &str,
+        replaced: Option<Secret>,
+        new: Secret,
+        seed: Option<String>,
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+
     /// Records a failed attempt under the lease (fenced) and releases it.
     fn commit_failure(
         &self,
@@ -190,5 +229,13 @@ pub trait Store: Send + Sync + 'static {
     /// refreshes happen locally). The in-memory store never is.
     fn degraded(&self) -> bool {
         false
+    }
+
+    /// The offset (microseconds) from this host's clock to the store's clock,
+    /// kept up to date by the store, for a clock that
+    /// [follows](crate::clock::Clock::following) it. `None`: the store has no
+    /// clock of its own (the in-memory store).
+    fn clock_offset(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicI64>> {
+        None
     }
 }

@@ -28,7 +28,7 @@
 //!   and logs carry neither.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
@@ -45,17 +45,47 @@ use super::{
 use crate::source::{BoxFuture, FailureClass};
 use crate::token::{Secret, Token};
 
+/// A timestamp column read as microseconds since the Unix epoch, or -1 when
+/// it lies outside 1970..=9999 (`'infinity'`, a restore's or a hand edit's
+/// garbage): decoding such a value into a date type would overflow, so it
+/// is turned into a number the row check refuses.
+macro_rules! us {
+    ($c:literal) => {
+        concat!(
+            "CASE WHEN ", $c, " IS NULL THEN NULL WHEN ", $c,
+            " BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 23:59:59+00' THEN (extract(epoch FROM ",
+            $c, ") * 1000000)::bigint ELSE -1 END AS ", $c
+        )
+    };
+}
+
 /// The columns every row read decodes.
 macro_rules! cols {
     () => {
-        "version, value, value_key, fetched_at, expires_at, refresh_at, parent_version, \
-         refresh_token, refresh_token_key, refresh_seed, lease_holder, lease_until, lease_fence, \
-         last_attempt_at, next_attempt_at, failures, failure_class, failure_detail"
+        concat!(
+            "version, value, value_key, ",
+            us!("fetched_at"),
+            ", ",
+            us!("expires_at"),
+            ", ",
+            us!("refresh_at"),
+            ", parent_version, refresh_token, refresh_token_key, refresh_seed, lease_holder, ",
+            us!("lease_until"),
+            ", lease_fence, ",
+            us!("last_attempt_at"),
+            ", ",
+            us!("next_attempt_at"),
+            ", failures, failure_class, failure_detail"
+        )
     };
 }
 
 /// The `NOTIFY` channel.
 pub const CHANNEL: &str = "token_broker";
+
+/// The `application_name` of the listener connection (the pool's is
+/// `token-broker`).
+pub const LISTENER_APP_NAME: &str = "token-broker listener";
 
 /// Validated `[store]` settings for Postgres.
 #[derive(Debug, Clone)]
@@ -114,6 +144,11 @@ pub struct PgStore {
     listening: AtomicBool,
     /// When an operation last found the database unreachable.
     last_failure: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The database's clock minus this host's (microseconds), measured at
+    /// start-up and on every heartbeat: the broker's clock follows it.
+    clock_offset: Arc<AtomicI64>,
+    /// The supervised listener task (aborted when the store is dropped).
+    listener: std::sync::Mutex<Option<crate::supervise::Supervised>>,
 }
 
 /// After an operation found no answer within `query_timeout`, further
@@ -166,6 +201,8 @@ impl PgStore {
             degraded: AtomicBool::new(false),
             listening: AtomicBool::new(false),
             last_failure: std::sync::Mutex::new(None),
+            clock_offset: Arc::new(AtomicI64::new(0)),
+            listener: std::sync::Mutex::new(None),
         });
         let prepared =
             match tokio::time::timeout(settings.connect_timeout, store.prepare(&settings)).await {
@@ -182,7 +219,25 @@ impl PgStore {
                     false
                 }
             };
-        tokio::spawn(listen(store.clone(), settings, options, prepared, shutdown));
+        // The task holds only a weak reference: it ends with the store.
+        let listener = {
+            let (weak, shutdown) = (Arc::downgrade(&store), shutdown.clone());
+            let prepared = Arc::new(AtomicBool::new(prepared));
+            move || {
+                let (weak, settings, options) = (weak.clone(), settings.clone(), options.clone());
+                let (prepared, shutdown) = (prepared.clone(), shutdown.clone());
+                async move {
+                    if let Some(store) = weak.upgrade() {
+                        listen(store, settings, options, prepared, shutdown).await;
+                    }
+                }
+            }
+        };
+        let task = crate::supervise::spawn("listener", None, shutdown, listener);
+        *store
+            .listener
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
         Ok(store)
     }
 
@@ -202,8 +257,36 @@ impl PgStore {
         Ok(applied)
     }
 
+    /// Measures the database's clock against this host's over `conn`: the
+    /// offset is taken at the middle of the round trip.
+    async fn measure_clock<'c, E>(&self, conn: E) -> Result<(), sqlx::Error>
+    where
+        E: sqlx::Executor<'c, Database = Postgres>,
+    {
+        let sent = SystemTime::now();
+        let db_us: i64 =
+            sqlx::query("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us")
+                .fetch_one(conn)
+                .await?
+                .try_get("us")?;
+        let received = SystemTime::now();
+        let rtt = received.duration_since(sent).unwrap_or_default();
+        if let Some(db) = from_us(db_us) {
+            let offset = crate::clock::offset_us(sent + rtt / 2, db);
+            let old = self.clock_offset.swap(offset, Ordering::Relaxed);
+            if (offset - old).abs() > 1_000_000 {
+                info!(
+                    offset_ms = offset / 1000,
+                    "this host's clock differs from the database's; following the database's"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Migrates, or checks that the schema is present.
     async fn prepare(&self, settings: &PgSettings) -> Result<(), sqlx::Error> {
+        self.measure_clock(&self.pool).await?;
         if settings.migrate {
             let applied = migrate::migrate(&self.pool).await?;
             if !applied.is_empty() {
@@ -316,16 +399,31 @@ impl PgStore {
             })
         };
         let value = open("value", r.try_get("value")?, r.try_get("value_key")?);
-        let time = |col: &str| -> Result<Option<SystemTime>, sqlx::Error> {
-            Ok(r.try_get::<Option<OffsetDateTime>, _>(col)?
-                .map(SystemTime::from))
+        // A timestamp outside 1970..=9999 makes the row hostile: its token
+        // and backoff are ignored (logged), the rest of the row still counts.
+        let hostile = std::cell::Cell::new(None);
+        let time = |col: &'static str| -> Result<Option<SystemTime>, sqlx::Error> {
+            Ok(r.try_get::<Option<i64>, _>(col)?.and_then(|us| {
+                let t = from_us(us);
+                if t.is_none() {
+                    hostile.set(Some(col));
+                }
+                t
+            }))
         };
-        let token = match (
-            value,
+        let stamps = (
             time("fetched_at")?,
             time("expires_at")?,
             time("refresh_at")?,
-        ) {
+        );
+        if let Some(col) = hostile.get() {
+            warn!(
+                collection,
+                column = col,
+                "row holds a timestamp out of range; ignoring its token"
+            );
+        }
+        let token = match (value, stamps.0, stamps.1, stamps.2) {
             (Some(value), Some(fetched_at), Some(expires_at), Some(refresh_at)) if version > 0 => {
                 Some(Token {
                     value,
@@ -360,6 +458,7 @@ impl PgStore {
             }),
             _ => None,
         };
+        let token = token.filter(|_| hostile.get().is_none());
         let row = Row {
             token,
             refresh_token,
@@ -408,11 +507,12 @@ impl PgStore {
             let granted = sqlx::query(concat!(
                 "INSERT INTO token_broker_tokens AS t
                     (collection, lease_holder, lease_until, lease_fence, last_attempt_at)
-                 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3), 1, $4)
+                 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3),
+                         nextval('token_broker_lease_fence'), $4)
                  ON CONFLICT (collection) DO UPDATE
                     SET lease_holder = EXCLUDED.lease_holder,
                         lease_until = EXCLUDED.lease_until,
-                        lease_fence = t.lease_fence + 1,
+                        lease_fence = greatest(nextval('token_broker_lease_fence'), t.lease_fence + 1),
                         last_attempt_at = EXCLUDED.last_attempt_at,
                         updated_at = now()
                   WHERE t.lease_until IS NULL OR t.lease_until <= clock_timestamp()
@@ -458,10 +558,11 @@ impl PgStore {
         let mut tx: Transaction<'_, Postgres> = self.pool.begin().await?;
         let current = sqlx::query(
             "SELECT version, value, value_key FROM token_broker_tokens
-              WHERE collection = $1 AND lease_fence = $2 FOR UPDATE",
+              WHERE collection = $1 AND lease_fence = $2 AND lease_holder = $3 FOR UPDATE",
         )
         .bind(c)
         .bind(fence_i64(lease.fence))
+        .bind(&lease.holder)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(current) = current else {
@@ -477,11 +578,9 @@ impl PgStore {
                 };
                 self.keyring.open(c, "value", &sealed).ok()
             });
-        let current = old_value
-            .as_ref()
-            .filter(|_| old_version > 0)
-            .map(|v| (old_version, v));
-        let (version, rotated) = new.version_over(current);
+        // An unreadable value (a key this sidecar lacks) still holds its
+        // version: the rule then moves past it.
+        let (version, rotated) = new.version_over(old_version, old_value.as_ref());
         let value = self.keyring.seal(c, "value", &new.value);
         let refresh = new
             .refresh_token
@@ -498,7 +597,9 @@ impl PgStore {
                 next_attempt_at = NULL, failures = 0, failure_class = NULL, failure_detail = NULL,
                 updated_at = now()
               WHERE collection = $1
-              RETURNING fetched_at, expires_at, refresh_at",
+              RETURNING (extract(epoch FROM fetched_at) * 1000000)::bigint AS fetched_at,
+                        (extract(epoch FROM expires_at) * 1000000)::bigint AS expires_at,
+                        (extract(epoch FROM refresh_at) * 1000000)::bigint AS refresh_at",
         )
         .bind(c)
         .bind(fence_i64(version))
@@ -527,7 +628,8 @@ impl PgStore {
         }
         tx.commit().await?;
         let at = |col: &str| -> Result<SystemTime, sqlx::Error> {
-            Ok(SystemTime::from(written.try_get::<OffsetDateTime, _>(col)?))
+            from_us(written.try_get::<i64, _>(col)?)
+                .ok_or_else(|| sqlx::Error::Protocol(format!("{col} written out of range")))
         };
         // The instants as stored (microseconds), so every sidecar holds the same.
         let (fetched_at, expires_at, refresh_at) =
@@ -548,7 +650,7 @@ impl PgStore {
             "UPDATE token_broker_tokens SET
                 next_attempt_at = $3, failures = $4, failure_class = $5, failure_detail = $6,
                 lease_holder = NULL, lease_until = NULL, updated_at = now()
-              WHERE collection = $1 AND lease_fence = $2",
+              WHERE collection = $1 AND lease_fence = $2 AND lease_holder = $7",
         )
         .bind(&lease.collection)
         .bind(fence_i64(lease.fence))
@@ -556,6 +658,7 @@ impl PgStore {
         .bind(i32::try_from(b.failures).unwrap_or(i32::MAX))
         .bind(b.class.as_str())
         .bind(&b.detail)
+        .bind(&lease.holder)
         .execute(&self.pool)
         .await?
         .rows_affected())
@@ -564,13 +667,82 @@ impl PgStore {
     async fn try_release(&self, lease: &Lease) -> Result<u64, sqlx::Error> {
         Ok(sqlx::query(
             "UPDATE token_broker_tokens SET lease_holder = NULL, lease_until = NULL, updated_at = now()
-              WHERE collection = $1 AND lease_fence = $2",
+              WHERE collection = $1 AND lease_fence = $2 AND lease_holder = $3",
         )
         .bind(&lease.collection)
         .bind(fence_i64(lease.fence))
+        .bind(&lease.holder)
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    async fn try_renew(&self, lease: &Lease, ttl: Duration) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(
+            "UPDATE token_broker_tokens
+                SET lease_until = clock_timestamp() + make_interval(secs => $4)
+              WHERE collection = $1 AND lease_fence = $2 AND lease_holder = $3",
+        )
+        .bind(&lease.collection)
+        .bind(fence_i64(lease.fence))
+        .bind(&lease.holder)
+        .bind(ttl.as_secs_f64())
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn try_save_refresh_token(
+        &self,
+        collection: &str,
+        replaced: Option<&Secret>,
+        new: &Secret,
+        seed: Option<&str>,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx: Transaction<'_, Postgres> = self.pool.begin().await?;
+        let Some(current) = sqlx::query(
+            "SELECT refresh_token, refresh_token_key FROM token_broker_tokens
+              WHERE collection = $1 FOR UPDATE",
+        )
+        .bind(collection)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(false);
+        };
+        let stored = current
+            .try_get::<Option<Vec<u8>>, _>("refresh_token")?
+            .map(|bytes| {
+                let sealed = Sealed {
+                    bytes,
+                    key_id: current.try_get("refresh_token_key").ok().flatten(),
+                };
+                self.keyring.open(collection, "refresh_token", &sealed).ok()
+            });
+        // Only over the very token that was spent: a newer one committed by a
+        // peer must not be overwritten, and an unreadable one is left alone.
+        let same = match (stored, replaced) {
+            (None, None) => true,
+            (Some(Some(s)), Some(r)) => s == *r,
+            _ => false,
+        };
+        if !same {
+            return Ok(false);
+        }
+        let sealed = self.keyring.seal(collection, "refresh_token", new);
+        sqlx::query(
+            "UPDATE token_broker_tokens
+                SET refresh_token = $2, refresh_token_key = $3, refresh_seed = $4, updated_at = now()
+              WHERE collection = $1",
+        )
+        .bind(collection)
+        .bind(&sealed.bytes)
+        .bind(&sealed.key_id)
+        .bind(seed)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }
 
@@ -585,11 +757,26 @@ fn fence_i64(v: u64) -> i64 {
 }
 
 /// Postgres keeps microseconds: truncate first, so what is written is what
-/// every reader gets back.
+/// every reader gets back. Never panics: an instant past what the database
+/// holds is written as the last second of 9999 (the broker never produces
+/// one: lifetimes are capped).
 fn to_db(t: SystemTime) -> OffsetDateTime {
-    let odt = OffsetDateTime::from(t);
-    let micros = odt.nanosecond() / 1_000 * 1_000;
-    odt.replace_nanosecond(micros).unwrap_or(odt)
+    let nanos = match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i128::try_from(d.as_micros()).unwrap_or(i128::MAX) * 1_000,
+        Err(_) => 0,
+    };
+    OffsetDateTime::from_unix_timestamp_nanos(nanos.min(MAX_US as i128 * 1_000))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// 9999-12-31T23:59:59Z in microseconds since the Unix epoch: the latest
+/// instant read from or written to a row.
+const MAX_US: i64 = 253_402_300_799_000_000;
+
+/// Microseconds since the Unix epoch as an instant, when within 1970..=9999.
+fn from_us(us: i64) -> Option<SystemTime> {
+    let us = u64::try_from(us).ok().filter(|us| *us <= MAX_US as u64)?;
+    std::time::UNIX_EPOCH.checked_add(Duration::from_micros(us))
 }
 
 /// True for errors that mean "the database does not answer (properly)"
@@ -668,6 +855,41 @@ impl Store for PgStore {
         })
     }
 
+    fn renew(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        _now: SystemTime,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let lease = lease.clone();
+        Box::pin(async move {
+            match self.timed(|| self.try_renew(&lease, ttl)).await? {
+                0 => Err(StoreError::LeaseLost(lease.collection)),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn save_refresh_token(
+        &self,
+        collection: &str,
+        replaced: Option<Secret>,
+        new: Secret,
+        seed: Option<String>,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let collection = collection.to_owned();
+        Box::pin(async move {
+            self.timed(|| {
+                self.try_save_refresh_token(&collection, replaced.as_ref(), &new, seed.as_deref())
+            })
+            .await
+        })
+    }
+
+    fn clock_offset(&self) -> Option<Arc<AtomicI64>> {
+        Some(self.clock_offset.clone())
+    }
+
     fn release(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             match self.timed(|| self.try_release(&lease)).await? {
@@ -691,7 +913,7 @@ async fn listen(
     store: Arc<PgStore>,
     settings: PgSettings,
     options: PgConnectOptions,
-    mut prepared: bool,
+    prepared: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(100);
@@ -699,7 +921,7 @@ async fn listen(
         let started = tokio::time::Instant::now();
         let (outcome, connected) = tokio::select! {
             () = shutdown.cancelled() => return,
-            outcome = listen_once(&store, &settings, &options, &mut prepared) => outcome,
+            outcome = listen_once(&store, &settings, &options, &prepared) => outcome,
         };
         if connected {
             warn!(error = %outcome, "lost the notification connection; reconnecting, then re-reading every row");
@@ -727,7 +949,7 @@ async fn listen_once(
     store: &PgStore,
     settings: &PgSettings,
     options: &PgConnectOptions,
-    prepared: &mut bool,
+    prepared: &AtomicBool,
 ) -> (String, bool) {
     // A pool of one for this connection only: dropping it closes the
     // connection, so a dead one is never reused.
@@ -736,12 +958,14 @@ async fn listen_once(
         .acquire_timeout(settings.connect_timeout)
         .idle_timeout(None)
         .max_lifetime(None)
-        .connect_lazy_with(options.clone());
+        // Named apart from the pool's, so an operator (or a test) can tell
+        // the listener in pg_stat_activity.
+        .connect_lazy_with(options.clone().application_name(LISTENER_APP_NAME));
     let mut connected = false;
     let outcome = async {
-        if !*prepared {
+        if !prepared.load(Ordering::Relaxed) {
             match tokio::time::timeout(settings.connect_timeout, store.prepare(settings)).await {
-                Ok(Ok(())) => *prepared = true,
+                Ok(Ok(())) => prepared.store(true, Ordering::Relaxed),
                 Ok(Err(e)) => return format!("start-up migration: {}", describe(&e)),
                 Err(_) => return "start-up migration: no answer in time".to_owned(),
             }
@@ -779,7 +1003,8 @@ async fn listen_once(
                     Ok(Ok(None)) => return "the notification connection was closed".to_owned(),
                     Ok(Err(e)) => return describe(&e),
                     Err(_) => {
-                        let ping = sqlx::query("SELECT 1").execute(&mut listener);
+                        // The heartbeat also keeps the clock offset current.
+                        let ping = store.measure_clock(&mut listener);
                         match tokio::time::timeout(settings.query_timeout, ping).await {
                             Ok(Ok(_)) => {}
                             Ok(Err(e)) => return format!("heartbeat: {}", describe(&e)),

@@ -245,7 +245,7 @@ async fn four_sidecars_400_clients_one_upstream_call_per_rotation() {
     let pool = db.pool().await;
     let connections: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
-          WHERE datname = current_database() AND application_name = 'token-broker'",
+          WHERE datname = current_database() AND application_name LIKE 'token-broker%'",
     )
     .fetch_one(&pool)
     .await
@@ -403,7 +403,7 @@ async fn migrate_applies_the_schema_once_and_refuses_a_config_without_a_store() 
     assert!(first.status.success(), "{first:?}");
     assert_eq!(
         String::from_utf8_lossy(&first.stdout),
-        "applied migrations: [1]\n"
+        "applied migrations: [1, 2]\n"
     );
     let second = run();
     assert_eq!(

@@ -385,7 +385,7 @@ async fn a_killed_listener_backend_reconnects_and_resyncs() {
     let pool = db.pool().await;
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+          WHERE datname = current_database() AND application_name = 'token-broker listener' AND pid <> pg_backend_pid()",
     )
     .fetch_all(&pool)
     .await
@@ -412,13 +412,17 @@ async fn concurrent_migrations_apply_once() {
     }))
     .await;
     let applied: Vec<i64> = runs.into_iter().flatten().collect();
-    assert_eq!(applied, vec![1], "exactly one run applied migration 1");
+    assert_eq!(
+        applied,
+        vec![1, 2],
+        "exactly one run applied each migration"
+    );
     let pool = db.pool().await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM token_broker_migrations")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(n, 1);
+    assert_eq!(n, 2);
     // A store that must not migrate refuses a database without the schema.
     let empty = TestDb::create().await;
     let refused = PgStore::start(

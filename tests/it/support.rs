@@ -200,7 +200,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let clock = Clock::tokio_anchored(SystemTime::now());
         let shutdown = CancellationToken::new();
-        let broker = Broker::start(specs, store, clock, shutdown.clone());
+        let broker = Broker::start(specs, store, clock.clone(), shutdown.clone());
         let stop = shutdown.clone();
         let handle = tokio::spawn(async move {
             token_broker::grpc::serve(broker, &cfg, listener, stop)
