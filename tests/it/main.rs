@@ -10,6 +10,7 @@ mod admin;
 mod api;
 mod chart;
 mod cli;
+mod client_example;
 mod examples;
 mod fault;
 mod faults;
