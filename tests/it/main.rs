@@ -15,6 +15,7 @@ mod examples;
 mod fault;
 mod faults;
 mod fleet;
+mod node_client;
 mod pg;
 mod pgstore;
 mod python_client;
