@@ -80,7 +80,11 @@ fn readme(client: &Client) -> Readme {
         .iter()
         .find_map(|w| Some(w[w.iter().position(|w| w == "serve")? + 1..].to_vec()))
         .unwrap_or_else(|| panic!("{}: no `serve` command", path.display()));
-    assert_eq!(serve.first().map(String::as_str), Some("--dev"), "{serve:?}");
+    assert_eq!(
+        serve.first().map(String::as_str),
+        Some("--dev"),
+        "{serve:?}"
+    );
     let example = commands
         .iter()
         .find(|w| w.len() > 1 && w[0] == client.program && w[1].starts_with("example."))
@@ -345,7 +349,13 @@ pub async fn readme_scenario(client: Client) {
         let argv: Vec<String> = readme
             .example
             .iter()
-            .map(|a| if a == README_ADDR { target.clone() } else { a.clone() })
+            .map(|a| {
+                if a == README_ADDR {
+                    target.clone()
+                } else {
+                    a.clone()
+                }
+            })
             .collect();
         let mut proc = Proc::spawn(&client, &argv);
         let mut n = 0;
@@ -445,7 +455,10 @@ pub async fn readme_scenario(client: Client) {
     );
     let out = proc.output();
     for v in values {
-        assert!(!out.contains(v.as_str()), "the example printed a token value");
+        assert!(
+            !out.contains(v.as_str()),
+            "the example printed a token value"
+        );
     }
     served.stop();
 }
