@@ -20,7 +20,11 @@ import re
 import shutil
 import sys
 import tempfile
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same module from PyPI (scripts/py-env)
+    import tomli as tomllib
 from pathlib import Path
 from typing import Any, Callable
 

@@ -119,7 +119,7 @@ fn steps(section: &str) -> Vec<Step> {
 }
 
 /// Splits a command line as sh would for plain words, '...' and "...".
-fn split(line: &str) -> Vec<String> {
+pub(crate) fn split(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut word: Option<String> = None;
     let mut chars = line.chars();

@@ -4,11 +4,16 @@ new one; exits 1 unless the API then answers 2xx. With --watch, then keeps the
 current token through WatchToken in a background thread and prints each
 rotation until the time is up or Ctrl-C.
 
+--demo-api calls a small protected API that this script serves itself on
+127.0.0.1 (a free port), which refuses the first token it sees (401) and
+accepts any other, so that the 401 path can be tried without a real API.
+
 Prints versions, statuses and times; never a token value. --json prints one
 JSON object per line instead of text.
 
-    python example.py --target 127.0.0.1:50051 --collection demo \
-        --api-url https://api.example.com/v1/me --watch 60
+    python example.py --target 127.0.0.1:50051 --collection demo --demo-api --watch 60
+    python example.py --target 127.0.0.1:50051 --collection overdrive-main \
+        --api-url https://api.example.com/v1/me
 """
 
 import argparse
@@ -21,11 +26,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import grpc
 
 from token_broker_client import BrokerClient
 
 _print_lock = threading.Lock()
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 JSON = False
 
 
@@ -43,12 +51,48 @@ def emit(event, **fields):
 def call_api(url, token, timeout):
     """GET url with the token as a bearer; returns the HTTP status."""
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token.value}"})
+    # A loopback API (--demo-api) is called directly even when HTTP_PROXY is set.
+    local = urllib.parse.urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
+    opener = _DIRECT if local else urllib.request.build_opener()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with opener.open(req, timeout=timeout) as resp:
             resp.read()
             return resp.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+class DemoApi:
+    """A protected API on 127.0.0.1 (a free port) for --demo-api: GET /protected
+    answers 401 to the first bearer token it ever sees and 200 to any other, as
+    an upstream does that has rotated the token the broker still holds."""
+
+    def __init__(self):
+        first = []
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                auth = self.headers.get("Authorization", "")
+                bearer = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+                with lock:
+                    if not first:
+                        first.append(bearer)
+                    ok = bool(bearer) and bearer != first[0]
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):  # no access log: it would interleave with the output
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/protected"
+        threading.Thread(target=self.server.serve_forever, name="demo-api", daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def safe_url(url):
@@ -78,7 +122,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="127.0.0.1:50051", help="broker address: HOST:PORT or unix:/path.sock")
     p.add_argument("--collection", default="demo")
-    p.add_argument("--api-url", help="a protected API to GET with Authorization: Bearer <token>")
+    api = p.add_mutually_exclusive_group()
+    api.add_argument("--api-url", help="a protected API to GET with Authorization: Bearer <token>")
+    api.add_argument(
+        "--demo-api",
+        action="store_true",
+        help="serve a local API on 127.0.0.1 that refuses the first token it sees, and call it",
+    )
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call, in seconds")
     p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="then watch rotations this long")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -89,6 +139,17 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
+    demo_api = DemoApi() if args.demo_api else None
+    if demo_api:
+        args.api_url = demo_api.url
+    try:
+        return run(args, stop)
+    finally:
+        if demo_api:
+            demo_api.close()
+
+
+def run(args, stop):
     with BrokerClient(args.target) as client:
         try:
             token = client.get_token(args.collection, timeout=args.timeout)
