@@ -1,10 +1,15 @@
 //! The Helm chart (`helm/token-broker`), checked offline by
 //! `tests/chart/check_chart.py` with helm-python-sdk (Helm's own Go SDK): lint
 //! (values.schema.json and the YAML of every manifest) and render with the
-//! default values, `ci/example-values.yaml` and variants of it, and a parent
-//! chart that includes the sidecar; the sidecar container, its probes and
-//! securityContext, the secretKeyRefs, the migration hook Job, the ConfigMap's
-//! TOML; and bad values that the schema or the templates must refuse.
+//! default values, `ci/example-values.yaml` and variants of it, a parent chart
+//! that includes the sidecar and a parent with two aliases of the chart, in
+//! native and plain sidecar modes; every rendering validated with
+//! kubernetes-validate --strict for Kubernetes 1.29 and 1.31 and checked for
+//! what the API server refuses beyond the schemas (restartPolicy on a regular
+//! container, duplicate names and ports, ...); the sidecar container, its
+//! probes and securityContext, the secretKeyRefs, the least-privilege migration
+//! hook Job, the PodMonitor, the ConfigMap's TOML; and bad values that the
+//! schema or the templates must refuse.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -34,13 +39,13 @@ fn chart_lints_renders_and_refuses_bad_values() {
     run_checks(&[]);
 }
 
-/// The configs the chart renders (with `[admin]` and required collections)
-/// are accepted by the binary.
+/// The configs the chart renders (with `[admin]` and required collections, and
+/// in plain sidecar mode `[server] shutdown_delay`) are accepted by the binary.
 #[test]
 fn chart_configs_pass_check_config() {
     let dir = tempfile::tempdir().unwrap();
     run_checks(&["--emit-configs".as_ref(), dir.path().as_os_str()]);
-    for name in ["defaults.toml", "example.toml", "parent.toml"] {
+    for name in ["defaults.toml", "example.toml", "parent.toml", "plain.toml"] {
         // Dummy values for the variables the configs name: check-config reads
         // them, connects nowhere, and prints names, never values.
         let out = Command::new(BIN)
