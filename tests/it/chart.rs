@@ -39,35 +39,55 @@ fn chart_lints_renders_and_refuses_bad_values() {
     run_checks(&[]);
 }
 
-/// The configs the chart renders (with `[admin]` and required collections, and
-/// in plain sidecar mode `[server] shutdown_delay`) are accepted by the binary.
+/// The configs the chart renders (with `[admin]` and required collections)
+/// are accepted by the binary.
 #[test]
 fn chart_configs_pass_check_config() {
     let dir = tempfile::tempdir().unwrap();
     run_checks(&["--emit-configs".as_ref(), dir.path().as_os_str()]);
-    for name in ["defaults.toml", "example.toml", "parent.toml", "plain.toml"] {
-        // Dummy values for the variables the configs name: check-config reads
-        // them, connects nowhere, and prints names, never values.
-        let out = Command::new(BIN)
-            .arg("check-config")
-            .arg(dir.path().join(name))
-            .env("PARTNER_CLIENT_SECRET", "dummy-client-secret")
-            .env(
-                "TOKEN_BROKER_DATABASE_URL",
-                "postgres://token_broker@127.0.0.1:1/token_broker",
-            )
-            .env(
-                "TOKEN_BROKER_ENCRYPTION_KEY",
-                "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: check-config failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    for name in ["defaults.toml", "example.toml", "parent.toml"] {
+        check_config(&dir.path().join(name));
     }
+}
+
+/// The plain sidecar mode's config, with `[server] shutdown_delay` (the
+/// chart's name for the binary's `serve --shutdown-delay`), is accepted too.
+#[test]
+fn chart_plain_mode_config_passes_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    run_checks(&["--emit-configs".as_ref(), dir.path().as_os_str()]);
+    let path = dir.path().join("plain.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains("shutdown_delay = \"5s\""),
+        "plain.toml:\n{text}"
+    );
+    check_config(&path);
+}
+
+fn check_config(path: &Path) {
+    // Dummy values for the variables the configs name: check-config reads
+    // them, connects nowhere, and prints names, never values.
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(path)
+        .env("PARTNER_CLIENT_SECRET", "dummy-client-secret")
+        .env(
+            "TOKEN_BROKER_DATABASE_URL",
+            "postgres://token_broker@127.0.0.1:1/token_broker",
+        )
+        .env(
+            "TOKEN_BROKER_ENCRYPTION_KEY",
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: check-config failed ({}):\n{}{}",
+        path.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
