@@ -1,21 +1,28 @@
 """Checks of the Helm chart in helm/token-broker, run by tests/it/chart.rs.
 
 Uses helm-python-sdk (Helm's Go SDK, offline): lint (values.schema.json included, and the YAML
-of every rendered manifest) and render. Rendered manifests are parsed with the SDK's own YAML
-reader, the config file with tomllib. Exits 1 listing every failed check. Prints no secret
+of every rendered manifest) and render, for a chosen Kubernetes version (`.Capabilities`, which
+`sidecar.mode: auto` reads). Rendered manifests are parsed with the SDK's own YAML reader, the
+config file with tomllib. Every rendering (defaults, ci/example-values.yaml, the parent chart and
+the two-alias parent, in native and plain modes) is validated with kubernetes-validate --strict
+against the schemas of Kubernetes 1.29 and 1.31, and checked for what the API server refuses
+beyond the schemas (restartPolicy on a regular container, probes on a plain init container,
+duplicate container names and ports, mounts of missing volumes, duplicate object names...).
+CRDs (PodMonitor) are checked structurally. Exits 1 listing every failed check. Prints no secret
 values: the values used here hold only names of variables, Secrets and keys.
 
     python tests/chart/check_chart.py [REPO_ROOT] [--emit-configs DIR]
 
-With --emit-configs, the rendered config.toml of the default values, of ci/example-values.yaml
-and of the parent chart are written to DIR (defaults.toml, example.toml, parent.toml) for
-`token-broker check-config`.
+With --emit-configs, the rendered config.toml of the default values, of ci/example-values.yaml,
+of the parent chart and of the parent chart in plain mode are written to DIR (defaults.toml,
+example.toml, parent.toml, plain.toml) for `token-broker check-config`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 import shutil
 import sys
@@ -29,6 +36,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import helm_python as helm
+import kubernetes_validate
+from helm_python import _native
 
 ARGS = sys.argv[1:]
 EMIT: Path | None = None
@@ -39,9 +48,14 @@ if "--emit-configs" in ARGS:
 ROOT = Path(ARGS[0] if ARGS else Path(__file__).resolve().parents[2])
 CHART = ROOT / "helm" / "token-broker"
 PARENT = ROOT / "tests" / "chart" / "parent"
+TWO_ALIASES = ROOT / "tests" / "chart" / "two-aliases"
 EXAMPLE_VALUES = CHART / "ci" / "example-values.yaml"
 
+# The versions every rendering is validated against (native sidecars need 1.29), and one before.
+KUBE_VERSIONS = ("1.29.0", "1.31.0")
+OLD_KUBE = "1.28.0"
 IMAGE = "ghcr.io/token-broker/token-broker:0.1.0"
+BINARY = "/usr/local/bin/token-broker"
 CONFIG_PATH = "/etc/token-broker/config.toml"
 SERVE_ARGS = ["serve", "--config", CONFIG_PATH]
 SECURITY_CONTEXT = {
@@ -98,9 +112,13 @@ def lint_ok(path: Path, values: dict[str, Any] | None, label: str, **kw: Any) ->
     check(not report["errors"] and not bad, f"{label}: lint is clean, got {report['errors'] or bad}")
 
 
-def render(path: Path, values: dict[str, Any] | None) -> dict[str, str]:
+def render(path: Path, values: dict[str, Any] | None, kube: str = KUBE_VERSIONS[-1]) -> dict[str, str]:
+    """Render as `helm template --kube-version` would. helm-python-sdk's Chart.render does not
+    expose the C SDK's kube_version option, so the native call is made with it directly."""
+    opts = {"name": "rel", "namespace": "ns", "is_install": True, "kube_version": f"v{kube}"}
     with helm.Chart.load(path) as chart:
-        return chart.render(values=values, name="rel", namespace="ns", is_install=True)
+        raw = _native.call_string("helm_render", chart._raw(), json.dumps(values) if values is not None else None, json.dumps(opts))
+    return json.loads(raw)
 
 
 def objects(manifests: dict[str, str]) -> list[dict[str, Any]]:
@@ -175,7 +193,7 @@ def walk_keys(value: Any, path: str = "") -> list[tuple[str, str, Any]]:
     return out
 
 
-def expect_error(values: dict[str, Any], needles: list[str], label: str, path: Path = CHART, schema: bool = True) -> None:
+def expect_error(values: dict[str, Any] | None, needles: list[str], label: str, path: Path = CHART, schema: bool = True, kube: str = KUBE_VERSIONS[-1]) -> None:
     """Render must raise naming every needle; so must lint for schema errors (lint only logs a
     template's `fail`: Helm's lint mode makes `fail` and `required` lenient)."""
     if schema:
@@ -185,14 +203,14 @@ def expect_error(values: dict[str, Any], needles: list[str], label: str, path: P
         for n in needles:
             check(n in lint_text, f"{label}: lint error names {n!r}, got {lint_text!r}")
     try:
-        render(path, values)
+        render(path, values, kube)
         check(False, f"{label}: render fails")
     except helm.HelmError as e:
         for n in needles:
             check(n in str(e), f"{label}: render error names {n!r}, got {str(e)!r}")
 
 
-def check_sidecar(c: dict[str, Any], what: str, admin_port: int = 9464, probe_type: str = "grpc") -> None:
+def check_sidecar(c: dict[str, Any], what: str, admin_port: int = 9464, probe_type: str = "grpc", native: bool = True, addr: str = "127.0.0.1:50051", wait: bool = True) -> None:
     check(c.get("image") == IMAGE, f"{what}: image {IMAGE}, got {c.get('image')}")
     check(c.get("args") == SERVE_ARGS, f"{what}: args {SERVE_ARGS}, got {c.get('args')}")
     check(c.get("securityContext") == SECURITY_CONTEXT, f"{what}: restrictive securityContext, got {c.get('securityContext')}")
@@ -202,13 +220,25 @@ def check_sidecar(c: dict[str, Any], what: str, admin_port: int = 9464, probe_ty
     if probe_type == "grpc":
         check(live.get("grpc") == {"port": admin_port, "service": "liveness"}, f"{what}: liveness is grpc {admin_port} service liveness, got {live}")
         check(ready.get("grpc", {}).get("port") == admin_port and ready["grpc"].get("service", "") == "", f"{what}: readiness is grpc {admin_port} service '', got {ready}")
-        check(start.get("grpc") == {"port": admin_port, "service": "liveness"}, f"{what}: startup probe is the liveness check, got {start}")
         check("httpGet" not in live and "httpGet" not in ready, f"{what}: no http probes with type grpc")
     else:
         check(live.get("httpGet") == {"path": "/livez", "port": admin_port}, f"{what}: liveness GET /livez on {admin_port}, got {live}")
         check(ready.get("httpGet") == {"path": "/readyz", "port": admin_port}, f"{what}: readiness GET /readyz on {admin_port}, got {ready}")
         check("grpc" not in live and "grpc" not in ready, f"{what}: no grpc probes with type http")
-    for name, p in (("liveness", live), ("readiness", ready)):
+    handler = lambda p: {k: v for k, v in p.items() if k in ("grpc", "httpGet")}
+    if native:
+        # The application's containers start once the startup probe passes: on readiness, which
+        # waits for the required collections (gRPC service "", what the binary reports).
+        check(handler(start) == handler(ready) and start, f"{what}: native startup probe is the readiness check, got {start}")
+        check(c.get("restartPolicy") == "Always", f"{what}: native sidecar has restartPolicy Always, got {c.get('restartPolicy')!r}")
+        check("lifecycle" not in c, f"{what}: native sidecar needs no postStart wait, got {c.get('lifecycle')}")
+    else:
+        check(handler(start) == handler(live) and start, f"{what}: plain startup probe is the liveness check, got {start}")
+        check("restartPolicy" not in c, f"{what}: plain sidecar has no restartPolicy")
+        post = ((c.get("lifecycle") or {}).get("postStart") or {}).get("exec", {}).get("command")
+        want = [BINARY, "wait", "--addr", addr, "--timeout", "60s"] if wait else None
+        check(post == want, f"{what}: plain sidecar postStart {want}, got {post}")
+    for name, p in (("liveness", live), ("readiness", ready), ("startup", start)):
         check(isinstance(p.get("periodSeconds"), int) and p.get("timeoutSeconds", 0) >= 1, f"{what}: {name} probe has timings, got {p}")
     res = c.get("resources") or {}
     check(bool(res.get("requests")) and bool((res.get("limits") or {}).get("memory")), f"{what}: resources set, got {res}")
@@ -243,21 +273,186 @@ def check_no_inline_secrets(cfg: dict[str, Any], what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# What the API server would refuse. kubernetes-validate checks the OpenAPI schemas; the rules
+# below are the ones it cannot see (they live in the API server's validation code).
+
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
+CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
+PROBE_HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def pod_template(o: dict[str, Any]) -> dict[str, Any] | None:
+    """The pod template (metadata + spec) of a workload object, or None."""
+    kind, spec = o.get("kind"), o.get("spec") or {}
+    if kind == "Pod":
+        return {"metadata": o.get("metadata") or {}, "spec": spec}
+    if kind == "CronJob":
+        spec = (spec.get("jobTemplate") or {}).get("spec") or {}
+    return spec.get("template") if kind in WORKLOAD_KINDS else None
+
+
+def is_job_pod(o: dict[str, Any]) -> bool:
+    return o.get("kind") in ("Job", "CronJob")
+
+
+def is_broker(c: dict[str, Any]) -> bool:
+    return (c.get("args") or [None])[0] == "serve" and "token-broker" in str(c.get("image"))
+
+
+def check_probe(p: dict[str, Any], c: dict[str, Any], kind: str, what: str) -> None:
+    handlers = [h for h in PROBE_HANDLERS if h in p]
+    check(len(handlers) == 1, f"{what}: {kind} has exactly one handler, got {handlers}")
+    if kind in ("livenessProbe", "startupProbe"):
+        check(p.get("successThreshold", 1) == 1, f"{what}: {kind} successThreshold must be 1 (API server), got {p.get('successThreshold')}")
+    port = (p.get(handlers[0]) or {}).get("port") if handlers and handlers[0] != "exec" else None
+    declared = {q.get("containerPort") for q in c.get("ports") or []} | {q.get("name") for q in c.get("ports") or []}
+    if port is not None:
+        check(port in declared, f"{what}: {kind} port {port} is one of the container's ports {sorted(map(str, declared))}")
+
+
+def check_pod(o: dict[str, Any], what: str) -> None:
+    """The pod rules of the API server (1.29-1.31) that the schemas do not express."""
+    spec = (pod_template(o) or {}).get("spec") or {}
+    inits, mains = spec.get("initContainers") or [], spec.get("containers") or []
+    check(bool(mains), f"{what}: at least one container")
+    names = [c.get("name") for c in inits + mains]
+    check(len(names) == len(set(names)), f"{what}: container names unique across init and regular containers, got {names}")
+    for c in mains:
+        cw = f"{what} container {c.get('name')}"
+        # "spec.containers[0].restartPolicy: Forbidden: may not be set for non-init containers"
+        check("restartPolicy" not in c, f"{cw}: no restartPolicy on a regular container (the API server refuses it), got {c.get('restartPolicy')!r}")
+        for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if kind in c:
+                check_probe(c[kind], c, kind, cw)
+    for c in inits:
+        cw = f"{what} init container {c.get('name')}"
+        rp = c.get("restartPolicy")
+        check(rp in (None, "Always"), f"{cw}: restartPolicy absent or Always, got {rp!r}")
+        if rp == "Always":
+            for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if kind in c:
+                    check_probe(c[kind], c, kind, cw)
+        else:
+            bad = [k for k in ("lifecycle", "livenessProbe", "readinessProbe", "startupProbe") if k in c]
+            check(not bad, f"{cw}: no lifecycle or probes on an init container without restartPolicy Always, got {bad}")
+    ports = [(p.get("containerPort"), p.get("protocol", "TCP")) for c in inits + mains for p in c.get("ports") or []]
+    check(len(ports) == len(set(ports)), f"{what}: no container port declared twice in the pod, got {ports}")
+    pnames = [p["name"] for c in inits + mains for p in c.get("ports") or [] if "name" in p]
+    check(len(pnames) == len(set(pnames)), f"{what}: port names unique in the pod, got {pnames}")
+    for n in pnames:
+        check(len(n) <= 15 and DNS_LABEL.fullmatch(n) is not None and re.search("[a-z]", n) is not None, f"{what}: port name {n!r} is an IANA_SVC_NAME")
+    vols = [v.get("name") for v in spec.get("volumes") or []]
+    check(len(vols) == len(set(vols)), f"{what}: volume names unique, got {vols}")
+    for c in inits + mains:
+        for m in c.get("volumeMounts") or []:
+            check(m.get("name") in vols, f"{what} container {c.get('name')}: mount {m.get('name')!r} names a volume of the pod {vols}")
+        for h in ((c.get("lifecycle") or {}).get("postStart") or {}, (c.get("lifecycle") or {}).get("preStop") or {}):
+            cmd = (h.get("exec") or {}).get("command") or []
+            if cmd and is_broker(c):
+                check(cmd[0] == BINARY, f"{what}: the broker's hooks exec the binary (distroless: no shell), got {cmd}")
+    if is_job_pod(o):
+        check(spec.get("restartPolicy") in ("Never", "OnFailure"), f"{what}: a Job's pod has restartPolicy Never or OnFailure, got {spec.get('restartPolicy')}")
+        check(not any(is_broker(c) for c in mains), f"{what}: no plain broker sidecar in a Job's pod (it never exits, so the Job never completes)")
+
+
+def check_pod_monitor(pm: dict[str, Any], pods: list[dict[str, Any]], what: str, expect_pods: bool) -> None:
+    """The shape the Prometheus Operator's CRD requires, and a port the selected pods have."""
+    check(pm.get("apiVersion") == "monitoring.coreos.com/v1" and pm.get("kind") == "PodMonitor", f"{what}: monitoring.coreos.com/v1 PodMonitor, got {pm.get('apiVersion')} {pm.get('kind')}")
+    name = (pm.get("metadata") or {}).get("name", "")
+    check(DNS_LABEL.fullmatch(name) is not None and len(name) <= 63, f"{what}: a valid name, got {name!r}")
+    spec = pm.get("spec") or {}
+    check(set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels", "sampleLimit"}, f"{what}: known spec fields, got {sorted(spec)}")
+    match = (spec.get("selector") or {}).get("matchLabels") or {}
+    check(bool(match) and all(isinstance(v, str) for v in match.values()), f"{what}: selector.matchLabels of strings, got {match}")
+    eps = spec.get("podMetricsEndpoints") or []
+    check(bool(eps), f"{what}: podMetricsEndpoints not empty")
+    for ep in eps:
+        check(isinstance(ep.get("port"), str), f"{what}: endpoint scrapes a port by name, got {ep}")
+        check(set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels"}, f"{what}: known endpoint fields, got {sorted(ep)}")
+        for k in ("interval", "scrapeTimeout"):
+            if k in ep:
+                check(re.fullmatch(r"([0-9]+(ms|s|m|h))+", str(ep[k])) is not None, f"{what}: {k} is a Prometheus duration, got {ep[k]!r}")
+        check(str(ep.get("path", "/")).startswith("/"), f"{what}: path starts with /")
+    selected = [o for o in pods if match and all(((pod_template(o) or {}).get("metadata") or {}).get("labels", {}).get(k) == v for k, v in match.items())]
+    if expect_pods:
+        check(bool(selected), f"{what}: selects at least one rendered pod ({match})")
+    for o in selected:
+        spec_ = (pod_template(o) or {}).get("spec") or {}
+        ports = {p.get("name") for c in (spec_.get("initContainers") or []) + (spec_.get("containers") or []) if is_broker(c) for p in c.get("ports") or []}
+        for ep in eps:
+            check(ep.get("port") in ports, f"{what}: port {ep.get('port')!r} is the admin port name of the broker in {o['metadata']['name']}, got {ports}")
+
+
+def check_api(objs: list[dict[str, Any]], kube: str, what: str, expect_pods: bool = True) -> None:
+    """Everything the API server of `kube` would refuse, as far as it can be known offline."""
+    keys = [(o.get("kind"), (o.get("metadata") or {}).get("name")) for o in objs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    check(not dup, f"{what}: every object has its own kind and name, duplicates {dup}")
+    pods = [o for o in objs if pod_template(o) is not None]
+    for o in objs:
+        ow = f"{what} [k8s {kube}] {o.get('kind')}/{(o.get('metadata') or {}).get('name')}"
+        body = {k: v for k, v in o.items() if k != "__template"}
+        if (o.get("apiVersion"), o.get("kind")) in CRD_KINDS:
+            if o.get("kind") == "PodMonitor":
+                check_pod_monitor(body, pods, ow, expect_pods)
+            continue
+        try:
+            kubernetes_validate.validate(body, kube, strict=True)
+            check(True, ow)
+        except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as e:
+            check(False, f"{ow}: kubernetes-validate --strict: {getattr(e, 'message', e)}")
+        name = (o.get("metadata") or {}).get("name", "")
+        limit = 52 if o.get("kind") == "CronJob" else 63 if o.get("kind") in ("Job", "Deployment", "Service") else 253
+        check(0 < len(name) <= limit, f"{ow}: name of at most {limit} characters")
+        if pod_template(o) is not None:
+            check_pod(o, ow)
+
+
+def validate_all(path: Path, values: dict[str, Any] | None, what: str, expect_pods: bool = True, mode: str | None = None) -> None:
+    """Render for each Kubernetes version of KUBE_VERSIONS and check it like the API server."""
+    for kube in KUBE_VERSIONS:
+        objs = objects(render(path, values, kube))
+        check_api(objs, kube, what, expect_pods)
+        if mode is not None:
+            check(sidecar_placements(objs) <= {mode}, f"{what} [k8s {kube}]: every sidecar is {mode}, got {sidecar_placements(objs)}")
+
+
+def sidecar_placements(objs: list[dict[str, Any]]) -> set[str]:
+    out = set()
+    for o in objs:
+        spec = (pod_template(o) or {}).get("spec") or {}
+        out |= {"native" for c in spec.get("initContainers") or [] if is_broker(c)}
+        out |= {"plain" for c in spec.get("containers") or [] if is_broker(c)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 
 def defaults() -> None:
     section("default values")
     lint_ok(CHART, None, "defaults")
+    for kube in (OLD_KUBE,) + KUBE_VERSIONS:
+        lint_ok(CHART, None, f"defaults, k8s {kube}", kube_version=f"v{kube}")
     objs = objects(render(CHART, None))
     check(not find(objs, "Job") and not find(objs, "Deployment"), "defaults: no Job and no Deployment (example off, no store)")
     check(not find(objs, "Secret"), "defaults: the chart never renders a Secret")
+    check(not find(objs, "PodMonitor"), "defaults: no PodMonitor unless asked")
     cm = regular_configmap(objs, "defaults")
     check(cm.get("metadata", {}).get("name") == "rel-token-broker", f"defaults: ConfigMap named rel-token-broker, got {cm.get('metadata')}")
     emit(cm, "defaults.toml")
     cfg = parse_toml(cm, "defaults")
     check(cfg.get("admin") == {"enabled": True, "listen": "0.0.0.0:9464"}, f"defaults: [admin] listen on 0.0.0.0:9464, got {cfg.get('admin')}")
     check(cfg.get("server", {}).get("listen") == "127.0.0.1:50051", f"defaults: token API on loopback, got {cfg.get('server')}")
+    check("shutdown_delay" not in cfg.get("server", {}), f"defaults (native on 1.31): no shutdown_delay, got {cfg.get('server')}")
     check(cfg.get("collections", {}).get("demo", {}).get("source", {}).get("kind") == "demo", f"defaults: demo collection, got {cfg.get('collections')}")
     check("store" not in cfg, "defaults: no [store]")
+    validate_all(CHART, None, "defaults")
+    old = parse_toml(regular_configmap(objects(render(CHART, None, OLD_KUBE)), "defaults 1.28"), "defaults 1.28")
+    check(old.get("server", {}).get("shutdown_delay") == "5s", f"defaults on 1.28 (auto: plain): shutdown_delay 5s, got {old.get('server')}")
+    named = objects(render(CHART, {"nameOverride": "tb", "metrics": {"podMonitor": {"enabled": True}}}))
+    check({o["metadata"]["name"] for o in named if o.get("kind") in ("ConfigMap", "PodMonitor")} == {"rel-tb"}, "nameOverride: objects named rel-tb")
+    check_api(named, KUBE_VERSIONS[-1], "nameOverride + PodMonitor", expect_pods=False)
 
 
 def example() -> None:
@@ -293,7 +488,7 @@ def example() -> None:
 
     dep = one(objs, "Deployment", "example")
     pod = dep.get("spec", {}).get("template", {}).get("spec", {})
-    sidecar = container(pod, "token-broker")
+    sidecar = container(pod, "token-broker", init=True)
     check_sidecar(sidecar, "example sidecar")
     env = secret_env(sidecar)
     expected = {"PARTNER_CLIENT_SECRET": "partner-client-secret", "TOKEN_BROKER_DATABASE_URL": "database-url", "TOKEN_BROKER_ENCRYPTION_KEY": "encryption-key"}
@@ -316,23 +511,29 @@ def example() -> None:
     check(pod.get("automountServiceAccountToken") is False, "example: no service account token")
     check_annotations(dep, cm, "example")
 
-    # The migration hook.
+    # The migration hook: least privilege.
     job = one(objs, "Job", "example")
     ann = job.get("metadata", {}).get("annotations", {})
     check(ann.get("helm.sh/hook") == "pre-install,pre-upgrade", f"job: pre-install,pre-upgrade hook, got {ann}")
     check("before-hook-creation" in ann.get("helm.sh/hook-delete-policy", ""), f"job: before-hook-creation delete policy, got {ann}")
     jspec = job.get("spec", {})
     check(isinstance(jspec.get("backoffLimit"), int) and isinstance(jspec.get("activeDeadlineSeconds"), int) and jspec["activeDeadlineSeconds"] > 0, f"job: backoffLimit and activeDeadlineSeconds set, got {jspec}")
-    jpod = jspec.get("template", {}).get("spec", {})
+    jtpl = jspec.get("template", {})
+    jpod = jtpl.get("spec", {})
+    check((jtpl.get("metadata") or {}).get("annotations", {}).get("sidecar.istio.io/inject") == "false", f"job: Istio injection off by default (an injected Job never completes), got {jtpl.get('metadata')}")
     check(jpod.get("restartPolicy") == "Never", "job: restartPolicy Never")
     check(jpod.get("securityContext") == pod.get("securityContext"), "job: same pod securityContext as the example")
+    check(jpod.get("automountServiceAccountToken") is False, "job: no service account token")
+    check(not jpod.get("initContainers") and len(jpod.get("containers") or []) == 1, "job: one container, no sidecar")
     migrate = container(jpod, "migrate")
     check(migrate.get("args") == ["migrate", "--config", CONFIG_PATH], f"job: runs migrate --config, got {migrate.get('args')}")
     check(migrate.get("image") == IMAGE, "job: broker image")
-    check(migrate.get("securityContext") == SECURITY_CONTEXT, "job: restrictive securityContext")
-    jenv = secret_env(migrate)
-    check(jenv.get("TOKEN_BROKER_DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef") == {"name": "token-broker-secrets", "key": "database-url-migrator"}, "job: the migrator's database URL key")
+    check(migrate.get("securityContext") == SECURITY_CONTEXT, "job: restrictive securityContext (the sidecar's)")
+    jenv = [e.get("name") for e in migrate.get("env") or []]
+    check(jenv == ["TOKEN_BROKER_DATABASE_URL"], f"job: only the database URL variable (no upstream secret, no encryption key), got {jenv}")
+    check(secret_env(migrate).get("TOKEN_BROKER_DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef") == {"name": "token-broker-secrets", "key": "database-url-migrator"}, "job: the migrator's database URL key")
     jvols = {v.get("name"): v for v in jpod.get("volumes") or []}
+    check(set(jvols) == {"config"}, f"job: only its config volume, got {sorted(jvols)}")
     hook_cm_name = (jvols.get("config") or {}).get("configMap", {}).get("name")
     check(hook_cm_name and hook_cm_name != cm_name, f"job: reads its own ConfigMap, not the regular {cm_name}")
     hook_cm = one(objs, "ConfigMap", "job", lambda o: o.get("metadata", {}).get("name") == hook_cm_name)
@@ -340,24 +541,60 @@ def example() -> None:
     check(hann.get("helm.sh/hook") == ann.get("helm.sh/hook"), "job: its ConfigMap is a hook of the same events")
     check(int(hann.get("helm.sh/hook-weight", "0")) < int(ann.get("helm.sh/hook-weight", "0")), "job: its ConfigMap has a lower hook-weight (created first)")
     check(hann.get("helm.sh/hook-delete-policy") == "before-hook-creation", f"job: its ConfigMap is kept until the next hook run, got {hann}")
-    check(parse_toml(hook_cm, "job") == cfg, "job: hook ConfigMap holds the same config")
+    hook_cfg = parse_toml(hook_cm, "job")
+    check(hook_cfg == {"store": {"database_url_env": "TOKEN_BROKER_DATABASE_URL", "query_timeout": "2s", "poll_interval": "30s"}}, f"job: its ConfigMap holds [store] only, with the URL variable and timings, got {hook_cfg}")
+    validate_all(CHART, values, "example", mode="native")
 
     # Variants of the same values.
     section("variants")
     http = objects(render(CHART, merge(values, {"probes": {"type": "http"}, "admin": {"port": 9500}})))
     hdep = one(http, "Deployment", "http probes")
-    hside = container(hdep["spec"]["template"]["spec"], "token-broker")
+    hside = container(hdep["spec"]["template"]["spec"], "token-broker", init=True)
     check_sidecar(hside, "http probes, admin port 9500", admin_port=9500, probe_type="http")
     hcm = regular_configmap(http, "http probes")
     check(parse_toml(hcm, "port 9500").get("admin", {}).get("listen") == "0.0.0.0:9500", "port 9500: [admin] listen follows admin.port")
     check_annotations(hdep, hcm, "port 9500", port=9500)
     check(pod_annotations(hdep)["checksum/token-broker-config"] != pod_annotations(dep)["checksum/token-broker-config"], "a config change changes the checksum annotation")
+    check_api(http, KUBE_VERSIONS[-1], "http probes")
 
-    native = objects(render(CHART, merge(values, {"nativeSidecar": True})))
-    npod = one(native, "Deployment", "native sidecar")["spec"]["template"]["spec"]
-    init = container(npod, "token-broker", init=True)
-    check(init.get("restartPolicy") == "Always", "native sidecar: init container with restartPolicy Always")
+    sock = "unix:/var/run/token-broker/broker.sock"
+    for label, over, kube in (("plain mode", {"sidecar": {"mode": "plain"}}, KUBE_VERSIONS[-1]), ("auto on 1.28", {}, OLD_KUBE), ("nativeSidecar: false (deprecated)", {"nativeSidecar": False}, KUBE_VERSIONS[-1])):
+        pobjs = objects(render(CHART, merge(values, over), kube))
+        ppod = one(pobjs, "Deployment", label)["spec"]["template"]["spec"]
+        check(not ppod.get("initContainers"), f"{label}: no init containers")
+        check([c.get("name") for c in ppod.get("containers", [])] == ["token-broker", "app"], f"{label}: the sidecar first among containers (its postStart holds the app back), got {[c.get('name') for c in ppod.get('containers', [])]}")
+        check_sidecar(container(ppod, "token-broker"), f"{label} sidecar", native=False, addr=sock)
+        pcfg = parse_toml(regular_configmap(pobjs, label), label)
+        check(pcfg.get("server", {}).get("shutdown_delay") == "5s", f"{label}: [server] shutdown_delay 5s, got {pcfg.get('server')}")
+        if kube != OLD_KUBE:
+            check_api(pobjs, kube, label)
+    validate_all(CHART, merge(values, {"sidecar": {"mode": "plain"}}), "example, plain", mode="plain")
+    tuned = objects(render(CHART, merge(values, {"sidecar": {"mode": "plain", "shutdownDelay": "12s", "waitOnStart": {"enabled": False}}})))
+    tside = container(one(tuned, "Deployment", "tuned plain")["spec"]["template"]["spec"], "token-broker")
+    check_sidecar(tside, "plain without waitOnStart", native=False, wait=False)
+    check(parse_toml(regular_configmap(tuned, "tuned"), "tuned").get("server", {}).get("shutdown_delay") == "12s", "sidecar.shutdownDelay is rendered as given")
+    zero = objects(render(CHART, merge(values, {"sidecar": {"mode": "plain", "shutdownDelay": "0s"}})))
+    check("shutdown_delay" not in parse_toml(regular_configmap(zero, "zero"), "zero").get("server", {}), "shutdownDelay 0s: no shutdown_delay")
+
+    native = objects(render(CHART, merge(values, {"nativeSidecar": True}), OLD_KUBE.replace("28", "30")))
+    npod = one(native, "Deployment", "nativeSidecar: true (deprecated)")["spec"]["template"]["spec"]
+    check_sidecar(container(npod, "token-broker", init=True), "nativeSidecar: true", native=True)
     check(all(c.get("name") != "token-broker" for c in npod.get("containers", [])), "native sidecar: not also among containers")
+
+    job_more = {"migration": {"imagePullSecrets": [{"name": "regcred"}], "nodeSelector": {"pool": "batch"}, "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}]}}}, "podAnnotations": {"a": "b"}, "podLabels": {"team": "x"}, "extraEnv": [{"name": "PGAPPNAME", "value": "migrate"}], "extraVolumes": [{"name": "db-ca", "secret": {"secretName": "db-ca"}}], "extraVolumeMounts": [{"name": "db-ca", "mountPath": "/etc/db-ca", "readOnly": True}]},
+                "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}], "extraVolumes": [{"name": "ca", "configMap": {"name": "ca"}}], "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ca"}]}
+    jobj = objects(render(CHART, merge(values, job_more)))
+    jp = one(jobj, "Job", "job values")["spec"]["template"]
+    jps = jp["spec"]
+    check(jps.get("imagePullSecrets") == [{"name": "regcred"}] and jps.get("nodeSelector") == {"pool": "batch"} and jps.get("tolerations") and jps.get("affinity"), f"job: imagePullSecrets, nodeSelector, tolerations, affinity rendered, got {sorted(jps)}")
+    check(jp["metadata"].get("annotations") == {"a": "b", "sidecar.istio.io/inject": "false"} and jp["metadata"]["labels"].get("team") == "x", f"job: podAnnotations and podLabels, got {jp['metadata']}")
+    jm = container(jps, "migrate")
+    check([e["name"] for e in jm.get("env", [])] == ["TOKEN_BROKER_DATABASE_URL", "PGAPPNAME"], f"job: the URL plus migration.extraEnv, not the sidecar's extraEnv, got {jm.get('env')}")
+    check({v["name"] for v in jps.get("volumes", [])} == {"config", "db-ca"}, f"job: migration.extraVolumes, not the sidecar's, got {jps.get('volumes')}")
+    check_api(jobj, KUBE_VERSIONS[0], "job values")
+    own = objects(render(CHART, merge(values, {"migration": {"databaseUrlSecretKey": ""}})))
+    oref = secret_env(container(one(own, "Job", "own key")["spec"]["template"]["spec"], "migrate")).get("TOKEN_BROKER_DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef")
+    check(oref == {"name": "token-broker-secrets", "key": "database-url"}, f"job: without databaseUrlSecretKey, the sidecar's key, got {oref}")
 
     nomig = objects(render(CHART, merge(values, {"migration": {"enabled": False}})))
     check(not find(nomig, "Job"), "migration.enabled false: no Job")
@@ -368,40 +605,142 @@ def example() -> None:
     check("token-broker-socket" not in {v["name"] for v in tpod.get("volumes", [])}, "tcp: no socket volume")
     check({e["name"]: e.get("value") for e in container(tpod, "app").get("env", [])}.get("TOKEN_BROKER_ADDR") == "127.0.0.1:50051", "tcp: app gets the loopback address")
 
+    pm_objs = objects(render(CHART, merge(values, {"admin": {"portName": "broker-admin"}, "metrics": {"podMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "5s", "labels": {"release": "prom"}}}})))
+    pm = one(pm_objs, "PodMonitor", "podMonitor")
+    check(pm.get("metadata", {}).get("labels", {}).get("release") == "prom", "podMonitor: extra labels")
+    ep = ((pm.get("spec") or {}).get("podMetricsEndpoints") or [{}])[0]
+    check(ep == {"port": "broker-admin", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}, f"podMonitor: endpoint on the admin port name, got {ep}")
+    check_api(pm_objs, KUBE_VERSIONS[-1], "podMonitor")
+
+
+def with_charts(parent: Path, tmp: str) -> Path:
+    """A copy of a fixture parent chart with helm/token-broker in its charts/."""
+    dst = Path(tmp) / parent.name
+    shutil.copytree(parent, dst)
+    shutil.copytree(CHART, dst / "charts" / "token-broker")
+    return dst
+
 
 def parent() -> None:
     section("parent chart including the sidecar")
     with tempfile.TemporaryDirectory() as tmp:
-        shop = Path(tmp) / "shop"
-        shutil.copytree(PARENT, shop)
-        shutil.copytree(CHART, shop / "charts" / "token-broker")
+        shop = with_charts(PARENT, tmp)
         deps = helm.dependency_list(shop)
         check([d.get("status") for d in deps] == ["unpacked"], f"parent: dependency resolved from charts/, got {deps}")
         lint_ok(shop, None, "parent", with_subcharts=True)
-        objs = objects(render(shop, None))
-        cm = regular_configmap(objs, "parent")
-        cm_name = cm.get("metadata", {}).get("name")
-        emit(cm, "parent.toml")
-        cfg = parse_toml(cm, "parent")
-        check(set(cfg.get("collections", {})) == {"partner-api"}, f"parent: subchart config from the parent's scoped values, got {cfg.get('collections')}")
-        check(cfg.get("server", {}).get("listen") == "unix:/var/run/token-broker/broker.sock", "parent: socket from scoped values")
-        sidecars = {}
-        for dep_name, app_name in (("rel-shop", "shop"), ("rel-worker", "worker")):
-            dep = one(objs, "Deployment", f"parent {dep_name}", lambda o, n=dep_name: o["metadata"]["name"] == n)
-            pod = dep.get("spec", {}).get("template", {}).get("spec", {})
-            side = container(pod, "token-broker")
-            check_sidecar(side, f"parent {dep_name} sidecar")
-            ref = secret_env(side).get("PARTNER_CLIENT_SECRET", {}).get("valueFrom", {}).get("secretKeyRef")
-            check(ref == {"name": "shop-secrets", "key": "partner-client-secret"}, f"parent {dep_name}: secretKeyRef from the parent's values, got {ref}")
-            vols = {v.get("name"): v for v in pod.get("volumes") or []}
-            check((vols.get("token-broker-config") or {}).get("configMap", {}).get("name") == cm_name, f"parent {dep_name}: config volume names the subchart's ConfigMap {cm_name}")
-            app = container(pod, app_name)
-            check({m["name"]: m["mountPath"] for m in app.get("volumeMounts") or []}.get("token-broker-socket") == "/var/run/token-broker", f"parent {dep_name}: app mounts the socket dir")
-            check_annotations(dep, cm, f"parent {dep_name}")
-            sidecars[dep_name] = side
-        check(sidecars.get("rel-shop") == sidecars.get("rel-worker"), "parent: the .Subcharts and the dict forms give the same sidecar")
-        check(not find(objs, "Deployment", lambda o: o["metadata"]["name"].endswith("-example")), "parent: no example Deployment")
+        plain_values = {"token-broker": {"sidecar": {"mode": "plain"}}}
+        for mode, values, kube in (("native", None, KUBE_VERSIONS[-1]), ("plain", plain_values, KUBE_VERSIONS[-1]), ("plain", None, OLD_KUBE)):
+            what = f"parent {mode} (k8s {kube})"
+            objs = objects(render(shop, values, kube))
+            cm = regular_configmap(objs, what)
+            cm_name = cm.get("metadata", {}).get("name")
+            if kube == KUBE_VERSIONS[-1]:
+                emit(cm, "parent.toml" if mode == "native" else "plain.toml")
+            cfg = parse_toml(cm, what)
+            check(set(cfg.get("collections", {})) == {"partner-api"}, f"{what}: subchart config from the parent's scoped values, got {cfg.get('collections')}")
+            check(cfg.get("server", {}).get("listen") == "unix:/var/run/token-broker/broker.sock", f"{what}: socket from scoped values")
+            check(cfg.get("server", {}).get("shutdown_delay") == ("5s" if mode == "plain" else None), f"{what}: shutdown_delay only in plain mode, got {cfg.get('server')}")
+            sidecars = {}
+            for dep_name, app_name in (("rel-shop", "shop"), ("rel-worker", "worker")):
+                dep = one(objs, "Deployment", f"{what} {dep_name}", lambda o, n=dep_name: o["metadata"]["name"] == n)
+                pod = dep.get("spec", {}).get("template", {}).get("spec", {})
+                side = container(pod, "token-broker", init=mode == "native")
+                check_sidecar(side, f"{what} {dep_name} sidecar", native=mode == "native", addr="unix:/var/run/token-broker/broker.sock")
+                ref = secret_env(side).get("PARTNER_CLIENT_SECRET", {}).get("valueFrom", {}).get("secretKeyRef")
+                check(ref == {"name": "shop-secrets", "key": "partner-client-secret"}, f"{what} {dep_name}: secretKeyRef from the parent's values, got {ref}")
+                vols = {v.get("name"): v for v in pod.get("volumes") or []}
+                check((vols.get("token-broker-config") or {}).get("configMap", {}).get("name") == cm_name, f"{what} {dep_name}: config volume names the subchart's ConfigMap {cm_name}")
+                app = container(pod, app_name)
+                check({m["name"]: m["mountPath"] for m in app.get("volumeMounts") or []}.get("token-broker-socket") == "/var/run/token-broker", f"{what} {dep_name}: app mounts the socket dir")
+                check_annotations(dep, cm, f"{what} {dep_name}")
+                sidecars[dep_name] = side
+            shop_side, worker_side = sidecars.get("rel-shop", {}), sidecars.get("rel-worker", {})
+            check((worker_side.get("resources") or {}).get("limits", {}).get("memory") == "256Mi", f"{what}: the worker's resources override, got {worker_side.get('resources')}")
+            check({e["name"]: e.get("value") for e in worker_side.get("env") or []}.get("RUST_LOG") == "debug", f"{what}: the worker's logLevel override")
+            strip = lambda c: {k: v for k, v in c.items() if k not in ("resources", "env")}
+            check(strip(shop_side) == strip(worker_side), f"{what}: the .Subcharts and the dict forms give the same sidecar, but for the overrides")
+            check(not find(objs, "Deployment", lambda o: o["metadata"]["name"].endswith("-example")), f"{what}: no example Deployment")
+            check(bool(find(objs, "CronJob")) == (mode == "native"), f"{what}: the CronJob only in native mode")
+            if kube in KUBE_VERSIONS:
+                check_api(objs, kube, what)
+        validate_all(shop, None, "parent native", mode="native")
+        validate_all(shop, plain_values, "parent plain", mode="plain")
         expect_error({"token-broker": {"probes": {"type": "bogus"}}}, ["token-broker", "/probes/type"], "parent: a bad subchart value", path=shop)
+        expect_error({"token-broker": {"sidecar": {"mode": "native"}}}, ["sidecar.mode native needs Kubernetes 1.29+", "v1.28.0"], "parent: native mode on Kubernetes 1.28", path=shop, schema=False, kube=OLD_KUBE)
+
+        # The former README's snippet: token-broker.container under containers:. Fine in plain
+        # mode; refused in native mode, naming the template to use instead.
+        legacy = with_charts(PARENT, tmp + "/legacy")
+        for f in ("deployment.yaml", "worker.yaml", "report-cronjob.yaml"):
+            (legacy / "templates" / f).unlink()
+        (legacy / "templates" / "legacy.yaml").write_text(LEGACY_TEMPLATE)
+        lobjs = objects(render(legacy, plain_values))
+        check([c.get("name") for c in one(lobjs, "Deployment", "legacy plain")["spec"]["template"]["spec"]["containers"]] == ["shop", "token-broker"], "legacy snippet: still renders in plain mode")
+        check_api(lobjs, KUBE_VERSIONS[-1], "legacy snippet, plain")
+        expect_error(None, ["sidecar mode is native", 'include \"token-broker.initContainer\" under initContainers:', "restartPolicy: Always is refused"], "legacy snippet in native mode", path=legacy, schema=False)
+        expect_error({"token-broker": {"nativeSidecar": True}}, ["sidecar mode is native", "token-broker.initContainer"], "legacy snippet with nativeSidecar: true", path=legacy, schema=False)
+        (legacy / "templates" / "legacy.yaml").write_text(LEGACY_TEMPLATE.replace("containers:\n", "initContainers:\n        {{- include \"token-broker.initContainer\" $tb | nindent 8 }}\n      containers:\n", 1).replace("        {{- include \"token-broker.container\" $tb | nindent 8 }}\n", ""))
+        expect_error(plain_values, ["sidecar mode is plain", 'include \"token-broker.container\" under containers:'], "initContainer in plain mode", path=legacy, schema=False)
+        (legacy / "templates" / "legacy.yaml").write_text(LEGACY_TEMPLATE.replace('$tb := index .Subcharts "token-broker"', '$tb := dict "Values" (index .Values "token-broker") "Release" .Release "Chart" (dict "AppVersion" "0.1.0")'))
+        expect_error(None, ["sidecar.mode auto needs .Capabilities"], "a dict context without .Capabilities in auto mode", path=legacy, schema=False)
+
+
+LEGACY_TEMPLATE = """{{- $tb := index .Subcharts "token-broker" }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ .Release.Name }}-shop
+spec:
+  selector:
+    matchLabels:
+      app: shop
+  template:
+    metadata:
+      labels:
+        app: shop
+    spec:
+      containers:
+        - name: shop
+          image: busybox:1.36
+        {{- include "token-broker.container" $tb | nindent 8 }}
+      volumes:
+        {{- include "token-broker.volumes" $tb | nindent 8 }}
+"""
+
+
+def two_aliases() -> None:
+    section("two aliases of the chart in one parent")
+    with tempfile.TemporaryDirectory() as tmp:
+        market = with_charts(TWO_ALIASES, tmp)
+        lint_ok(market, None, "two aliases", with_subcharts=True)
+        for mode, values in (("native", None), ("plain", {"orders-broker": {"sidecar": {"mode": "plain"}}, "reports-broker": {"sidecar": {"mode": "plain"}}})):
+            what = f"two aliases, {mode}"
+            objs = objects(render(market, values))
+            names = {(o["kind"], o["metadata"]["name"]) for o in objs}
+            for alias in ("orders-broker", "reports-broker"):
+                for kind, name in (("ConfigMap", f"rel-{alias}"), ("ConfigMap", f"rel-{alias}-migrate"), ("Job", f"rel-{alias}-migrate"), ("PodMonitor", f"rel-{alias}")):
+                    check((kind, name) in names, f"{what}: {kind} {name} (named after the alias)")
+            for app, alias in (("orders", "orders-broker"), ("reports", "reports-broker")):
+                dep = one(objs, "Deployment", f"{what} {app}", lambda o, n=f"rel-{app}": o["metadata"]["name"] == n)
+                pod = dep["spec"]["template"]["spec"]
+                vols = {v["name"]: v for v in pod.get("volumes") or []}
+                check(vols.get("token-broker-config", {}).get("configMap", {}).get("name") == f"rel-{alias}", f"{what}: {app} mounts its own broker's ConfigMap rel-{alias}")
+                cm = one(objs, "ConfigMap", f"{what} {alias}", lambda o, n=f"rel-{alias}": o["metadata"]["name"] == n)
+                check_annotations(dep, cm, f"{what} {app}")
+                check(dep["spec"]["template"]["metadata"]["labels"].get("token-broker/sidecar") == f"rel-{alias}", f"{what}: {app}'s pod carries its PodMonitor's label")
+                check(sidecar_placements([dep]) == {mode}, f"{what}: {app}'s sidecar is {mode}")
+            orders = parse_toml(one(objs, "ConfigMap", "orders", lambda o: o["metadata"]["name"] == "rel-orders-broker"), "orders")
+            check(set(orders.get("collections", {})) == {"orders"}, f"{what}: each alias has its own config, got {orders.get('collections')}")
+            jobs = find(objs, "Job")
+            for j in jobs:
+                jenv = [e["name"] for e in container(j["spec"]["template"]["spec"], "migrate").get("env") or []]
+                check(jenv == ["TOKEN_BROKER_DATABASE_URL"], f"{what}: {j['metadata']['name']} gets only the database URL, got {jenv}")
+        validate_all(market, None, "two aliases native", mode="native")
+        validate_all(market, {"orders-broker": {"sidecar": {"mode": "plain"}}, "reports-broker": {"sidecar": {"mode": "plain"}}}, "two aliases plain", mode="plain")
+        same = {"orders-broker": {"fullnameOverride": "tb"}, "reports-broker": {"fullnameOverride": "tb"}}
+        clash = objects(render(market, same))
+        keys = [(o["kind"], o["metadata"]["name"]) for o in clash]
+        check(len(keys) != len(set(keys)), "two aliases with the same fullnameOverride do clash (the uniqueness check sees it)")
 
 
 def failures_expected() -> None:
@@ -412,24 +751,34 @@ def failures_expected() -> None:
     expect_error({"admin": {"port": "x"}}, ["/admin/port"], "admin.port a string")
     expect_error({"admin": {"port": 0}}, ["/admin/port"], "admin.port 0")
     expect_error({"admin": {"port": 70000}}, ["/admin/port"], "admin.port 70000")
+    expect_error({"admin": {"portName": "a-much-too-long-port-name"}}, ["/admin/portName"], "admin.portName over 15 characters")
+    expect_error({"admin": {"portName": "9464"}}, ["/admin/portName"], "admin.portName without a letter")
     expect_error({"store": {"poolSize": -1}}, ["/store/poolSize"], "store.poolSize negative")
     expect_error({"secrets": {"existingSecret": "", "env": [{"name": "X", "key": "k"}]}}, ["/secrets/existingSecret"], "secrets.env without existingSecret")
     expect_error({"config": {"server": {"listen": "0.0.0.0:50051"}}}, ["/config/server"], "config.server.listen (managed by tokenApi)")
+    expect_error({"config": {"server": {"shutdown_delay": "5s"}}}, ["/config/server"], "config.server.shutdown_delay (managed by sidecar.shutdownDelay)")
     expect_error({"config": {"store": {"pool_size": 2}}}, ["/config"], "config.store (managed by store)")
     expect_error({"config": {"collections": {"p": {"source": {"kind": "oauth2_client_credentials", "client_secret": "not-a-real-secret"}}}}}, ["client_secret"], "an inline client_secret")
     expect_error({"config": {"collections": {"p": {"required": True, "prefetch": False, "source": {"kind": "demo"}}}}}, ["/config/collections/p"], "required without prefetch")
     expect_error({"config": {"collections": {"p": {"source": {"kind": "nope"}}}}}, ["/config/collections/p/source/kind"], "unknown source kind")
     expect_error({"tokenApi": {"listen": "unix:/x.sock"}}, ["/tokenApi/listen"], "tokenApi.listen not IP:PORT")
     expect_error({"unknownKey": 1}, ["unknownKey"], "an unknown top-level value")
+    expect_error({"sidecar": {"mode": "sometimes"}}, ["/sidecar/mode"], "sidecar.mode not native, plain or auto")
+    expect_error({"sidecar": {"shutdownDelay": "soon"}}, ["/sidecar/shutdownDelay"], "sidecar.shutdownDelay not a duration")
+    expect_error({"metrics": {"podMonitor": {"enabled": True, "interval": "often"}}}, ["/metrics/podMonitor/interval"], "podMonitor.interval not a duration")
+    expect_error({"migration": {"podAnnotations": {"a": 1}}}, ["/migration/podAnnotations"], "a non-string Job pod annotation")
     # Not expressible in the schema: checked by the templates.
     expect_error(oauth, ["PARTNER_CLIENT_SECRET", "secrets.env"], "a referenced variable no Secret provides", schema=False)
     expect_error(merge(env, {"store": {"enabled": True}}), ["TOKEN_BROKER_DATABASE_URL"], "store without its database URL variable", schema=False)
+    expect_error({"nativeSidecar": True, "sidecar": {"mode": "plain"}, "example": {"enabled": True}}, ["nativeSidecar: true (deprecated) contradicts sidecar.mode: plain"], "nativeSidecar true with sidecar.mode plain", schema=False)
+    expect_error({"sidecar": {"mode": "native"}, "example": {"enabled": True}}, ["sidecar.mode native needs Kubernetes 1.29+"], "native mode on Kubernetes 1.28", schema=False, kube=OLD_KUBE)
+    expect_error({"store": {"enabled": True}, "extraEnv": [{"name": "TOKEN_BROKER_DATABASE_URL", "value": "postgres://h/db"}], "migration": {"databaseUrlSecretKey": "admin-url"}}, ["migration.databaseUrlSecretKey", "secrets.existingSecret"], "databaseUrlSecretKey without existingSecret", schema=False)
     lint_ok(CHART, merge(env, oauth), "the same variable provided")
 
 
 def main() -> int:
     helm.disable_logging()
-    for step in (defaults, example, parent, failures_expected):
+    for step in (defaults, example, parent, two_aliases, failures_expected):
         try:
             step()
         except Exception as e:  # a crash in one group must not hide the others

@@ -1,10 +1,15 @@
 //! The Helm chart (`helm/token-broker`), checked offline by
 //! `tests/chart/check_chart.py` with helm-python-sdk (Helm's own Go SDK): lint
 //! (values.schema.json and the YAML of every manifest) and render with the
-//! default values, `ci/example-values.yaml` and variants of it, and a parent
-//! chart that includes the sidecar; the sidecar container, its probes and
-//! securityContext, the secretKeyRefs, the migration hook Job, the ConfigMap's
-//! TOML; and bad values that the schema or the templates must refuse.
+//! default values, `ci/example-values.yaml` and variants of it, a parent chart
+//! that includes the sidecar and a parent with two aliases of the chart, in
+//! native and plain sidecar modes; every rendering validated with
+//! kubernetes-validate --strict for Kubernetes 1.29 and 1.31 and checked for
+//! what the API server refuses beyond the schemas (restartPolicy on a regular
+//! container, duplicate names and ports, ...); the sidecar container, its
+//! probes and securityContext, the secretKeyRefs, the least-privilege migration
+//! hook Job, the PodMonitor, the ConfigMap's TOML; and bad values that the
+//! schema or the templates must refuse.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -41,28 +46,48 @@ fn chart_configs_pass_check_config() {
     let dir = tempfile::tempdir().unwrap();
     run_checks(&["--emit-configs".as_ref(), dir.path().as_os_str()]);
     for name in ["defaults.toml", "example.toml", "parent.toml"] {
-        // Dummy values for the variables the configs name: check-config reads
-        // them, connects nowhere, and prints names, never values.
-        let out = Command::new(BIN)
-            .arg("check-config")
-            .arg(dir.path().join(name))
-            .env("PARTNER_CLIENT_SECRET", "dummy-client-secret")
-            .env(
-                "TOKEN_BROKER_DATABASE_URL",
-                "postgres://token_broker@127.0.0.1:1/token_broker",
-            )
-            .env(
-                "TOKEN_BROKER_ENCRYPTION_KEY",
-                "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: check-config failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        check_config(&dir.path().join(name));
     }
+}
+
+/// The plain sidecar mode's config, with `[server] shutdown_delay` (the
+/// chart's name for the binary's `serve --shutdown-delay`), is accepted too.
+#[test]
+fn chart_plain_mode_config_passes_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    run_checks(&["--emit-configs".as_ref(), dir.path().as_os_str()]);
+    let path = dir.path().join("plain.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains("shutdown_delay = \"5s\""),
+        "plain.toml:\n{text}"
+    );
+    check_config(&path);
+}
+
+fn check_config(path: &Path) {
+    // Dummy values for the variables the configs name: check-config reads
+    // them, connects nowhere, and prints names, never values.
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(path)
+        .env("PARTNER_CLIENT_SECRET", "dummy-client-secret")
+        .env(
+            "TOKEN_BROKER_DATABASE_URL",
+            "postgres://token_broker@127.0.0.1:1/token_broker",
+        )
+        .env(
+            "TOKEN_BROKER_ENCRYPTION_KEY",
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: check-config failed ({}):\n{}{}",
+        path.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,28 +1,43 @@
 {{/*
 Named templates of the token-broker chart.
 
-The public ones (token-broker.container, token-broker.volumes, token-broker.appVolumeMounts,
-token-broker.appEnv, token-broker.podAnnotations) are what an application chart includes to add
-the sidecar to its own pod spec. They take a context with `.Values` holding this chart's values,
-`.Release`, and (for the default image tag) `.Chart`. From a parent chart that lists token-broker
-as a dependency, pass the subchart's own scope:
+The public ones (token-broker.initContainer, token-broker.container, token-broker.sidecarMode,
+token-broker.volumes, token-broker.appVolumeMounts, token-broker.appEnv, token-broker.podLabels,
+token-broker.podAnnotations) are what an application chart includes to add the sidecar to its
+own pod spec. They take a context with `.Values` holding this chart's values, `.Release`,
+`.Chart` (the default image tag, and the chart's name, which is the alias in a parent) and
+`.Capabilities` (for `sidecar.mode: auto`). From a parent chart that lists token-broker as a
+dependency, pass the subchart's own scope, which carries all four:
 
   {{- $tb := index .Subcharts "token-broker" }}
-  containers:
-    {{- include "token-broker.container" $tb | nindent 4 }}
+  {{- if eq (include "token-broker.sidecarMode" $tb) "native" }}
+  initContainers:
+    {{- include "token-broker.initContainer" $tb | nindent 4 }}
+  {{- end }}
 
-or build one: (dict "Values" (index .Values "token-broker") "Release" .Release "Chart" (dict "AppVersion" "0.1.0")).
-Names below never use .Chart, so both forms name the same ConfigMap.
+or build one: (dict "Values" (index .Values "token-broker") "Release" .Release "Capabilities"
+.Capabilities "Chart" (dict "Name" "token-broker" "AppVersion" "0.1.0")).
 */}}
 
-{{/* <release>-token-broker (or the release name when it already says token-broker). */}}
+{{/* The chart's name: nameOverride, else .Chart.Name (the alias when a parent aliases the
+dependency), else token-broker. */}}
+{{- define "token-broker.name" -}}
+{{- $chart := .Chart | default dict -}}
+{{- .Values.nameOverride | default $chart.Name | default "token-broker" | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{/* <release>-<name> (or the release name when it already contains the name); two aliases of
+the chart in one parent so get distinct object names. */}}
 {{- define "token-broker.fullname" -}}
 {{- if .Values.fullnameOverride -}}
 {{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
-{{- else if contains "token-broker" .Release.Name -}}
+{{- else -}}
+{{- $name := include "token-broker.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-token-broker" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 {{- end }}
 
@@ -33,7 +48,7 @@ Names below never use .Chart, so both forms name the same ConfigMap.
 {{- end }}
 
 {{- define "token-broker.selectorLabels" -}}
-app.kubernetes.io/name: token-broker
+app.kubernetes.io/name: {{ include "token-broker.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
@@ -62,6 +77,48 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- printf "unix:%s/%s" (trimSuffix "/" .Values.tokenApi.socket.dir) .Values.tokenApi.socket.name -}}
 {{- else -}}
 {{- .Values.tokenApi.listen -}}
+{{- end -}}
+{{- end }}
+
+{{/* "native" or "plain": where the sidecar goes. sidecar.mode native|plain, or auto: native on
+Kubernetes 1.29+ (.Capabilities.KubeVersion; `helm template` uses Helm's built-in version unless
+given --kube-version). The deprecated nativeSidecar, when set, decides instead; it may not
+contradict an explicit sidecar.mode. Fails on combinations the API server would refuse. */}}
+{{- define "token-broker.sidecarMode" -}}
+{{- $mode := (.Values.sidecar | default dict).mode | default "auto" -}}
+{{- $caps := .Capabilities -}}
+{{- if and (hasKey .Values "nativeSidecar") (ne (kindOf .Values.nativeSidecar) "invalid") -}}
+{{- $legacy := ternary "native" "plain" (eq (toString .Values.nativeSidecar) "true") -}}
+{{- if and (ne $mode "auto") (ne $mode $legacy) -}}
+{{- fail (printf "token-broker: nativeSidecar: %v (deprecated) contradicts sidecar.mode: %s; remove nativeSidecar" .Values.nativeSidecar $mode) -}}
+{{- end -}}
+{{- $mode = $legacy -}}
+{{- end -}}
+{{- if eq $mode "auto" -}}
+{{- if not $caps -}}
+{{- fail "token-broker: sidecar.mode auto needs .Capabilities in the context: pass the subchart's scope (index .Subcharts \"token-broker\"), add \"Capabilities\" .Capabilities to your dict, or set sidecar.mode to native or plain" -}}
+{{- end -}}
+{{- $mode = ternary "native" "plain" (semverCompare ">=1.29.0-0" $caps.KubeVersion.Version) -}}
+{{- else if and (eq $mode "native") $caps -}}
+{{- if not (semverCompare ">=1.29.0-0" $caps.KubeVersion.Version) -}}
+{{- fail (printf "token-broker: sidecar.mode native needs Kubernetes 1.29+ (init containers with restartPolicy: Always), and this cluster is %s: set sidecar.mode to plain or auto" $caps.KubeVersion.Version) -}}
+{{- end -}}
+{{- else if not (has $mode (list "native" "plain")) -}}
+{{- fail (printf "token-broker: sidecar.mode must be native, plain or auto, got %v" $mode) -}}
+{{- end -}}
+{{- $mode -}}
+{{- end }}
+
+{{/* [server] shutdown_delay: sidecar.shutdownDelay, or 5s in plain mode (the application gets
+SIGTERM at the same moment and may still call the broker while it drains), 0 in native mode
+(Kubernetes stops the broker only after the application has exited). "" when 0. */}}
+{{- define "token-broker.shutdownDelay" -}}
+{{- $d := toString ((.Values.sidecar | default dict).shutdownDelay | default "") -}}
+{{- if not $d -}}
+{{- $d = ternary "5s" "" (eq (include "token-broker.sidecarMode" .) "plain") -}}
+{{- end -}}
+{{- if not (regexMatch "^0+(\\.0+)?(ns|us|ms|s|m|h|d)?$" $d) -}}
+{{- $d -}}
 {{- end -}}
 {{- end }}
 
@@ -181,6 +238,9 @@ sets to null.) */ -}}
 {{- end -}}
 {{- $server := get $cfg "server" | default dict -}}
 {{- $_ := set $server "listen" (include "token-broker.tokenApiAddr" .) -}}
+{{- with include "token-broker.shutdownDelay" . -}}
+{{- $_ := set $server "shutdown_delay" . -}}
+{{- end -}}
 {{- $_ := set $cfg "server" $server -}}
 {{- $_ := set $cfg "admin" (dict "enabled" true "listen" (printf "%s:%d" (toString .Values.admin.bindAddress) (int .Values.admin.port))) -}}
 {{- if .Values.store.enabled -}}
@@ -214,10 +274,54 @@ sets to null.) */ -}}
 {{ include "token-broker.toml.table" (dict "prefix" "" "table" (include "token-broker.configMap" . | fromJson)) -}}
 {{- end }}
 
+{{/* The migration Job's config file: `[store]` only (`token-broker migrate` reads nothing else),
+with the database URL variable and the connection timings; no collections, no encryption key
+variable, so the Job needs no upstream secret and no key. */}}
+{{- define "token-broker.migrationConfigToml" -}}
+{{- $store := deepCopy (.Values.store.extra | default dict) -}}
+{{- $_ := set $store "database_url_env" .Values.store.databaseUrlEnv -}}
+# Rendered by the token-broker Helm chart for `token-broker migrate`: [store] only.
+{{ include "token-broker.toml.table" (dict "prefix" "" "table" (dict "store" $store)) -}}
+{{- end }}
+
+{{/* The migration Job's environment: the database URL variable only (from
+migration.databaseUrlSecretKey, else the sidecar's own secrets.env or extraEnv entry), plus
+migration.extraEnv. */}}
+{{- define "token-broker.migrationEnv" -}}
+{{- $v := .Values -}}
+{{- $dbEnv := $v.store.databaseUrlEnv -}}
+{{- $entry := dict -}}
+{{- if $v.migration.databaseUrlSecretKey -}}
+{{- if not $v.secrets.existingSecret -}}
+{{- fail "token-broker: migration.databaseUrlSecretKey is a key of secrets.existingSecret, which is empty: name the Secret" -}}
+{{- end -}}
+{{- $entry = dict "name" $dbEnv "valueFrom" (dict "secretKeyRef" (dict "name" $v.secrets.existingSecret "key" $v.migration.databaseUrlSecretKey)) -}}
+{{- else -}}
+{{- range $v.secrets.env -}}
+{{- if eq .name $dbEnv -}}
+{{- $entry = dict "name" $dbEnv "valueFrom" (dict "secretKeyRef" (dict "name" $v.secrets.existingSecret "key" .key)) -}}
+{{- end -}}
+{{- end -}}
+{{- if not $entry -}}
+{{- range $v.extraEnv -}}
+{{- if eq .name $dbEnv -}}
+{{- $entry = . -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if not $entry -}}
+{{- fail (printf "token-broker: the migration Job needs %s (store.databaseUrlEnv): list it in secrets.env or extraEnv, or set migration.databaseUrlSecretKey" $dbEnv) -}}
+{{- end -}}
+{{- toYaml (prepend ($v.migration.extraEnv | default list) $entry) -}}
+{{- end }}
+
 {{/* ---------------------------------------------------------------- Sidecar. */}}
 
-{{- define "token-broker.configVolumeName" -}}token-broker-config{{- end }}
-{{- define "token-broker.socketVolumeName" -}}token-broker-socket{{- end }}
+{{/* Volume names follow containerName, so two brokers in one pod (two aliases, distinct
+containerName) do not collide; the default names are unchanged. */}}
+{{- define "token-broker.configVolumeName" -}}{{ .Values.containerName | trunc 56 | trimSuffix "-" }}-config{{- end }}
+{{- define "token-broker.socketVolumeName" -}}{{ .Values.containerName | trunc 56 | trimSuffix "-" }}-socket{{- end }}
 {{- define "token-broker.configDir" -}}/etc/token-broker{{- end }}
 
 {{/* The probe handler, for "liveness" or "readiness". */}}
@@ -248,13 +352,39 @@ grpc:
 {{- end }}
 {{- end }}
 
-{{/* The sidecar container: one list item for `containers:` (or `initContainers:` with
-nativeSidecar). */}}
+{{/* The two placements of the sidecar. Each refuses the other mode, so that a pod never gets
+`restartPolicy: Always` on a regular container (the API server refuses it) nor a plain sidecar
+among init containers (the pod would never start). */}}
+
+{{/* Native sidecar: one list item for the pod's `initContainers:` (Kubernetes 1.29+). */}}
+{{- define "token-broker.initContainer" -}}
+{{- if ne (include "token-broker.sidecarMode" .) "native" -}}
+{{- fail "token-broker: the sidecar mode is plain (sidecar.mode, or auto on Kubernetes before 1.29): include \"token-broker.container\" under containers:, not \"token-broker.initContainer\" under initContainers: (branch on include \"token-broker.sidecarMode\")" -}}
+{{- end -}}
+{{- include "token-broker.sidecarContainer" (dict "ctx" . "native" true) -}}
+{{- end }}
+
+{{/* Plain sidecar: one list item for the pod's `containers:`, best listed first (its postStart
+wait then holds the next containers back until tokens are servable). */}}
 {{- define "token-broker.container" -}}
+{{- if ne (include "token-broker.sidecarMode" .) "plain" -}}
+{{- fail "token-broker: the sidecar mode is native (sidecar.mode, or auto on Kubernetes 1.29+): include \"token-broker.initContainer\" under initContainers:, not \"token-broker.container\" under containers: (restartPolicy: Always is refused there); or set sidecar.mode: plain" -}}
+{{- end -}}
+{{- include "token-broker.sidecarContainer" (dict "ctx" . "native" false) -}}
+{{- end }}
+
+{{/* Labels for the pod template's `labels:` (mapping entries): what the PodMonitor selects. */}}
+{{- define "token-broker.podLabels" -}}
+token-broker/sidecar: {{ include "token-broker.fullname" . }}
+{{- end }}
+
+{{- define "token-broker.sidecarContainer" -}}
+{{- $native := .native -}}
+{{- with .ctx -}}
 - name: {{ .Values.containerName }}
   image: {{ include "token-broker.image" . | quote }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
-  {{- if .Values.nativeSidecar }}
+  {{- if $native }}
   restartPolicy: Always
   {{- end }}
   args:
@@ -273,12 +403,29 @@ nativeSidecar). */}}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   ports:
-    - name: tb-admin
+    - name: {{ .Values.admin.portName | default "tb-admin" }}
       containerPort: {{ int .Values.admin.port }}
       protocol: TCP
+  {{- $wait := (.Values.sidecar | default dict).waitOnStart | default dict }}
+  {{- if and (not $native) $wait.enabled }}
+  lifecycle:
+    # The image has no shell: exec the binary. The kubelet starts the pod's next container
+    # only once this hook has returned, so list this container first.
+    postStart:
+      exec:
+        command:
+          - /usr/local/bin/token-broker
+          - wait
+          - --addr
+          - {{ include "token-broker.tokenApiAddr" . }}
+          - --timeout
+          - {{ $wait.timeout | default "60s" }}
+  {{- end }}
   {{- if .Values.probes.startup.enabled }}
   startupProbe:
-    {{- include "token-broker.probeHandler" (dict "ctx" . "kind" "liveness") | nindent 4 }}
+    {{- /* Native: the pod's containers start once this passes, so it waits for readiness
+    (every required collection servable). Plain: it only waits for the process to answer. */}}
+    {{- include "token-broker.probeHandler" (dict "ctx" . "kind" (ternary "readiness" "liveness" $native)) | nindent 4 }}
     {{- toYaml (omit .Values.probes.startup "enabled") | nindent 4 }}
   {{- end }}
   livenessProbe:
@@ -306,6 +453,7 @@ nativeSidecar). */}}
     {{- with .Values.extraVolumeMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+{{- end -}}
 {{- end }}
 
 {{/* The pod's volumes for the sidecar: list items for `volumes:`. */}}
