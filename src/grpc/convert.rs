@@ -15,6 +15,17 @@ pub const MAX_REASON_BYTES: usize = 1024;
 /// Longest accepted `min_remaining`.
 const MAX_MIN_REMAINING: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// A caller-sent collection name as it may appear in logs and spans: escaped,
+/// and cut after 128 characters with the full length noted, so a caller
+/// cannot copy 64 KiB into every log line of its call.
+pub fn loggable(name: &str) -> String {
+    const SHOWN: usize = crate::config::MAX_NAME_LEN;
+    match name.char_indices().nth(SHOWN) {
+        None => name.escape_debug().to_string(),
+        Some((cut, _)) => format!("{}...({} bytes)", name[..cut].escape_debug(), name.len()),
+    }
+}
+
 pub fn collection(name: &str) -> Result<&str, ApiError> {
     validate_name(name).map_err(|reason| ApiError::invalid("collection", reason))?;
     Ok(name)
@@ -91,6 +102,16 @@ fn parse_grpc_timeout(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_names_are_cut_in_logs() {
+        assert_eq!(loggable("demo"), "demo");
+        assert_eq!(loggable("a\nb"), "a\\nb");
+        let long = "x".repeat(64 * 1024);
+        let shown = loggable(&long);
+        assert!(shown.len() < 200, "{}", shown.len());
+        assert!(shown.ends_with("...(65536 bytes)"));
+    }
 
     #[test]
     fn grpc_timeout_values() {

@@ -12,6 +12,7 @@
 //! (a `WatchToken` when its stream ends).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -31,6 +32,40 @@ pub struct TokenBrokerService {
     request_timeout: Duration,
     unary: Arc<Semaphore>,
     streams: Arc<Semaphore>,
+    /// `reason` lines at info level: at most one a second; the rest at debug,
+    /// counted in the next info line.
+    reasons: LogLimit,
+}
+
+/// A log line allowed at most once per `REASON_LOG_EVERY`.
+#[derive(Default)]
+struct LogLimit {
+    /// When the last line went out, in ms since `epoch`.
+    last_ms: AtomicU64,
+    /// Lines held back since then.
+    suppressed: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+const REASON_LOG_EVERY: Duration = Duration::from_secs(1);
+
+impl LogLimit {
+    /// `Some(lines suppressed since the last one)` when a line may go out now.
+    fn admit(&self) -> Option<u64> {
+        let epoch = *self.epoch.get_or_init(Instant::now);
+        // +1 so that the first call (at 0 ms) is never mistaken for "just logged".
+        let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(REASON_LOG_EVERY.as_millis()).unwrap_or(1000);
+        if last != 0 && now.saturating_sub(last) < every {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
 }
 
 impl TokenBrokerService {
@@ -40,6 +75,7 @@ impl TokenBrokerService {
             request_timeout: cfg.request_timeout,
             unary: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             streams: Arc::new(Semaphore::new(cfg.max_streams)),
+            reasons: LogLimit::default(),
         }
     }
 }
@@ -119,7 +155,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
             "get_collection_token",
             "GetCollectionToken",
             &metadata,
-            collection = %req.collection.escape_debug(),
+            collection = %convert::loggable(&req.collection),
         );
         let result = async {
             let _permit = admit(
@@ -149,7 +185,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
             "invalidate_token",
             "InvalidateToken",
             &metadata,
-            collection = %req.collection.escape_debug(),
+            collection = %convert::loggable(&req.collection),
             version = req.version,
         );
         let result = async {
@@ -170,7 +206,12 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
                 (0, value) => Rejected::Value(value),
                 (v, value) => Rejected::Both(v, value),
             };
-            info!(reason = %reason.escape_debug(), "upstream rejected a token");
+            match self.reasons.admit() {
+                Some(suppressed) => {
+                    info!(reason = %reason.escape_debug(), suppressed, "upstream rejected a token");
+                }
+                None => debug!(reason = %reason.escape_debug(), "upstream rejected a token"),
+            }
             let (served, refreshed) = self.broker.invalidate(name, rejected, deadline).await?;
             info!(
                 refreshed,
@@ -198,7 +239,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
             "watch_token",
             "WatchToken",
             &metadata,
-            collection = %req.collection.escape_debug(),
+            collection = %convert::loggable(&req.collection),
             after_version = req.after_version,
         );
         let opened = span.in_scope(|| {
