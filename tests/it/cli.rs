@@ -303,3 +303,51 @@ fn a_bad_or_busy_admin_address_fails_at_start_naming_it() {
         stderr(&out)
     );
 }
+
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("tb.sock");
+    let addr = format!("unix:{}", sock.display());
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            &addr,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .env_remove("TOKEN_BROKER_LOG_FORMAT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut server = Server(Some(child));
+    wait_for_socket(&sock);
+    let out = run(&["get", "demo", "--addr", &addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let child = server.0.take().unwrap();
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let logs = stderr(&out);
+    assert!(
+        !logs.contains("\x1b["),
+        "colour codes in piped logs:\n{logs:?}"
+    );
+    // Fields are plain key=value, so `grep 'version=1'` finds them.
+    for field in [
+        "version=1",
+        "admin=127.0.0.1:",
+        "ready=true",
+        "signal=\"SIGTERM\"",
+    ] {
+        assert!(
+            logs.lines().any(|l| l.contains(field)),
+            "no line with {field}:\n{logs}"
+        );
+    }
+}
