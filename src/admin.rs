@@ -5,7 +5,7 @@
 //! text format; `GET /livez` is 200 while the process runs (it depends on
 //! neither the upstream nor the database); `GET /readyz` is 200 when every
 //! required collection holds a servable token, else 503 naming the
-//! collections still waiting; and `grpc.health.v1.Health` answers the same
+//! collections still waiting (or saying that the server is draining); and `grpc.health.v1.Health` answers the same
 //! statuses as on the token API (`""` and `token_broker.v1.TokenBroker`:
 //! readiness; `liveness`: alive), so Kubernetes `grpc:` probes can reach it on
 //! the pod IP while the token API stays on loopback or a Unix socket. Nothing
@@ -41,11 +41,21 @@ use crate::broker::Broker;
 /// flavour, which Prometheus negotiates and parses).
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves the admin endpoints on `listener` until `stop` is cancelled.
+/// What the handlers read.
+#[derive(Clone)]
+struct AdminState {
+    broker: Broker,
+    /// Cancelled when a shutdown drain starts: `/readyz` answers 503 from then.
+    draining: CancellationToken,
+}
+
+/// Serves the admin endpoints on `listener` until `stop` is cancelled;
+/// `/readyz` says not ready once `draining` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     broker: Broker,
     reporter: &HealthReporter,
+    draining: CancellationToken,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
@@ -58,7 +68,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .with_state(broker)
+        .with_state(AdminState { broker, draining })
         .merge(health)
         .layer(axum::middleware::from_fn(move |req, next| {
             limit(in_flight.clone(), req, next)
@@ -72,10 +82,10 @@ pub async fn serve(
         .await
 }
 
-async fn metrics(State(broker): State<Broker>) -> impl IntoResponse {
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        broker.metrics_text(),
+        state.broker.metrics_text(),
     )
 }
 
@@ -83,8 +93,14 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(broker): State<Broker>) -> (StatusCode, String) {
-    let r = broker.readiness();
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
+    if state.draining.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n".to_owned(),
+        );
+    }
+    let r = state.broker.readiness();
     if r.ready {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

@@ -1,9 +1,11 @@
-//! Client subcommands for people at a terminal: `get`, `watch`, `invalidate`.
+//! Client subcommands for people at a terminal: `get`, `watch`, `invalidate`,
+//! and `wait` for entrypoints and init containers.
 //!
 //! Contract: token values are printed only when asked for (`--value`); every
 //! other line is safe to paste into a ticket. `watch` reconnects after a
 //! transport error or UNAVAILABLE, resuming with `after_version` so that no
-//! rotation is missed.
+//! rotation is missed. `wait` returns once gRPC health says SERVING for `""`
+//! (readiness) and fails, naming the last answer, when its timeout passes.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime};
@@ -18,7 +20,12 @@ use crate::listen::ListenAddr;
 
 /// Connects to a broker at `addr` (TCP or `unix:` path).
 pub async fn connect(addr: &ListenAddr) -> anyhow::Result<TokenBrokerClient<Channel>> {
-    let channel = match addr {
+    Ok(TokenBrokerClient::new(channel(addr).await?))
+}
+
+/// A gRPC channel to `addr` (TCP or `unix:` path).
+async fn channel(addr: &ListenAddr) -> anyhow::Result<Channel> {
+    Ok(match addr {
         ListenAddr::Tcp(a) => Endpoint::from_shared(format!("http://{a}"))?
             .connect()
             .await
@@ -37,8 +44,65 @@ pub async fn connect(addr: &ListenAddr) -> anyhow::Result<TokenBrokerClient<Chan
                 .await
                 .with_context(|| format!("cannot connect to {addr}"))?
         }
-    };
-    Ok(TokenBrokerClient::new(channel))
+    })
+}
+
+/// Longest wait for one health check of [`wait`] (unless the interval is
+/// longer): a server that accepts but does not answer is asked again.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Polls `grpc.health.v1.Health/Check` for service `""` (readiness) at
+/// `addr` every `interval` until it answers SERVING, then prints how long it
+/// took. Fails after `timeout`, naming the last answer (cannot connect,
+/// NOT_SERVING, ...).
+pub async fn wait(addr: &ListenAddr, timeout: Duration, interval: Duration) -> anyhow::Result<()> {
+    use tokio::time::Instant;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut last = "no answer yet".to_owned();
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            anyhow::bail!(
+                "{addr} not serving after {} (last: {last})",
+                humantime::format_duration(timeout)
+            );
+        }
+        let bound = remaining.min(CHECK_TIMEOUT.max(interval));
+        let check = async {
+            let mut client = HealthClient::new(channel(addr).await?);
+            let req = with_timeout(
+                HealthCheckRequest {
+                    service: String::new(),
+                },
+                bound,
+            );
+            let status = client.check(req).await.map_err(status_error)?;
+            anyhow::Ok(status.into_inner().status())
+        };
+        match tokio::time::timeout(bound, check).await {
+            Ok(Ok(ServingStatus::Serving)) => {
+                let took = Duration::from_millis(
+                    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                );
+                println!(
+                    "{addr} is serving (waited {})",
+                    humantime::format_duration(took)
+                );
+                return Ok(());
+            }
+            Ok(Ok(status)) => last = format!("health status {}", status.as_str_name()),
+            Ok(Err(e)) => last = format!("{e:#}"),
+            Err(_) => {
+                last = format!("no answer within {}", humantime::format_duration(bound));
+            }
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(interval.min(remaining)).await;
+    }
 }
 
 fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {

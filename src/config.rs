@@ -98,6 +98,40 @@ pub struct ServerConfig {
     pub http2_keepalive_timeout: Duration,
     /// After SIGTERM/SIGINT, how long in-flight calls get before the process exits.
     pub shutdown_grace: Duration,
+    /// Tokio worker threads of `serve` ([`WORKER_THREADS`]).
+    pub worker_threads: usize,
+    /// After the first SIGTERM/SIGINT, how long to keep serving (readiness
+    /// NOT_SERVING) before shutting down; at most [`MAX_SHUTDOWN_DELAY`].
+    pub shutdown_delay: Duration,
+}
+
+/// Bounds of `server.worker_threads` (and `serve --worker-threads`): a sidecar
+/// needs few threads, and one per node CPU wastes memory on big nodes.
+pub const WORKER_THREADS: std::ops::RangeInclusive<usize> = 1..=64;
+
+/// Upper bound of `server.shutdown_delay` (and `serve --shutdown-delay`).
+pub const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(300);
+
+/// Checks a worker thread count, naming `field` (`server.worker_threads` or
+/// the flag that set it).
+pub fn check_worker_threads(field: &str, n: usize) -> Result<(), ConfigError> {
+    check_range(field, n, *WORKER_THREADS.start(), *WORKER_THREADS.end())
+}
+
+/// Checks a shutdown delay, naming `field` (`server.shutdown_delay` or the
+/// flag that set it).
+pub fn check_shutdown_delay(field: &str, d: Duration) -> Result<(), ConfigError> {
+    if d > MAX_SHUTDOWN_DELAY {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "must be at most {}, got {}",
+                humantime::format_duration(MAX_SHUTDOWN_DELAY),
+                humantime::format_duration(d)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Default for ServerConfig {
@@ -111,6 +145,8 @@ impl Default for ServerConfig {
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            worker_threads: 2,
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -292,6 +328,8 @@ struct RawServer {
     http2_keepalive_interval: Option<HumanDuration>,
     http2_keepalive_timeout: Option<HumanDuration>,
     shutdown_grace: Option<HumanDuration>,
+    worker_threads: Option<usize>,
+    shutdown_delay: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -614,6 +652,8 @@ impl RawServer {
             ),
             http2_keepalive_timeout: pick(self.http2_keepalive_timeout, d.http2_keepalive_timeout),
             shutdown_grace: pick(self.shutdown_grace, d.shutdown_grace),
+            worker_threads: self.worker_threads.unwrap_or(d.worker_threads),
+            shutdown_delay: pick(self.shutdown_delay, d.shutdown_delay),
         };
         let ms = Duration::from_millis;
         check_positive("server.request_timeout", server.request_timeout, ms(1))?;
@@ -640,6 +680,8 @@ impl RawServer {
             server.http2_keepalive_timeout,
             ms(1000),
         )?;
+        check_worker_threads("server.worker_threads", server.worker_threads)?;
+        check_shutdown_delay("server.shutdown_delay", server.shutdown_delay)?;
         Ok(server)
     }
 }
@@ -746,6 +788,40 @@ impl RawHttp {
         )?;
         Ok(http)
     }
+}
+
+/// The `[store]` section alone, for `migrate`: every other section is
+/// ignored (neither checked nor resolved), so that a migration Job needs no
+/// upstream secret.
+#[derive(Debug, Deserialize)]
+struct RawStoreOnly {
+    store: Option<RawStore>,
+}
+
+/// Reads a config file's `[store]` section only (`None` when absent): the
+/// rest of the file must be TOML but is neither checked nor resolved, so
+/// collections' secrets are not needed. Errors name the field, as
+/// [`Config::load`]'s do.
+pub fn load_store(path: &Path) -> Result<Option<PgSettings>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("config", format!("cannot read {}: {e}", path.display())))?;
+    parse_store(&text)
+}
+
+/// [`load_store`] on config text.
+pub fn parse_store(text: &str) -> Result<Option<PgSettings>, ConfigError> {
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| ConfigError::new("config", format!("invalid TOML: {}", one_line(&e))))?;
+    let raw: RawStoreOnly = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            "config".to_owned()
+        } else {
+            path
+        };
+        ConfigError::new(field, one_line(e.inner()))
+    })?;
+    raw.store.map(RawStore::validate).transpose()
 }
 
 impl RawStore {
@@ -1228,6 +1304,55 @@ mod tests {
         assert_eq!(e.field, "collections.a.required", "{e}");
         // The demo of `serve --dev` is required: health waits for its token.
         assert!(Config::dev(Duration::from_secs(30)).unwrap().collections[0].required);
+    }
+
+    #[test]
+    fn worker_threads_and_shutdown_delay_are_bounded() {
+        let demo = "[collections.a]\nsource = { kind = \"demo\" }\n";
+        let c = Config::parse(demo).unwrap();
+        assert_eq!(c.server.worker_threads, 2);
+        assert_eq!(c.server.shutdown_delay, Duration::ZERO);
+        let c = Config::parse(&format!(
+            "[server]\nworker_threads = 64\nshutdown_delay = \"5m\"\n{demo}"
+        ))
+        .unwrap();
+        assert_eq!(c.server.worker_threads, 64);
+        assert_eq!(c.server.shutdown_delay, Duration::from_secs(300));
+        for n in [0, 65] {
+            let e = err(&format!("[server]\nworker_threads = {n}\n{demo}"));
+            assert_eq!(e.field, "server.worker_threads", "{e}");
+            assert!(e.reason.contains("between 1 and 64"), "{e}");
+        }
+        let e = err(&format!("[server]\nshutdown_delay = \"301s\"\n{demo}"));
+        assert_eq!(e.field, "server.shutdown_delay", "{e}");
+        assert!(e.reason.contains("at most 5m"), "{e}");
+    }
+
+    #[test]
+    fn the_store_section_loads_without_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = secret_file(&dir, "url", "postgres://u:pw@127.0.0.1:5432/db");
+        // A collection whose secret variable is unset, and an unknown field
+        // elsewhere: neither matters to the store section alone.
+        let text = format!(
+            "[store]\ndatabase_url_file = \"{url}\"\npool_size = 3\n[server]\nnonsense = 1\n\
+             [collections.o]\nsource = {{ kind = \"oauth2_client_credentials\", token_url = \"https://x.example/t\", \
+             client_id = \"i\", client_secret_env = \"TB_TEST_SURELY_UNSET_SECRET\" }}\n"
+        );
+        assert!(Config::parse(&text).is_err());
+        let store = parse_store(&text).unwrap().unwrap();
+        assert_eq!(store.pool_size, 3);
+        assert!(parse_store("[collections.a]\n").unwrap().is_none());
+        let e = parse_store(&format!(
+            "[store]\ndatabase_url_file = \"{url}\"\npool_size = 0\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "store.pool_size", "{e}");
+        let e = parse_store("[store]\nbogus = 1\n").unwrap_err();
+        assert_eq!(e.field, "store.bogus", "{e}");
+        let e = parse_store("[store]\n").unwrap_err();
+        assert_eq!(e.field, "store.database_url_env", "{e}");
+        assert_eq!(parse_store("not toml").unwrap_err().field, "config");
     }
 
     #[test]

@@ -51,22 +51,27 @@ pub async fn open_store(
 
 /// Builds the broker from a validated config on `store` and serves it on
 /// already-bound listeners until `shutdown` is cancelled (then drains within
-/// the configured grace period). The admin listener, if any, stops last, so
-/// liveness holds while calls drain.
+/// the configured grace period). `draining` turns readiness NOT_SERVING (gRPC
+/// health on both listeners, `/readyz`) while everything keeps serving: cancel
+/// it before `shutdown` for a drain delay; it must be cancelled no later than
+/// `shutdown` (pass `shutdown.child_token()`). The admin listener, if any,
+/// stops last, so liveness holds while calls drain.
 pub async fn run_on(
     config: config::Config,
     store: Arc<dyn store::Store>,
     listener: listen::Listener,
     admin: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
+    draining: CancellationToken,
 ) -> anyhow::Result<()> {
     let broker =
         broker::Broker::from_config(&config, store, clock::Clock::system(), shutdown.clone())?;
-    let reporter = grpc::server::health(&broker, &shutdown).await;
+    let reporter = grpc::server::health(&broker, &draining).await;
     let admin_stop = CancellationToken::new();
     let admin_task = admin.map(|l| {
         let (broker, reporter, stop) = (broker.clone(), reporter.clone(), admin_stop.clone());
-        tokio::spawn(async move { admin::serve(l, broker, &reporter, stop).await })
+        let draining = draining.clone();
+        tokio::spawn(async move { admin::serve(l, broker, &reporter, draining, stop).await })
     });
     let served =
         grpc::server::serve_with(broker, &config.server, listener, &reporter, shutdown).await;
@@ -86,5 +91,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = open_store(&config, &shutdown).await?;
-    run_on(config, store, listener, None, shutdown).await
+    let draining = shutdown.child_token();
+    run_on(config, store, listener, None, shutdown, draining).await
 }

@@ -93,6 +93,73 @@ impl Listener {
     }
 }
 
+/// Which setting chose a listen address: its config field, the flag that
+/// overrides it, and whether the flag did. Only for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub field: &'static str,
+    pub flag: &'static str,
+    pub by_flag: bool,
+}
+
+impl Origin {
+    /// The token API: `server.listen` / `--listen`.
+    pub const fn token_api(by_flag: bool) -> Self {
+        Self {
+            field: "server.listen",
+            flag: "--listen",
+            by_flag,
+        }
+    }
+
+    /// The admin listener: `admin.listen` / `--admin-listen`.
+    pub const fn admin(by_flag: bool) -> Self {
+        Self {
+            field: "admin.listen",
+            flag: "--admin-listen",
+            by_flag,
+        }
+    }
+
+    /// The name that set the address: the flag when it did, else the field.
+    pub fn name(&self) -> &'static str {
+        if self.by_flag { self.flag } else { self.field }
+    }
+}
+
+/// A listener that could not be bound, worded the same for every listener
+/// and wherever its address came from: `server.listen: cannot listen on
+/// 127.0.0.1:50051: address already in use (another process holds it; set
+/// server.listen or --listen to another address)`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: cannot listen on {addr}: {reason}", origin.name())]
+pub struct BindError {
+    pub origin: Origin,
+    pub addr: String,
+    pub reason: String,
+}
+
+impl BindError {
+    pub fn new(origin: Origin, addr: &impl fmt::Display, e: &io::Error) -> Self {
+        let fix = format!("set {} or {} to another address", origin.field, origin.flag);
+        let reason = match e.kind() {
+            io::ErrorKind::AddrInUse => {
+                format!("address already in use (another process holds it; {fix})")
+            }
+            io::ErrorKind::AddrNotAvailable => {
+                format!("address not available (no local interface has that IP; {fix})")
+            }
+            io::ErrorKind::PermissionDenied => format!("permission denied ({e}; {fix})"),
+            _ => e.to_string(),
+        };
+        Self {
+            origin,
+            addr: addr.to_string(),
+            reason,
+        }
+    }
+}
+
 async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -136,6 +203,22 @@ mod tests {
         );
         assert!("unix:".parse::<ListenAddr>().is_err());
         assert!("localhost".parse::<ListenAddr>().is_err());
+    }
+
+    #[test]
+    fn bind_errors_name_the_setting_and_the_fix() {
+        let in_use = io::Error::from(io::ErrorKind::AddrInUse);
+        let addr = "127.0.0.1:50051".parse::<ListenAddr>().unwrap();
+        assert_eq!(
+            BindError::new(Origin::token_api(false), &addr, &in_use).to_string(),
+            "server.listen: cannot listen on 127.0.0.1:50051: address already in use \
+             (another process holds it; set server.listen or --listen to another address)"
+        );
+        assert_eq!(
+            BindError::new(Origin::admin(true), &"127.0.0.1:9464", &in_use).to_string(),
+            "--admin-listen: cannot listen on 127.0.0.1:9464: address already in use \
+             (another process holds it; set admin.listen or --admin-listen to another address)"
+        );
     }
 
     #[tokio::test]

@@ -1,14 +1,16 @@
 //! The `token-broker` binary: parses the command line, loads and validates the
-//! config (exit 64 naming the field, before anything binds), sets up logging and
-//! hands over to the library. Nothing else lives here.
+//! config (exit 64 naming the field, before anything binds), builds the tokio
+//! runtime it asks for, sets up logging and hands over to the library; and the
+//! signal handling (drain delay, then graceful shutdown). Nothing else lives
+//! here.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use token_broker::config::Config;
-use token_broker::listen::{ListenAddr, Listener};
+use token_broker::config::{self, Config};
+use token_broker::listen::{BindError, ListenAddr, Listener, Origin};
 use token_broker::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
@@ -29,41 +31,28 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar.
-    Serve {
-        /// The TOML config file.
-        #[arg(long, required_unless_present = "dev", conflicts_with = "dev")]
-        config: Option<PathBuf>,
-        /// Zero-config demo: one collection `demo` with random tokens, no database.
-        #[arg(long)]
-        dev: bool,
-        /// Lifetime of the demo tokens with --dev.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "dev")]
-        dev_token_ttl: Duration,
-        /// Where to listen: IP:PORT or unix:/path/to.sock (overrides server.listen).
-        #[arg(long)]
-        listen: Option<String>,
-        /// Where the admin listener (metrics, livez, readyz, gRPC health)
-        /// listens: IP:PORT (overrides admin.listen; port 0 picks one).
-        #[arg(long, conflicts_with = "no_admin")]
-        admin_listen: Option<String>,
-        /// No admin listener (overrides admin.enabled).
-        #[arg(long)]
-        no_admin: bool,
-        #[arg(
-            long,
-            value_enum,
-            default_value = "text",
-            env = "TOKEN_BROKER_LOG_FORMAT"
-        )]
-        log_format: LogFormat,
-    },
+    Serve(ServeArgs),
     /// Validate a config file and exit (64 when invalid).
     CheckConfig { file: PathBuf },
-    /// Apply the database migrations of the config's [store] and exit.
+    /// Apply the database migrations of the config's [store] and exit (reads
+    /// only [store]: collections' secrets are not needed).
     Migrate {
         /// The TOML config file (its [store] section names the database).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Wait until the broker at ADDR is ready (gRPC health SERVING), for
+    /// entrypoints, init containers and postStart hooks; exit 1 on timeout.
+    Wait {
+        /// The broker's address: IP:PORT or unix:/path/to.sock.
+        #[arg(long, default_value = "127.0.0.1:50051", env = "TOKEN_BROKER_ADDR")]
+        addr: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Time between two health checks.
+        #[arg(long, default_value = "200ms", value_parser = positive_duration)]
+        interval: Duration,
     },
     /// Print a collection's token (the value only with --value).
     Get {
@@ -106,6 +95,52 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+struct ServeArgs {
+    /// The TOML config file.
+    #[arg(long, required_unless_present = "dev", conflicts_with = "dev")]
+    config: Option<PathBuf>,
+    /// Zero-config demo: one collection `demo` with random tokens, no database.
+    #[arg(long)]
+    dev: bool,
+    /// Lifetime of the demo tokens with --dev.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "dev")]
+    dev_token_ttl: Duration,
+    /// Where to listen: IP:PORT or unix:/path/to.sock (overrides server.listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Where the admin listener (metrics, livez, readyz, gRPC health)
+    /// listens: IP:PORT (overrides admin.listen; port 0 picks one).
+    #[arg(long, conflicts_with = "no_admin")]
+    admin_listen: Option<String>,
+    /// No admin listener (overrides admin.enabled).
+    #[arg(long)]
+    no_admin: bool,
+    /// Tokio worker threads, 1 to 64 (overrides server.worker_threads).
+    #[arg(long, env = "TOKEN_BROKER_WORKER_THREADS")]
+    worker_threads: Option<usize>,
+    /// After SIGTERM/SIGINT, keep serving this long before shutting down,
+    /// at most 5m (overrides server.shutdown_delay).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    shutdown_delay: Option<Duration>,
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "TOKEN_BROKER_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+}
+
+/// A duration above zero (`wait --interval`).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[derive(clap::Args)]
 struct Conn {
     /// The broker's address: IP:PORT or unix:/path/to.sock.
     #[arg(long, default_value = "127.0.0.1:50051", env = "TOKEN_BROKER_ADDR")]
@@ -136,18 +171,19 @@ fn main() -> ExitCode {
             Err(e) => config_error(&e.field, &e.reason),
         },
         Command::Migrate { config } => {
-            let config = match Config::load(&config) {
-                Ok(c) => c,
+            // Only [store]: a migration Job has no upstream secrets to give.
+            let settings = match config::load_store(&config) {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    return config_error(
+                        "store",
+                        "no [store] section: the in-memory store has nothing to migrate",
+                    );
+                }
                 Err(e) => return config_error(&e.field, &e.reason),
             };
-            let Some(settings) = config.store else {
-                return config_error(
-                    "store",
-                    "no [store] section: the in-memory store has nothing to migrate",
-                );
-            };
             telemetry::init(LogFormat::Text, false);
-            run_async(async move {
+            run_current_thread(async move {
                 let applied = token_broker::store::PgStore::migrate(&settings).await?;
                 if applied.is_empty() {
                     println!("database schema is up to date");
@@ -157,47 +193,20 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
-        Command::Serve {
-            config,
-            dev,
-            dev_token_ttl,
-            listen,
-            admin_listen,
-            no_admin,
-            log_format,
-        } => {
-            let loaded = match (config, dev) {
-                (Some(path), _) => Config::load(&path),
-                (None, _) => Config::dev(dev_token_ttl),
-            };
-            let mut config = match loaded {
-                Ok(c) => c,
-                Err(e) => return config_error(&e.field, &e.reason),
-            };
-            if let Some(listen) = listen {
-                match listen.parse::<ListenAddr>() {
-                    Ok(a) => config.server.listen = a,
-                    Err(e) => return config_error("--listen", e),
-                }
+        Command::Serve(args) => serve_cmd(args),
+        Command::Wait {
+            addr,
+            timeout,
+            interval,
+        } => match addr.parse::<ListenAddr>() {
+            Ok(addr) => run_current_thread(async move {
+                token_broker::client::wait(&addr, timeout, interval).await
+            }),
+            Err(e) => {
+                eprintln!("error: --addr: {e}");
+                ExitCode::from(2)
             }
-            if no_admin {
-                config.admin = None;
-            } else if let Some(a) = admin_listen {
-                match token_broker::config::parse_admin_listen("--admin-listen", &a) {
-                    Ok(listen) => config.admin = Some(token_broker::config::AdminConfig { listen }),
-                    Err(e) => return config_error(&e.field, &e.reason),
-                }
-            }
-            run_async(async move {
-                // Inside the runtime: the trace exporter's channel lives on it.
-                let telemetry = telemetry::init(log_format, true);
-                let result = serve(config).await;
-                tokio::task::spawn_blocking(move || telemetry.shutdown())
-                    .await
-                    .ok();
-                result
-            })
-        }
+        },
         Command::Get {
             collection,
             conn,
@@ -238,14 +247,93 @@ where
             return ExitCode::from(2);
         }
     };
-    run_async(async move { f(addr).await })
+    run_current_thread(async move { f(addr).await })
 }
 
-fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// The validated config of `serve`, with the command line's overrides
+/// applied, and where each listen address came from (for bind errors).
+struct Serving {
+    config: Config,
+    listen: Origin,
+    admin: Origin,
+}
+
+/// Loads the config and applies the flags; every problem names the field or
+/// the flag (exit 64), before a runtime exists or anything binds.
+fn configure(args: ServeArgs) -> Result<Serving, config::ConfigError> {
+    let mut config = match args.config {
+        Some(path) => Config::load(&path)?,
+        None => Config::dev(args.dev_token_ttl)?,
+    };
+    let flag_error = |flag: &str, reason: String| config::ConfigError {
+        field: flag.to_owned(),
+        reason,
+    };
+    let listen = Origin::token_api(args.listen.is_some());
+    if let Some(listen) = args.listen {
+        config.server.listen = listen
+            .parse::<ListenAddr>()
+            .map_err(|e| flag_error("--listen", e))?;
+    }
+    let admin = Origin::admin(args.admin_listen.is_some());
+    if args.no_admin {
+        config.admin = None;
+    } else if let Some(a) = args.admin_listen {
+        let listen = config::parse_admin_listen("--admin-listen", &a)?;
+        config.admin = Some(config::AdminConfig { listen });
+    }
+    if let Some(n) = args.worker_threads {
+        config::check_worker_threads("--worker-threads", n)?;
+        config.server.worker_threads = n;
+    }
+    if let Some(d) = args.shutdown_delay {
+        config::check_shutdown_delay("--shutdown-delay", d)?;
+        config.server.shutdown_delay = d;
+    }
+    Ok(Serving {
+        config,
+        listen,
+        admin,
+    })
+}
+
+fn serve_cmd(args: ServeArgs) -> ExitCode {
+    let log_format = args.log_format;
+    let serving = match configure(args) {
+        Ok(s) => s,
+        Err(e) => return config_error(&e.field, &e.reason),
+    };
+    // Sized by the config, not by the node's CPU count: a sidecar on a
+    // 64-core node would otherwise start 64 workers it never needs.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(serving.config.server.worker_threads)
+        .thread_name("token-broker-worker")
         .enable_all()
-        .build()
-    {
+        .build();
+    run_on(runtime, async move {
+        // Inside the runtime: the trace exporter's channel lives on it.
+        let telemetry = telemetry::init(log_format, true);
+        let result = serve(serving).await;
+        tokio::task::spawn_blocking(move || telemetry.shutdown())
+            .await
+            .ok();
+        result
+    })
+}
+
+/// The client commands and `migrate` do one thing at a time: one thread.
+fn run_current_thread(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    run_on(runtime, fut)
+}
+
+fn run_on(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -261,28 +349,42 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(serving: Serving) -> anyhow::Result<()> {
+    let Serving {
+        config,
+        listen,
+        admin,
+    } = serving;
     let shutdown = CancellationToken::new();
+    // Cancelled at the first signal, and with `shutdown` at the latest.
+    let draining = shutdown.child_token();
     // The store first: a database that refuses us fails before any port is bound.
     let store = token_broker::open_store(&config, &shutdown).await?;
     let listener = Listener::bind(&config.server.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
-    let admin =
-        match &config.admin {
-            None => None,
-            Some(a) => Some(tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
-                anyhow::anyhow!("admin.listen: cannot listen on {}: {e}", a.listen)
-            })?),
-        };
-    tokio::spawn(signals(shutdown.clone()));
-    token_broker::run_on(config, store, listener, admin, shutdown).await
+        .map_err(|e| BindError::new(listen, &config.server.listen, &e))?;
+    let admin_listener = match &config.admin {
+        None => None,
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a.listen)
+                .await
+                .map_err(|e| BindError::new(admin, &a.listen, &e))?,
+        ),
+    };
+    tokio::spawn(signals(
+        shutdown.clone(),
+        draining.clone(),
+        config.server.shutdown_delay,
+    ));
+    token_broker::run_on(config, store, listener, admin_listener, shutdown, draining).await
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at
-/// once without waiting for the grace period (a Unix socket file left behind
-/// is replaced as stale at the next start).
-async fn signals(shutdown: CancellationToken) {
+/// On the first SIGTERM or SIGINT: with a `delay`, cancels `draining` at once
+/// (readiness turns NOT_SERVING; the token API keeps answering) and
+/// `shutdown` after the delay; without one, `shutdown` at once. A second
+/// signal exits at once without waiting for the delay or the grace period
+/// (a Unix socket file left behind is replaced as stale at the next start).
+async fn signals(shutdown: CancellationToken, draining: CancellationToken, delay: Duration) {
     use tokio::signal::unix::{Signal, SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -298,9 +400,26 @@ async fn signals(shutdown: CancellationToken) {
         }
     }
     let name = next(&mut term, &mut int).await;
-    tracing::info!(signal = name, "shutting down");
+    if delay.is_zero() {
+        tracing::info!(signal = name, "shutting down");
+    } else {
+        tracing::info!(
+            signal = name,
+            delay = %humantime::format_duration(delay),
+            "draining: readiness is NOT_SERVING, tokens are still served until the delay ends"
+        );
+        draining.cancel();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => tracing::info!("drain delay over; shutting down"),
+            name = next(&mut term, &mut int) => second_signal(name),
+        }
+    }
     shutdown.cancel();
     let name = next(&mut term, &mut int).await;
+    second_signal(name);
+}
+
+fn second_signal(name: &str) -> ! {
     tracing::warn!(signal = name, "second signal; exiting without draining");
     std::process::exit(130);
 }

@@ -1,5 +1,7 @@
 //! Logging and tracing set-up: structured, lowercase log messages with data in
 //! fields, to stderr, as text or JSON, filtered by `RUST_LOG` (default `info`);
+//! text is coloured only on a terminal without `NO_COLOR` (so a log file or a
+//! pipe gets plain `key=value` fields);
 //! plus OpenTelemetry traces over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT`
 //! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set.
 //!
@@ -13,6 +15,8 @@
 //! gRPC metadata by [`set_remote_parent`]. No token, refresh token or secret
 //! is ever a span field (the modules that create spans keep that rule).
 
+use std::ffi::OsStr;
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -121,7 +125,12 @@ pub fn init(format: LogFormat, traces: bool) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
-        LogFormat::Text => fmt.boxed(),
+        LogFormat::Text => fmt
+            .with_ansi(colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+            ))
+            .boxed(),
         LogFormat::Json => fmt
             .json()
             .flatten_event(true)
@@ -154,6 +163,13 @@ pub fn init(format: LogFormat, traces: bool) -> Telemetry {
         tracing::info!(endpoint = %redact_endpoint(&endpoint), "exporting traces over OTLP/gRPC");
     }
     Telemetry { provider }
+}
+
+/// Whether text logs carry ANSI colour codes: only on a terminal, and not when
+/// `NO_COLOR` is set to anything but the empty string (<https://no-color.org>).
+/// Log collectors and `grep` then see plain `key=value` fields.
+fn colour(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(OsStr::is_empty)
 }
 
 /// The endpoint without any user-info part (`http://user:pass@host`) or
@@ -198,4 +214,19 @@ pub fn set_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::Metad
     }
     let cx = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
     let _ = span.set_parent(cx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(true, Some(OsStr::new("false"))));
+        assert!(!colour(false, None));
+        assert!(!colour(false, Some(OsStr::new(""))));
+    }
 }

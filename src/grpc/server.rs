@@ -41,8 +41,10 @@ pub enum ServeError {
 pub const LIVENESS: &str = "liveness";
 
 /// Starts keeping health statuses in step with the broker: readiness for
-/// `""` and the service name, and [`LIVENESS`].
-pub async fn health(broker: &Broker, shutdown: &CancellationToken) -> HealthReporter {
+/// `""` and the service name, and [`LIVENESS`]. Readiness turns NOT_SERVING
+/// for good once `draining` is cancelled (shutdown, or the drain delay before
+/// it), while the server keeps answering.
+pub async fn health(broker: &Broker, draining: &CancellationToken) -> HealthReporter {
     let reporter = HealthReporter::new();
     for name in ["", SERVICE_NAME] {
         reporter
@@ -55,7 +57,7 @@ pub async fn health(broker: &Broker, shutdown: &CancellationToken) -> HealthRepo
     tokio::spawn(health_loop(
         broker.clone(),
         reporter.clone(),
-        shutdown.clone(),
+        draining.clone(),
     ));
     reporter
 }
@@ -155,8 +157,9 @@ async fn drain(
     }
 }
 
-/// Keeps the health status in step with the broker's readiness.
-async fn health_loop(broker: Broker, reporter: HealthReporter, shutdown: CancellationToken) {
+/// Keeps the health status in step with the broker's readiness until
+/// `draining`.
+async fn health_loop(broker: Broker, reporter: HealthReporter, draining: CancellationToken) {
     let clock = broker.clock();
     let mut changes = broker.changes();
     let mut last: Option<bool> = None;
@@ -182,7 +185,7 @@ async fn health_loop(broker: Broker, reporter: HealthReporter, shutdown: Cancell
             });
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => {
+            () = draining.cancelled() => {
                 reporter.set_service_status("", ServingStatus::NotServing).await;
                 reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
                 return;

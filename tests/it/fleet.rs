@@ -421,6 +421,66 @@ async fn migrate_applies_the_schema_once_and_refuses_a_config_without_a_store() 
 }
 
 #[tokio::test]
+async fn migrate_reads_only_the_store_section() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let unset = "TB_MIGRATE_TEST_UNSET_CLIENT_SECRET";
+    let collections = format!(
+        "[collections.api]\nsource = {{ kind = \"oauth2_client_credentials\", \
+         token_url = \"https://login.example.com/token\", client_id = \"i\", \
+         client_secret_env = \"{unset}\" }}\n"
+    );
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg(&config)
+            .env("TB_DATABASE_URL", &db.url)
+            .env_remove(unset)
+            .output()
+            .unwrap()
+    };
+    std::fs::write(
+        &config,
+        format!("[store]\ndatabase_url_env = \"TB_DATABASE_URL\"\n{collections}"),
+    )
+    .unwrap();
+    // The whole file needs the secret; migrate does not.
+    let check = run(&["check-config"]);
+    assert_eq!(check.status.code(), Some(64), "{check:?}");
+    assert!(String::from_utf8_lossy(&check.stderr).contains(unset));
+    let out = run(&["migrate", "--config"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "applied migrations: [1]\n"
+    );
+    // A bad [store] still fails, naming its field.
+    std::fs::write(
+        &config,
+        format!("[store]\ndatabase_url_env = \"TB_DATABASE_URL\"\npool_size = 0\n{collections}"),
+    )
+    .unwrap();
+    let out = run(&["migrate", "--config"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("config error: store.pool_size: "),
+        "{out:?}"
+    );
+    std::fs::write(
+        &config,
+        format!("[store]\ndatabase_url_env = \"TB_MIGRATE_TEST_UNSET_URL\"\n{collections}"),
+    )
+    .unwrap();
+    let out = run(&["migrate", "--config"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("config error: store.database_url_env: "),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_database_that_refuses_stops_the_start_before_anything_binds() {
     let db = TestDb::create().await;
     let missing = db.url.replace(&db.name, "tb_no_such_database");
