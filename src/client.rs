@@ -236,12 +236,21 @@ fn is_retryable(e: &anyhow::Error) -> bool {
 }
 
 fn ts(t: &Option<prost_types::Timestamp>) -> String {
-    t.as_ref()
-        .and_then(|t| SystemTime::try_from(*t).ok())
-        .map_or_else(
-            || "-".to_owned(),
-            |t| humantime::format_rfc3339_millis(t).to_string(),
-        )
+    match t {
+        None => "-".to_owned(),
+        Some(t) => match SystemTime::try_from(*t) {
+            Ok(at) => rfc3339(at).unwrap_or_else(|| format!("{}s since the Unix epoch", t.seconds)),
+            Err(_) => format!("{}s since the Unix epoch (out of range)", t.seconds),
+        },
+    }
+}
+
+/// RFC 3339 with milliseconds, for instants humantime can print (1970 to
+/// 9999; it panics past that).
+fn rfc3339(t: SystemTime) -> Option<String> {
+    const LAST: Duration = Duration::from_secs(253_402_300_799);
+    let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    (since <= LAST).then(|| humantime::format_rfc3339_millis(t).to_string())
 }
 
 fn describe(t: &pb::Token) -> String {
@@ -271,4 +280,29 @@ fn describe(t: &pb::Token) -> String {
         rel(&t.expires_at),
         t.stale,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_timestamp_prints_without_panicking() {
+        let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+        assert_eq!(ts(&at(0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(ts(&at(253_402_300_799)), "9999-12-31T23:59:59.000Z");
+        assert_eq!(
+            ts(&at(253_402_300_800)),
+            "253402300800s since the Unix epoch"
+        );
+        assert!(ts(&at(i64::MAX)).contains("since the Unix epoch"));
+        assert!(ts(&at(-5)).contains("since the Unix epoch"));
+        assert_eq!(ts(&None), "-");
+        let token = pb::Token {
+            expires_at: at(i64::MAX),
+            refresh_at: at(300_000_000_000),
+            ..pb::Token::default()
+        };
+        assert!(describe(&token).contains("expires_at:"));
+    }
 }

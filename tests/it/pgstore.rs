@@ -445,3 +445,212 @@ async fn futures_join_all<T>(handles: impl Iterator<Item = tokio::task::JoinHand
     }
     out
 }
+
+/// A value sealed with a key this store lacks still holds its version: a
+/// commit goes above it, never reuses it (two values under one version).
+#[tokio::test]
+async fn an_unreadable_value_still_holds_its_version() {
+    let db = TestDb::create().await;
+    let k2 = open(&db, keyring(&[("k2", 2), ("k1", 1)])).await;
+    commit(&k2.store, new_token("one")).await;
+    commit(&k2.store, new_token("two")).await;
+    let k1 = open(&db, keyring(&[("k1", 1)])).await;
+    assert_eq!(
+        k1.store.load("c").await.unwrap().token,
+        None,
+        "a value sealed with an unknown key reads as absent"
+    );
+    // Even the same value as the unreadable one is not "the same": k1 cannot know.
+    assert_eq!(commit(&k1.store, new_token("two")).await, (3, true));
+    // A floor from the committer's own L1 is honoured too.
+    let floored = NewToken {
+        min_version: 9,
+        ..new_token("three")
+    };
+    assert_eq!(commit(&k1.store, floored).await, (9, true));
+}
+
+/// With keys configured, a row written without a key id (a hand edit, an
+/// attacker with write access) is never served.
+#[tokio::test]
+async fn a_value_without_a_key_id_is_refused_when_keys_are_configured() {
+    let db = TestDb::create().await;
+    let store = open(&db, keyring(&[("k1", 1)])).await;
+    commit(&store.store, new_token("genuine")).await;
+    let pool = db.pool().await;
+    sqlx::query(
+        "UPDATE token_broker_tokens
+            SET value = 'attacker-chosen-token'::bytea, value_key = NULL, version = version + 1",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let row = store.store.load("c").await.unwrap();
+    assert_eq!(row.token, None, "a plaintext value is refused");
+    // The next commit goes above the forged version.
+    assert_eq!(commit(&store.store, new_token("next")).await, (3, true));
+}
+
+/// Timestamps a restore or a hand edit can leave (`'infinity'`, years past
+/// 9999) make the row's token ignored, never a panic; other rows still read.
+#[tokio::test]
+async fn out_of_range_timestamps_make_a_row_ignored_not_a_panic() {
+    let db = TestDb::create().await;
+    let store = open(&db, Keyring::plaintext()).await;
+    commit(&store.store, new_token("fine")).await;
+    let pool = db.pool().await;
+    sqlx::query("INSERT INTO token_broker_tokens (collection) VALUES ('other')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for bad in [
+        "infinity",
+        "-infinity",
+        "12000-01-01T00:00:00Z",
+        "1900-01-01T00:00:00Z",
+    ] {
+        sqlx::query(
+            "UPDATE token_broker_tokens SET expires_at = $1::timestamptz WHERE collection = 'c'",
+        )
+        .bind(bad)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let row = store.store.load("c").await.unwrap();
+        assert_eq!(row.token, None, "{bad}");
+        assert!(store.store.load("other").await.is_ok());
+        // The lease still works on such a row, and a commit repairs it.
+        let lease = grant(&store.store, "me", Duration::from_secs(20)).await;
+        let c = store
+            .store
+            .commit_token(lease, new_token("fine"))
+            .await
+            .unwrap();
+        // The same value: a refetch that repairs the timestamps, same version.
+        assert_eq!(c.token.version, 1, "{bad}");
+        assert!(store.store.load("c").await.unwrap().token.is_some());
+    }
+    assert!(!store.store.degraded(), "a hostile row is not an outage");
+}
+
+/// Fences never go backwards, even when the row is deleted and created again,
+/// and a lease is the holder's only: the same fence under another holder id
+/// is refused.
+#[tokio::test]
+async fn fences_never_go_backwards_and_bind_the_holder() {
+    let db = TestDb::create().await;
+    let store = open(&db, Keyring::plaintext()).await;
+    let first = grant(&store.store, "a", Duration::from_secs(20)).await;
+    store.store.release(first.clone()).await.unwrap();
+    let second = grant(&store.store, "a", Duration::from_secs(20)).await;
+    assert!(second.fence > first.fence);
+    let pool = db.pool().await;
+    sqlx::query("DELETE FROM token_broker_tokens")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let third = grant(&store.store, "b", Duration::from_secs(20)).await;
+    assert!(
+        third.fence > second.fence,
+        "{} after {}",
+        third.fence,
+        second.fence
+    );
+    // Another process that believes it is "b" with the same fence is refused.
+    let forged = Lease {
+        holder: "b-impostor".into(),
+        ..third.clone()
+    };
+    assert!(matches!(
+        store.store.commit_token(forged, new_token("x")).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    store
+        .store
+        .commit_token(third, new_token("x"))
+        .await
+        .unwrap();
+}
+
+/// A holder renews its short lease; a peer cannot take it while renewed, and
+/// a renewal after a takeover is refused.
+#[tokio::test]
+async fn a_renewed_lease_stays_and_a_lost_one_cannot_be_renewed() {
+    let db = TestDb::create().await;
+    let store = open(&db, Keyring::plaintext()).await;
+    let ttl = Duration::from_millis(1200);
+    let lease = grant(&store.store, "holder", ttl).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        store
+            .store
+            .renew(&lease, ttl, SystemTime::now())
+            .await
+            .unwrap();
+    }
+    // 1.6 s after the grant, past the 1.2 s TTL: still held thanks to the renewals.
+    assert!(matches!(
+        store
+            .store
+            .acquire("c", "peer", ttl, SystemTime::now())
+            .await
+            .unwrap(),
+        Acquired::Held { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let taken = grant(&store.store, "peer", ttl).await;
+    assert!(matches!(
+        store.store.renew(&lease, ttl, SystemTime::now()).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    store
+        .store
+        .commit_token(taken, new_token("peer's"))
+        .await
+        .unwrap();
+}
+
+/// After a refused commit, a rotated refresh token is kept only while the row
+/// still holds the one that was spent for it.
+#[tokio::test]
+async fn a_rotated_refresh_token_is_kept_only_over_the_one_it_replaced() {
+    let db = TestDb::create().await;
+    let store = open(&db, keyring(&[("k1", 1)])).await;
+    let seeded = NewToken {
+        refresh_token: Some(Secret::new("rt-1")),
+        ..new_token("a")
+    };
+    commit(&store.store, seeded).await;
+    let s = &store.store;
+    // rt-1 was spent for rt-2: the row still holds rt-1, so rt-2 is kept.
+    assert!(
+        s.save_refresh_token("c", Some(Secret::new("rt-1")), Secret::new("rt-2"), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.load("c").await.unwrap().refresh_token,
+        Some(Secret::new("rt-2"))
+    );
+    // A late one spent from rt-1 again must not overwrite rt-2.
+    assert!(
+        !s.save_refresh_token("c", Some(Secret::new("rt-1")), Secret::new("rt-x"), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.load("c").await.unwrap().refresh_token,
+        Some(Secret::new("rt-2"))
+    );
+}
+
+/// The store measures the database's clock against this host's: on one
+/// machine the offset is about zero.
+#[tokio::test]
+async fn the_database_clock_offset_is_measured() {
+    let db = TestDb::create().await;
+    let store = open(&db, Keyring::plaintext()).await;
+    let offset = store.store.clock_offset().expect("Postgres has a clock");
+    let us = offset.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(us.abs() < 500_000, "offset {us} us on one host");
+}
