@@ -15,7 +15,7 @@
 //! `MAX_CONNECTIONS` connections are open at once (more are closed as soon as
 //! they are accepted) and at most `MAX_IN_FLIGHT` requests run at once,
 //! counting an open health `Watch` stream for its whole life (more get 503,
-//! which gRPC clients see as `UNAVAILABLE`). A flood of watches cannot grow
+//! or `UNAVAILABLE` for gRPC). A flood of watches cannot grow
 //! the sidecar's memory past a few MiB.
 
 use std::pin::Pin;
@@ -123,11 +123,17 @@ pub const MAX_IN_FLIGHT: usize = 128;
 /// stream, until it closes); 503 when none is left.
 async fn limit(sem: Arc<Semaphore>, req: Request, next: Next) -> Response {
     let Ok(permit) = sem.try_acquire_owned() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many admin requests in progress\n",
-        )
-            .into_response();
+        const BUSY: &str = "too many admin requests in progress";
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        // A gRPC client reads a trailers-only UNAVAILABLE; others get 503.
+        return if grpc {
+            tonic::Status::unavailable(BUSY).into_http::<Body>()
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{BUSY}\n")).into_response()
+        };
     };
     next.run(req).await.map(|body| {
         Body::new(Permitted {

@@ -361,3 +361,80 @@ async fn fleet_metrics_show_notification_lag_lease_grants_and_a_degraded_databas
         wait_metric(s, "token_broker_store_degraded", |v| v == 0.0).await;
     }
 }
+
+/// A flood of health `Watch` streams and connections on the admin port (which
+/// may face the pod network) is bounded: past the caps they are refused, the
+/// process keeps answering, and capacity comes back when they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watch_floods_and_connection_floods_are_bounded() {
+    let served = Served::start(CONFIG, &[]).await;
+    let admin = served.admin_addr().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{admin}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // 200 watches on one connection: at most 128 requests run at once.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..200 {
+        let mut client = HealthClient::new(channel.clone());
+        match client
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            Ok(stream) => open.push(stream.into_inner()),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(open.len(), 128, "{refused} refused");
+    drop(channel);
+    // Plain HTTP is refused too while every slot is taken (the cap is the
+    // point); closing the watches frees them.
+    assert_eq!(get_text(&format!("http://{admin}/livez")).await.0, 503);
+    drop(open);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, _) = get_text(&format!("http://{admin}/livez")).await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slots never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 100 raw connections: at most 64 stay open; the others are closed at once.
+    let mut conns = Vec::new();
+    for _ in 0..100 {
+        conns.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let mut closed = 0;
+    for c in &mut conns {
+        let mut buf = [0u8; 1];
+        use tokio::io::AsyncReadExt as _;
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(200), c.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    // At most 64 open at once (the test's own earlier connections may still
+    // hold a slot or two while they close).
+    assert!(
+        (36..=40).contains(&closed),
+        "connections past 64 are closed at once: {closed} of 100 closed"
+    );
+    drop(conns);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while get_text(&format!("http://{admin}/livez")).await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    served.stop();
+}

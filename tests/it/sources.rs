@@ -357,6 +357,26 @@ async fn every_error_class_reaches_the_caller_with_its_status() {
             class: "bad_response",
         },
         Case {
+            name: "token with CR/LF",
+            reply: Some(Reply::json(
+                200,
+                json!({"access_token": "abc\r\nX-Injected: 1", "expires_in": 3600}),
+            )),
+            http: "",
+            code: Code::FailedPrecondition,
+            class: "bad_response",
+        },
+        Case {
+            name: "token larger than an answer can carry",
+            reply: Some(Reply::json(
+                200,
+                json!({"access_token": "t".repeat(100 * 1024), "expires_in": 3600}),
+            )),
+            http: "",
+            code: Code::FailedPrecondition,
+            class: "bad_response",
+        },
+        Case {
             name: "invalid_grant",
             reply: Some(Reply::json(400, json!({"error": "invalid_grant"}))),
             http: "",
@@ -833,4 +853,75 @@ expires_pointer = "/data/ttl"
     assert!(!replaced, "the failed refresh left the old token in place");
     assert_eq!(t.value, d.value);
     assert_no_secret_logged([api_key, password, session]);
+}
+
+/// An upstream's absurd lifetime is capped at `max_lifetime`, and an expiry
+/// past 9999 is a `bad_response` that a later sane answer recovers from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_expiries_are_capped_or_refused_never_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = random_secret("client-secret");
+    let path = secret_file(&dir, "secret", &secret);
+    let oauth = OAuthServer::start(OAuthConfig::new("client-1", &secret)).await;
+    oauth.script([Reply::json(
+        200,
+        json!({"access_token": "long-lived", "expires_in": 9_999_999_999u64}),
+    )]);
+    let text = client_credentials(&oauth, &path, "");
+    let server = TestServer::from_toml(&text, Arc::new(MemoryStore::new())).await;
+    let mut client = server.client().await;
+    let t = get(&mut client, "api", WAIT).await.unwrap();
+    let lives = ts(&t.expires_at)
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        lives <= Duration::from_secs(24 * 3600),
+        "capped at max_lifetime (24 h), not 316 years: {lives:?}"
+    );
+    server.stop(WAIT).await;
+
+    let expiry = std::sync::Arc::new(std::sync::Mutex::new(
+        "9999-12-31T23:59:59-99:59".to_owned(),
+    ));
+    let upstream = FakeHttp::start({
+        let expiry = expiry.clone();
+        move |_, n| {
+            Reply::json(
+                200,
+                json!({"token": format!("t-{n}"), "expires": expiry.lock().unwrap().clone()}),
+            )
+        }
+    })
+    .await;
+    let text = format!(
+        "[collections.j]\nprefetch = false\n[collections.j.source]\nkind = \"http_json\"\nurl = \"{}\"\ntoken_pointer = \"/token\"\nexpires_pointer = \"/expires\"\nexpires_format = \"rfc3339\"\n{}",
+        upstream.url("/t"),
+        fast_policy("j", "20ms"),
+    );
+    let server = TestServer::from_toml(&text, Arc::new(MemoryStore::new())).await;
+    let mut client = server.client().await;
+    let e = get(&mut client, "j", WAIT).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("bad_response"), "{}", e.message());
+    // The refresher is alive: once the upstream is sane, the collection recovers.
+    *expiry.lock().unwrap() =
+        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match get(&mut client, "j", WAIT).await {
+            Ok(t) => {
+                assert!(t.value.starts_with("t-"));
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never recovered: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    server.stop(WAIT).await;
 }
