@@ -45,6 +45,11 @@ use crate::token::{Secret, Token};
 /// The refresher re-evaluates at least this often, so that a wall-clock jump
 /// cannot leave it asleep past a deadline for long.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// A token fetched while the store is away takes a version this many apart
+/// at random above the next one (see `keep_local`): two sidecars refreshing
+/// through the same outage collide with a chance of one in this many.
+const LOCAL_VERSION_SPREAD: u64 = 1 << 20;
+
 /// The least time between two attempts when a peer holds the lease, so a
 /// pod whose idea of the lease's end is off cannot spin.
 const HELD_MIN_WAIT: Duration = Duration::from_millis(100);
@@ -453,11 +458,17 @@ async fn local_refresh(c: &Collection, shared: &Shared, now: SystemTime) {
 /// when the value changed, kept as unshared until reconciled.
 fn keep_local(c: &Collection, shared: &Shared, mut new: NewToken) {
     new.min_version = new.min_version.max(min_version(c, &new.value));
-    let (version, rotated) = {
+    let (mut version, rotated) = {
         let snap = c.state.borrow();
         let current = snap.token.as_ref();
         new.version_over(current.map_or(0, |t| t.version), current.map(|t| &t.value))
     };
+    if rotated {
+        // Other sidecars may be fetching locally through the same outage and
+        // cannot be asked: a random gap keeps their versions apart, so no
+        // version carries two values anywhere in the fleet.
+        version = version.saturating_add(rand::random_range(0..LOCAL_VERSION_SPREAD));
+    }
     if let Some(rt) = &new.refresh_token {
         *lock(&c.refresh_token) = Some(rt.clone());
     }
