@@ -1,6 +1,7 @@
 //! Supervised background tasks: every long-lived task of the process (a
 //! collection's refresher, the store follower, the Postgres listener, the
-//! health reporter) runs under [`spawn`], which owns its handle.
+//! health loop) runs under [`spawn`], whose handle the broker (or the store)
+//! owns.
 //!
 //! Contract:
 //! - A task that panics is logged at error level with its name and

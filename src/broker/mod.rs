@@ -339,6 +339,12 @@ impl Broker {
         Ok(Self::start(specs(config)?, store, clock, shutdown))
     }
 
+    /// Keeps a supervised task alive as long as the broker (it is aborted
+    /// when the broker is dropped).
+    pub fn own_task(&self, task: crate::supervise::Supervised) {
+        lock(&self.inner.tasks).push(task);
+    }
+
     pub fn clock(&self) -> Clock {
         self.inner.clock.clone()
     }

@@ -17,12 +17,22 @@ const MAX_MIN_REMAINING: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A caller-sent collection name as it may appear in logs and spans: escaped,
 /// and cut after 128 characters with the full length noted, so a caller
-/// cannot copy 64 KiB into every log line of its call.
-pub fn loggable(name: &str) -> String {
-    const SHOWN: usize = crate::config::MAX_NAME_LEN;
-    match name.char_indices().nth(SHOWN) {
-        None => name.escape_debug().to_string(),
-        Some((cut, _)) => format!("{}...({} bytes)", name[..cut].escape_debug(), name.len()),
+/// cannot copy 64 KiB into every log line of its call. Formats lazily (no
+/// allocation on the hot path).
+pub struct Loggable<'a>(pub &'a str);
+
+impl std::fmt::Display for Loggable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = crate::config::MAX_NAME_LEN;
+        match self.0.char_indices().nth(SHOWN) {
+            None => write!(f, "{}", self.0.escape_debug()),
+            Some((cut, _)) => write!(
+                f,
+                "{}...({} bytes)",
+                self.0[..cut].escape_debug(),
+                self.0.len()
+            ),
+        }
     }
 }
 
@@ -105,6 +115,7 @@ mod tests {
 
     #[test]
     fn long_names_are_cut_in_logs() {
+        let loggable = |s: &str| Loggable(s).to_string();
         assert_eq!(loggable("demo"), "demo");
         assert_eq!(loggable("a\nb"), "a\\nb");
         let long = "x".repeat(64 * 1024);

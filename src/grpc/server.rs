@@ -54,11 +54,13 @@ pub async fn health(broker: &Broker, draining: &CancellationToken) -> HealthRepo
     reporter
         .set_service_status(LIVENESS, ServingStatus::Serving)
         .await;
-    tokio::spawn(health_loop(
-        broker.clone(),
-        reporter.clone(),
-        draining.clone(),
-    ));
+    let task = {
+        let (broker, reporter, draining) = (broker.clone(), reporter.clone(), draining.clone());
+        crate::supervise::spawn("health", None, draining.clone(), move || {
+            health_loop(broker.clone(), reporter.clone(), draining.clone())
+        })
+    };
+    broker.own_task(task);
     reporter
 }
 

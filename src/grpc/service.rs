@@ -155,7 +155,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
             "get_collection_token",
             "GetCollectionToken",
             &metadata,
-            collection = %convert::loggable(&req.collection),
+            collection = %convert::Loggable(&req.collection),
         );
         let result = async {
             let _permit = admit(
@@ -185,7 +185,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
             "invalidate_token",
             "InvalidateToken",
             &metadata,
-            collection = %convert::loggable(&req.collection),
+            collection = %convert::Loggable(&req.collection),
             version = req.version,
         );
         let result = async {
@@ -239,7 +239,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
             "watch_token",
             "WatchToken",
             &metadata,
-            collection = %convert::loggable(&req.collection),
+            collection = %convert::Loggable(&req.collection),
             after_version = req.after_version,
         );
         let opened = span.in_scope(|| {
