@@ -218,17 +218,7 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let de = toml::Deserializer::parse(text)
-            .map_err(|e| ConfigError::new("config", format!("invalid TOML: {}", one_line(&e))))?;
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." || path.is_empty() {
-                "config".to_owned()
-            } else {
-                path
-            };
-            ConfigError::new(field, one_line(e.inner()))
-        })?;
+        let raw: RawConfig = deserialize(text)?;
         raw.validate()
     }
 
@@ -808,11 +798,11 @@ pub fn load_store(path: &Path) -> Result<Option<PgSettings>, ConfigError> {
     parse_store(&text)
 }
 
-/// [`load_store`] on config text.
-pub fn parse_store(text: &str) -> Result<Option<PgSettings>, ConfigError> {
+/// TOML text into a raw config type; an error names the field it is about.
+fn deserialize<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
     let de = toml::Deserializer::parse(text)
         .map_err(|e| ConfigError::new("config", format!("invalid TOML: {}", one_line(&e))))?;
-    let raw: RawStoreOnly = serde_path_to_error::deserialize(de).map_err(|e| {
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." || path.is_empty() {
             "config".to_owned()
@@ -820,7 +810,12 @@ pub fn parse_store(text: &str) -> Result<Option<PgSettings>, ConfigError> {
             path
         };
         ConfigError::new(field, one_line(e.inner()))
-    })?;
+    })
+}
+
+/// [`load_store`] on config text.
+pub fn parse_store(text: &str) -> Result<Option<PgSettings>, ConfigError> {
+    let raw: RawStoreOnly = deserialize(text)?;
     raw.store.map(RawStore::validate).transpose()
 }
 

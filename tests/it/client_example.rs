@@ -22,6 +22,7 @@ use token_broker::grpc::pb::WatchTokenRequest;
 use tokio::sync::mpsc;
 
 use crate::served::Served;
+use crate::walkthrough::blocks;
 
 /// The address the READMEs' commands use; replaced by the Unix socket.
 const README_ADDR: &str = "127.0.0.1:50051";
@@ -101,27 +102,6 @@ fn readme(client: &Client) -> Readme {
         example,
         shown,
     }
-}
-
-/// The contents of the fenced blocks of `lang` in `section`.
-fn blocks(section: &str, lang: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current: Option<String> = None;
-    for line in section.lines() {
-        match &mut current {
-            None if line.trim_end() == format!("```{lang}") => current = Some(String::new()),
-            Some(b) if line.trim_end() == "```" => {
-                out.push(std::mem::take(b));
-                current = None;
-            }
-            Some(b) => {
-                b.push_str(line);
-                b.push('\n');
-            }
-            None => {}
-        }
-    }
-    out
 }
 
 /// One output line, `event  key=value ...`, as a JSON object: numbers,

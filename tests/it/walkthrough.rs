@@ -43,7 +43,7 @@ fn section() -> String {
 }
 
 /// The contents of the section's fenced blocks of `lang`.
-fn blocks(section: &str, lang: &str) -> Vec<String> {
+pub(crate) fn blocks(section: &str, lang: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current: Option<String> = None;
     for line in section.lines() {
