@@ -174,6 +174,9 @@ pub(crate) struct Collection {
     /// Set when the store answers again (a resync): reconcile without
     /// waiting for the next retry.
     store_back: AtomicBool,
+    /// Set while a due refresh of a rotating grant is held back for want of
+    /// the store (so it is logged once per outage).
+    held_back: AtomicBool,
 }
 
 /// A token published locally (L1 and watchers) but not yet in the store.
@@ -266,6 +269,7 @@ impl Broker {
                     refresh_token: Mutex::new(None),
                     unshared: Mutex::new(None),
                     store_back: AtomicBool::new(false),
+                    held_back: AtomicBool::new(false),
                 };
                 (c.name.clone(), Arc::new(c))
             })

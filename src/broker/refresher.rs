@@ -118,7 +118,13 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
                     let until = until.max(clock.now() + HELD_MIN_WAIT);
                     (not_before, store_retry_at) = (Some(until), None);
                 }
-                Next::StoreDown => store_retry_at = Some(clock.now() + STORE_RETRY),
+                Next::StoreDown => {
+                    // Neither a due refresh nor a reconciliation is tried
+                    // again before the retry delay: a refresh the store's
+                    // absence held back must not spin.
+                    let retry = clock.now() + STORE_RETRY;
+                    (not_before, store_retry_at) = (Some(retry), Some(retry));
+                }
             }
             continue;
         }
@@ -287,11 +293,13 @@ async fn attempt_in(
     let span = Span::current();
     let (lease, row) = match store.acquire(&c.name, holder, ttl, now).await {
         Ok(Acquired::Granted { lease, row }) => {
+            c.held_back.store(false, Ordering::Relaxed);
             c.metrics.lease_acquired.inc();
             span.record("lease", "held");
             (lease, row)
         }
         Ok(Acquired::Held { until, row }) => {
+            c.held_back.store(false, Ordering::Relaxed);
             c.metrics.lease_waits.inc();
             span.record("lease", "waited");
             span.record("outcome", "peer");
@@ -303,9 +311,12 @@ async fn attempt_in(
             span.record("lease", "store_down");
             if due && rotating_grant(c) {
                 // Every pod would spend the same refresh token: the upstream
-                // would refuse all but one and may revoke the grant.
-                if !c.state.borrow().refreshing {
+                // would refuse all but one and may revoke the grant. Said
+                // once per outage.
+                if !c.held_back.swap(true, Ordering::Relaxed) {
                     warn!(collection = %c.name, error = %e, "store unavailable: not refreshing locally (the refresh token rotates); serving the current token while it is servable");
+                } else {
+                    debug!(collection = %c.name, "store still unavailable; refresh still held back");
                 }
                 return Next::StoreDown;
             }
