@@ -9,6 +9,7 @@
 mod admin;
 mod api;
 mod chart;
+mod chaos;
 mod cli;
 mod client_example;
 mod examples;
