@@ -7,9 +7,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod admin;
+mod adversity;
 mod api;
-mod chart;
 mod chaos;
+mod chart;
 mod cli;
 mod client_example;
 mod examples;

@@ -148,6 +148,8 @@ pub struct Kill {
 
 #[derive(Clone, Debug, Default)]
 pub struct History {
+    /// When the run began: violations are reported relative to it.
+    pub start: Ms,
     pub sidecars: usize,
     pub received: Vec<Received>,
     pub failed: Vec<Failed>,
@@ -171,11 +173,18 @@ pub struct Violation {
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "[{}] at {}: {}", self.rule, self.at, self.detail)
+        write!(
+            f,
+            "[{}] at +{:.1}s: {}",
+            self.rule,
+            self.at as f64 / 1000.0,
+            self.detail
+        )
     }
 }
 
-/// Every violation, earliest first; empty when the history is clean.
+/// Every violation, earliest first (times relative to `h.start`, as are
+/// the times in their details); empty when the history is clean.
 pub fn check(h: &History) -> Vec<Violation> {
     let mut v = Vec::new();
     expired(h, &mut v);
@@ -184,6 +193,9 @@ pub fn check(h: &History) -> Vec<Violation> {
     failed_reads(h, &mut v);
     upstream_calls(h, &mut v);
     refresh_reuse(h, &mut v);
+    for x in &mut v {
+        x.at -= h.start;
+    }
     v.sort_by(|a, b| (a.at, a.rule).cmp(&(b.at, b.rule)));
     v
 }
@@ -205,6 +217,11 @@ pub fn verdict(violations: &[Violation]) -> String {
         s.push_str(&format!("\n  then: {x}"));
     }
     s
+}
+
+/// `t` as seconds since the run's start.
+fn rel(h: &History, t: Ms) -> String {
+    format!("+{:.1}s", (t - h.start) as f64 / 1000.0)
 }
 
 fn expired(h: &History, out: &mut Vec<Violation>) {
@@ -299,7 +316,11 @@ fn watches(h: &History, out: &mut Vec<Violation>) {
     }
     for (watcher, (count, streams, last)) in per_watcher {
         let Some(last) = last else { continue };
-        let bound = values.get(last.token.collection.as_str()).copied().unwrap_or(0) + streams.len();
+        let bound = values
+            .get(last.token.collection.as_str())
+            .copied()
+            .unwrap_or(0)
+            + streams.len();
         if count > bound {
             out.push(Violation {
                 at: last.at,
@@ -319,10 +340,9 @@ fn watches(h: &History, out: &mut Vec<Violation>) {
 
 fn failed_reads(h: &History, out: &mut Vec<Violation>) {
     for f in &h.failed {
-        let Some(window) = h
-            .up
-            .get(f.sidecar)
-            .and_then(|ws| ws.iter().find(|w| w.contains(f.sent, f.at)))
+        let Some(window) =
+            h.up.get(f.sidecar)
+                .and_then(|ws| ws.iter().find(|w| w.contains(f.sent, f.at)))
         else {
             continue;
         };
@@ -350,7 +370,11 @@ fn failed_reads(h: &History, out: &mut Vec<Violation>) {
                     f.collection,
                     f.code,
                     f.at - f.sent,
-                    if db_down { " during a database outage" } else { "" },
+                    if db_down {
+                        " during a database outage"
+                    } else {
+                        ""
+                    },
                     r.token.version,
                     r.sidecar,
                     r.token.expires_at - f.sent
@@ -408,7 +432,7 @@ fn refresh_reuse(h: &History, out: &mut Vec<Violation>) {
     let mut calls: Vec<&Call> = h
         .calls
         .iter()
-        .filter(|c| c.presented.is_some())
+        .filter(|c| c.grant == "refresh_token" && c.presented.is_some())
         .collect();
     calls.sort_by_key(|c| c.start);
     // Refresh token -> the call that spent it (got a new one for it), and
@@ -430,10 +454,13 @@ fn refresh_reuse(h: &History, out: &mut Vec<Violation>) {
                          {:?}{}",
                         c.collection,
                         c.sidecar,
-                        by.start,
+                        rel(h, by.start),
                         by.sidecar,
                         match orphan {
-                            Some(k) => format!(" (killed at {k}; its one excused reuse was used)"),
+                            Some(k) => format!(
+                                " (killed at {}; its one excused reuse was used)",
+                                rel(h, k)
+                            ),
                             None => " (which was not killed with the answer in flight)".to_owned(),
                         }
                     ),
@@ -510,8 +537,10 @@ mod tests {
         h.calls.push(call("c", 1, 5_000, issued("b")));
         for s in 0..2 {
             h.received.push(get(s, tok("c", 1, "a", 10_000), 1_000));
-            h.received.push(watch(s, s, 0, tok("c", 1, "a", 10_000), 1_000));
-            h.received.push(watch(s, s, 0, tok("c", 2, "b", 20_000), 5_200));
+            h.received
+                .push(watch(s, s, 0, tok("c", 1, "a", 10_000), 1_000));
+            h.received
+                .push(watch(s, s, 0, tok("c", 2, "b", 20_000), 5_200));
             h.received.push(get(s, tok("c", 2, "b", 20_000), 6_000));
         }
         h
@@ -533,7 +562,8 @@ mod tests {
         h.received.push(get(1, tok("c", 2, "b", 20_000), 20_005));
         assert_eq!(rules(&h), ["expired"]);
         let mut h = clean();
-        h.received.push(watch(0, 0, 0, tok("c", 3, "c", 20_000), 20_100));
+        h.received
+            .push(watch(0, 0, 0, tok("c", 3, "c", 20_000), 20_100));
         h.calls.push(call("c", 0, 15_000, issued("c")));
         assert_eq!(rules(&h), ["expired"]);
     }
@@ -553,11 +583,13 @@ mod tests {
     #[test]
     fn a_watch_stream_going_backwards_fails_but_a_new_stream_may_restart() {
         let mut h = clean();
-        h.received.push(watch(0, 0, 0, tok("c", 1, "a", 10_000), 5_300));
+        h.received
+            .push(watch(0, 0, 0, tok("c", 1, "a", 10_000), 5_300));
         assert_eq!(rules(&h), ["watch-order"]);
         // A resumed stream (stream 1) starting at v2 again is fine.
         let mut h = clean();
-        h.received.push(watch(0, 0, 1, tok("c", 2, "b", 20_000), 8_000));
+        h.received
+            .push(watch(0, 0, 1, tok("c", 2, "b", 20_000), 8_000));
         assert_eq!(rules(&h), Vec::<&str>::new());
     }
 
@@ -601,15 +633,24 @@ mod tests {
         // The sidecar was killed during the read, or restarted < GRACE_MS ago.
         let mut h = clean();
         h.up[1] = vec![
-            Window { from: 0, to: Some(7_500) },
-            Window { from: 8_000, to: None },
+            Window {
+                from: 0,
+                to: Some(7_500),
+            },
+            Window {
+                from: 8_000,
+                to: None,
+            },
         ];
         h.failed.push(fail(1, 7_000));
         h.failed.push(fail(1, 9_000));
         assert_eq!(check(&h), vec![]);
         // The database was down and this sidecar held no servable token since
         // its restart; a peer's token does not count.
-        h.outages.push(Window { from: 8_500, to: Some(12_000) });
+        h.outages.push(Window {
+            from: 8_500,
+            to: Some(12_000),
+        });
         h.failed.push(fail(1, 13_500));
         assert_eq!(check(&h), vec![]);
         // But its own servable token does, outage or not.
@@ -628,16 +669,27 @@ mod tests {
         assert_eq!(rules(&h), ["upstream-calls"]);
         // An injected fault, a killed holder, an outage each excuse one.
         let mut h2 = h.clone();
-        h2.calls.push(call("c", 0, 9_200, Outcome::Injected("503".into())));
-        h2.calls.push(call("c", 0, 9_300, Outcome::Injected("hang".into())));
+        h2.calls
+            .push(call("c", 0, 9_200, Outcome::Injected("503".into())));
+        h2.calls
+            .push(call("c", 0, 9_300, Outcome::Injected("hang".into())));
         assert_eq!(rules(&h2), ["upstream-calls"]);
-        h.kills.push(Kill { sidecar: 1, at: 9_150 });
-        h.up[1] = vec![Window { from: 0, to: Some(9_150) }];
+        h.kills.push(Kill {
+            sidecar: 1,
+            at: 9_150,
+        });
+        h.up[1] = vec![Window {
+            from: 0,
+            to: Some(9_150),
+        }];
         assert_eq!(check(&h), vec![]);
         let mut h3 = clean();
         h3.calls.push(call("c", 0, 9_000, issued("x")));
         h3.calls.push(call("c", 1, 9_100, issued("y")));
-        h3.outages.push(Window { from: 8_000, to: Some(9_500) });
+        h3.outages.push(Window {
+            from: 8_000,
+            to: Some(9_500),
+        });
         assert_eq!(check(&h3), vec![]);
         h3.extra_calls.insert("c".to_owned(), 1);
         h3.calls.push(call("c", 1, 9_700, issued("z")));
@@ -668,7 +720,10 @@ mod tests {
         assert_eq!(check(&h), vec![]);
         h.calls.push(refresh(0, 9_000, "rt1", None));
         let v = check(&h);
-        assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), ["refresh-reuse"]);
+        assert_eq!(
+            v.iter().map(|v| v.rule).collect::<Vec<_>>(),
+            ["refresh-reuse"]
+        );
         assert!(v[0].detail.contains(&hash("rt1")));
         assert!(!v[0].detail.contains("rt1 "), "no plaintext");
 
@@ -680,8 +735,14 @@ mod tests {
             refresh(1, 5_000, "rt1", Some("rt2")),
             refresh(0, 6_500, "rt1", Some("rt3")),
         ];
-        h.kills.push(Kill { sidecar: 1, at: 6_000 });
-        h.up[1] = vec![Window { from: 0, to: Some(6_000) }];
+        h.kills.push(Kill {
+            sidecar: 1,
+            at: 6_000,
+        });
+        h.up[1] = vec![Window {
+            from: 0,
+            to: Some(6_000),
+        }];
         h.received.push(get(0, tok("c", 3, "rt3", 30_000), 7_000));
         assert_eq!(check(&h), vec![]);
         h.calls.push(refresh(0, 8_000, "rt1", None));

@@ -68,10 +68,6 @@ impl Proc {
         self.child.is_some()
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// Starts the process and waits (up to 30 s) for its socket.
     pub async fn start(&mut self) {
         assert!(self.child.is_none(), "sidecar {} already runs", self.index);

@@ -184,14 +184,6 @@ impl Upstream {
         self.inner.lock().unwrap().calls.clone()
     }
 
-    /// Calls of `collection` answered with a token so far.
-    pub fn issued(&self, collection: &str) -> usize {
-        self.calls()
-            .iter()
-            .filter(|c| c.collection == collection && matches!(c.outcome, Outcome::Issued { .. }))
-            .count()
-    }
-
     pub fn calls_of(&self, collection: &str) -> usize {
         self.calls()
             .iter()
@@ -334,7 +326,10 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
         let draw: f64 = rng.random();
         let response = if draw < f.p_503 {
             call.outcome = Outcome::Injected("503".into());
-            reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "unavailable"}))
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "unavailable"}),
+            )
         } else if draw < f.p_503 + f.p_429 {
             call.outcome = Outcome::Injected("429".into());
             let mut r = reply(StatusCode::TOO_MANY_REQUESTS, json!({"error": "slow_down"}));
@@ -414,12 +409,7 @@ fn issue(
         Kind::RefreshToken => {
             let presented = form.get("refresh_token").cloned().unwrap_or_default();
             call.presented = Some(hash(&presented));
-            let invalid = || {
-                reply(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": "invalid_grant"}),
-                )
-            };
+            let invalid = || reply(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant"}));
             if coll.revoked {
                 call.outcome = Outcome::InvalidGrant;
                 return invalid();
