@@ -154,6 +154,7 @@ impl Fleet {
         }
         let h = History {
             start: self.started,
+            end: now_ms(),
             sidecars: self.procs.len(),
             received: std::mem::take(&mut *self.rec.received.lock().unwrap()),
             failed: std::mem::take(&mut *self.rec.failed.lock().unwrap()),

@@ -24,6 +24,12 @@
 //!   values served + injected failures + 1 per holder killed with a call in
 //!   flight + 1 per sidecar per database outage + the run's documented extras
 //!   (key rotation steps, rollbacks) + 1 (a token issued as the run ended);
+//! - `stall`: a collection had no servable token anywhere (no token received
+//!   by any client that had not yet expired), reads failed meanwhile on
+//!   running sidecars, and neither an upstream fault (an injected failure or
+//!   `invalid_grant`) nor a database outage within [`STALL_EXCUSE_MS`] before
+//!   or during the gap explains it. A killed lease holder does not: the
+//!   refresh schedule must leave room for a takeover;
 //! - `refresh-reuse`: a spent refresh token was presented again, other than
 //!   once after its spender was killed with the answer in flight (within
 //!   [`ORPHAN_MS`] of the kill).
@@ -45,6 +51,9 @@ pub const WATCH_SLACK_MS: Ms = 100;
 /// After a database outage ends, reads are judged by the outage rule this
 /// much longer (reconnect and resync).
 pub const OUTAGE_TAIL_MS: Ms = 3_000;
+/// How long before a lapse an upstream fault or a database outage still
+/// explains it.
+pub const STALL_EXCUSE_MS: Ms = 10_000;
 /// A call whose sidecar was killed this soon after its answer arrived (or
 /// while it was in flight) may not have committed what it got.
 pub const ORPHAN_MS: Ms = 2_000;
@@ -150,6 +159,8 @@ pub struct Kill {
 pub struct History {
     /// When the run began: violations are reported relative to it.
     pub start: Ms,
+    /// When the clients stopped.
+    pub end: Ms,
     pub sidecars: usize,
     pub received: Vec<Received>,
     pub failed: Vec<Failed>,
@@ -193,6 +204,7 @@ pub fn check(h: &History) -> Vec<Violation> {
     failed_reads(h, &mut v);
     upstream_calls(h, &mut v);
     refresh_reuse(h, &mut v);
+    stalls(h, &mut v);
     for x in &mut v {
         x.at -= h.start;
     }
@@ -222,6 +234,21 @@ pub fn verdict(violations: &[Violation]) -> String {
 /// `t` as seconds since the run's start.
 fn rel(h: &History, t: Ms) -> String {
     format!("+{:.1}s", (t - h.start) as f64 / 1000.0)
+}
+
+/// Failed reads: how many, how many on running sidecars past their start-up
+/// grace, and per code.
+pub fn failed_summary(h: &History) -> String {
+    let running: Vec<&Failed> = h.failed.iter().filter(|f| on_running(h, f)).collect();
+    let mut codes: BTreeMap<&str, usize> = BTreeMap::new();
+    for f in &running {
+        *codes.entry(&f.code).or_default() += 1;
+    }
+    format!(
+        "{} failed reads, {} of them on running sidecars past their start-up grace {codes:?}",
+        h.failed.len(),
+        running.len()
+    )
 }
 
 fn expired(h: &History, out: &mut Vec<Violation>) {
@@ -384,6 +411,93 @@ fn failed_reads(h: &History, out: &mut Vec<Violation>) {
     }
 }
 
+/// Whether `f` failed on a sidecar that ran, past its start-up grace,
+/// throughout the read.
+fn on_running(h: &History, f: &Failed) -> bool {
+    h.up.get(f.sidecar).is_some_and(|ws| {
+        ws.iter()
+            .any(|w| w.contains(f.sent, f.at) && f.sent >= w.from + GRACE_MS)
+    })
+}
+
+fn stalls(h: &History, out: &mut Vec<Violation>) {
+    // Per collection, each value's cover: first received anywhere to expiry.
+    let mut cover: BTreeMap<&str, HashMap<&str, (Ms, Ms)>> = BTreeMap::new();
+    for r in &h.received {
+        let e = cover
+            .entry(&r.token.collection)
+            .or_default()
+            .entry(&r.token.hash)
+            .or_insert((r.at, r.token.expires_at));
+        e.0 = e.0.min(r.at);
+        e.1 = e.1.max(r.token.expires_at);
+    }
+    for (collection, values) in cover {
+        let mut spans: Vec<(Ms, Ms)> = values.into_values().collect();
+        spans.sort();
+        let mut gaps = Vec::new();
+        let mut covered = spans[0].1;
+        for (from, to) in spans.iter().skip(1) {
+            if *from > covered {
+                gaps.push((covered, *from));
+            }
+            covered = covered.max(*to);
+        }
+        if covered < h.end {
+            gaps.push((covered, h.end));
+        }
+        for (from, to) in gaps {
+            let failed: Vec<&Failed> = h
+                .failed
+                .iter()
+                .filter(|f| {
+                    f.collection == collection && f.sent >= from && f.sent < to && on_running(h, f)
+                })
+                .collect();
+            let Some(first) = failed.first() else {
+                continue;
+            };
+            let since = from - STALL_EXCUSE_MS;
+            let fault = h.calls.iter().any(|c| {
+                c.collection == collection
+                    && c.start >= since
+                    && c.start <= to
+                    && matches!(c.outcome, Outcome::Injected(_) | Outcome::InvalidGrant)
+            });
+            let outage = h.outages.iter().any(|o| o.overlaps(since, to, 0));
+            if fault || outage {
+                continue;
+            }
+            let kills: Vec<String> = h
+                .kills
+                .iter()
+                .filter(|k| k.at >= since && k.at <= to)
+                .map(|k| format!("sidecar {} killed at {}", k.sidecar, rel(h, k.at)))
+                .collect();
+            out.push(Violation {
+                at: first.at,
+                rule: "stall",
+                detail: format!(
+                    "{collection} had no servable token anywhere from {} to {} ({} ms); {} \
+                     read(s) failed on running sidecars (first on sidecar {}: {}); no upstream \
+                     fault or database outage explains it{}",
+                    rel(h, from),
+                    rel(h, to),
+                    to - from,
+                    failed.len(),
+                    first.sidecar,
+                    first.code,
+                    if kills.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", kills.join(", "))
+                    }
+                ),
+            });
+        }
+    }
+}
+
 /// Whether `call` may not have been committed: its sidecar was killed while
 /// it was in flight or within [`ORPHAN_MS`] of its answer.
 fn orphaned(h: &History, call: &Call) -> Option<Ms> {
@@ -529,6 +643,7 @@ mod tests {
     /// 20 s), each fetched once, each seen on both sidecars.
     fn clean() -> History {
         let mut h = History {
+            end: 20_000,
             sidecars: 2,
             up: vec![vec![Window { from: 0, to: None }]; 2],
             ..History::default()
@@ -695,6 +810,56 @@ mod tests {
         h3.calls.push(call("c", 1, 9_700, issued("z")));
         h3.calls.push(call("c", 1, 9_800, issued("w")));
         assert_eq!(check(&h3), vec![]);
+    }
+
+    #[test]
+    fn a_lapse_with_failed_reads_fails_unless_the_upstream_or_database_explains_it() {
+        // v1 until 10 s; v2 first received at 12 s: a 2 s lapse.
+        let mut h = History {
+            end: 30_000,
+            sidecars: 2,
+            up: vec![vec![Window { from: 0, to: None }]; 2],
+            ..History::default()
+        };
+        h.calls.push(call("c", 0, 0, issued("a")));
+        h.calls.push(call("c", 1, 11_800, issued("b")));
+        h.received.push(get(0, tok("c", 1, "a", 10_000), 1_000));
+        h.received.push(get(1, tok("c", 2, "b", 30_000), 12_000));
+        assert_eq!(check(&h), vec![], "a lapse nobody noticed");
+        h.failed.push(Failed {
+            sidecar: 1,
+            collection: "c".to_owned(),
+            code: "DeadlineExceeded".to_owned(),
+            sent: 10_500,
+            at: 11_900,
+        });
+        // A killed holder does not explain it.
+        h.kills.push(Kill {
+            sidecar: 0,
+            at: 6_000,
+        });
+        h.up[0] = vec![Window {
+            from: 0,
+            to: Some(6_000),
+        }];
+        let v = check(&h);
+        assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), ["stall"]);
+        assert!(
+            v[0].detail.contains("sidecar 0 killed at +6.0s"),
+            "{}",
+            v[0].detail
+        );
+        // An injected fault or an outage does.
+        let mut faulty = h.clone();
+        faulty
+            .calls
+            .push(call("c", 1, 5_000, Outcome::Injected("hang".into())));
+        assert_eq!(check(&faulty), vec![]);
+        h.outages.push(Window {
+            from: 3_000,
+            to: Some(4_000),
+        });
+        assert_eq!(check(&h), vec![]);
     }
 
     fn refresh(sidecar: usize, start: Ms, presented: &str, new: Option<&str>) -> Call {

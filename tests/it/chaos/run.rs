@@ -613,6 +613,7 @@ pub async fn run(cfg: &ChaosConfig) -> Outcome {
     }
     let history = History {
         start: run_start,
+        end,
         sidecars: cfg.sidecars,
         received: std::mem::take(&mut *rec.received.lock().unwrap()),
         failed: std::mem::take(&mut *rec.failed.lock().unwrap()),
@@ -654,6 +655,7 @@ pub fn report(cfg: &ChaosConfig, out: Outcome) {
         h.kills.len(),
         h.outages.len()
     );
+    eprintln!("chaos: {}", history::failed_summary(h));
     eprintln!("chaos: events executed:");
     for e in &out.events {
         eprintln!("chaos:   {e}");
