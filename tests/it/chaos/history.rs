@@ -22,7 +22,9 @@
 //!   (plus [`OUTAGE_TAIL_MS`]), on that sidecar itself;
 //! - `upstream-calls`: a collection's upstream saw more calls than distinct
 //!   values served + injected failures + 1 per holder killed with a call in
-//!   flight + 1 per sidecar per database outage + the run's documented extras
+//!   flight + 1 per sidecar per database outage (plus 1 per sidecar per
+//!   refresh interval, 40% of the shortest lifetime, it lasted) + the run's
+//!   documented extras
 //!   (key rotation steps, rollbacks) + 1 (a token issued as the run ended);
 //! - `stall`: a collection had no servable token anywhere (no token received
 //!   by any client that had not yet expired), reads failed meanwhile on
@@ -523,7 +525,25 @@ fn upstream_calls(h: &History, out: &mut Vec<Violation>) {
             .count();
         let orphans = calls.iter().filter(|c| orphaned(h, c).is_some()).count();
         let served = values.get(collection).copied().unwrap_or(0);
-        let outages = h.sidecars * h.outages.len();
+        // Per sidecar per outage: one local refresh, plus one per refresh
+        // interval (40% of the shortest lifetime issued) the outage lasted.
+        let interval = calls
+            .iter()
+            .filter_map(|c| match c.outcome {
+                Outcome::Issued { expires_in, .. } => Some(expires_in as Ms * 400),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(Ms::MAX)
+            .max(1);
+        let outages: usize = h
+            .outages
+            .iter()
+            .map(|o| {
+                let len = o.to.unwrap_or(h.end) - o.from;
+                h.sidecars * (1 + (len / interval) as usize)
+            })
+            .sum();
         let extra = h.extra_calls.get(collection).copied().unwrap_or(0);
         let bound = served + injected + orphans + outages + extra + 1;
         if calls.len() > bound {

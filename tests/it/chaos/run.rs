@@ -7,7 +7,8 @@
 //! `chaos_run_from_env` (ignored) is what `scripts/chaos` runs:
 //! `CHAOS_SEED`, `CHAOS_DURATION` (e.g. `10m`), `CHAOS_SIDECARS`,
 //! `CHAOS_EXTRA_POLICY` (appended to every collection's inline policy table,
-//! e.g. `, lease_ttl = "3s"`).
+//! e.g. `, lease_ttl = "3s"`), `CHAOS_CLOCK_OFFSET` (`faketime -f` offset of
+//! the clock-offset event, default `+3s`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -47,6 +48,8 @@ pub struct ChaosConfig {
     /// Appended inside every collection's inline `policy = { ... }` table.
     pub extra_policy: String,
     pub faults: Faults,
+    /// The `faketime -f` offset of the clock-offset event.
+    pub clock_offset: String,
 }
 
 impl ChaosConfig {
@@ -57,6 +60,7 @@ impl ChaosConfig {
             sidecars,
             extra_policy: String::new(),
             faults: Faults::default(),
+            clock_offset: "+3s".to_owned(),
         }
     }
 }
@@ -116,7 +120,6 @@ pub enum Event {
     /// faketime is missing).
     ClockOffset {
         sidecar: usize,
-        offset: &'static str,
     },
 }
 
@@ -140,8 +143,11 @@ impl fmt::Display for Event {
                 "roll row {collection} back to the snapshot{}",
                 if *notify { " + NOTIFY" } else { "" }
             ),
-            Event::ClockOffset { sidecar, offset } => {
-                write!(f, "restart sidecar {sidecar} under faketime {offset}")
+            Event::ClockOffset { sidecar } => {
+                write!(
+                    f,
+                    "restart sidecar {sidecar} with its clock offset (faketime)"
+                )
             }
         }
     }
@@ -199,7 +205,6 @@ pub fn schedule(seed: u64, duration: Duration, sidecars: usize) -> Vec<(Duration
                     clock_offset_done = true;
                     Event::ClockOffset {
                         sidecar: rng.random_range(0..sidecars),
-                        offset: "+3s",
                     }
                 }
             }
@@ -285,6 +290,7 @@ struct Driver {
     keys: Keys,
     key_step: usize,
     upstream: Arc<Upstream>,
+    clock_offset: String,
     proxy: FaultProxy,
     pool: PgPool,
 }
@@ -477,7 +483,7 @@ impl Driver {
                 *self.extra.entry((*collection).to_owned()).or_default() += 1;
                 self.note(format!("  row {collection} now at version {version:?}"));
             }
-            Event::ClockOffset { sidecar, offset } => {
+            Event::ClockOffset { sidecar } => {
                 if proc::faketime().is_none() {
                     self.note(
                         "  !!! faketime is not installed (apt-get install faketime): \
@@ -487,7 +493,8 @@ impl Driver {
                     return;
                 }
                 self.stop(*sidecar).await;
-                self.procs[*sidecar].clock_offset = Some((*offset).to_owned());
+                self.procs[*sidecar].clock_offset = Some(self.clock_offset.clone());
+                self.note(format!("  faketime -f {}", self.clock_offset));
                 self.start(*sidecar).await;
             }
         }
@@ -564,6 +571,7 @@ pub async fn run(cfg: &ChaosConfig) -> Outcome {
         keys,
         key_step: 0,
         upstream: upstream.clone(),
+        clock_offset: cfg.clock_offset.clone(),
         proxy,
         pool,
     };
@@ -709,6 +717,9 @@ async fn chaos_run_from_env() {
     let sidecars = var("CHAOS_SIDECARS").map_or(3, |s| s.parse().expect("CHAOS_SIDECARS"));
     let mut cfg = ChaosConfig::new(seed, duration, sidecars);
     cfg.extra_policy = var("CHAOS_EXTRA_POLICY").unwrap_or_default();
+    if let Some(offset) = var("CHAOS_CLOCK_OFFSET") {
+        cfg.clock_offset = offset;
+    }
     let out = run(&cfg).await;
     report(&cfg, out);
 }
