@@ -49,10 +49,10 @@ pub const GRACE_MS: Ms = 5_000;
 /// A token counts as servable only with this much life left.
 pub const MARGIN_MS: Ms = 500;
 /// A watch message may arrive this long after the server checked its expiry.
-pub const WATCH_SLACK_MS: Ms = 100;
+pub const WATCH_SLACK_MS: Ms = 250;
 /// After a database outage ends, reads are judged by the outage rule this
 /// much longer (reconnect and resync).
-pub const OUTAGE_TAIL_MS: Ms = 3_000;
+pub const OUTAGE_TAIL_MS: Ms = 5_000;
 /// How long before a lapse an upstream fault or a database outage still
 /// explains it.
 pub const STALL_EXCUSE_MS: Ms = 10_000;
@@ -230,12 +230,19 @@ pub fn verdict(violations: &[Violation]) -> String {
     for x in violations.iter().skip(1).take(9) {
         s.push_str(&format!("\n  then: {x}"));
     }
+    // The first of each rule not shown yet.
+    let shown: Vec<&str> = violations.iter().take(10).map(|x| x.rule).collect();
+    for rule in per_rule.keys().filter(|r| !shown.contains(r)) {
+        if let Some(x) = violations.iter().find(|x| x.rule == *rule) {
+            s.push_str(&format!("\n  first {rule}: {x}"));
+        }
+    }
     s
 }
 
 /// `t` as seconds since the run's start.
 fn rel(h: &History, t: Ms) -> String {
-    format!("+{:.1}s", (t - h.start) as f64 / 1000.0)
+    format!("{:+.1}s", (t - h.start) as f64 / 1000.0)
 }
 
 /// Failed reads: how many, how many on running sidecars past their start-up
@@ -698,7 +705,7 @@ mod tests {
         assert_eq!(rules(&h), ["expired"]);
         let mut h = clean();
         h.received
-            .push(watch(0, 0, 0, tok("c", 3, "c", 20_000), 20_100));
+            .push(watch(0, 0, 0, tok("c", 3, "c", 20_000), 20_250));
         h.calls.push(call("c", 0, 15_000, issued("c")));
         assert_eq!(rules(&h), ["expired"]);
     }
