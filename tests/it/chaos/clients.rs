@@ -18,6 +18,9 @@ pub const GET_DEADLINE: Duration = Duration::from_secs(3);
 /// A stream that floods is closed after this many messages (the checker has
 /// enough to name the flood).
 const STREAM_CAP: usize = 20_000;
+/// A watcher that floods stops watching after this many messages in all, so
+/// that a long run's history stays in memory.
+const WATCHER_CAP: usize = 50_000;
 
 #[derive(Default)]
 pub struct Recorder {
@@ -123,7 +126,8 @@ pub fn watcher(
     tokio::spawn(async move {
         let mut stream_no = 0;
         let mut after = 0;
-        while !stop.is_cancelled() {
+        let mut total = 0;
+        while !stop.is_cancelled() && total < WATCHER_CAP {
             let opened = async {
                 let mut c = proc::client(&sock).await.ok()?;
                 c.watch_token(WatchTokenRequest {
@@ -147,7 +151,8 @@ pub fn watcher(
                             rec.got(sidecar, &t, Via::Watch { watcher: id, stream: stream_no });
                             after = t.version;
                             count += 1;
-                            if count >= STREAM_CAP {
+                            total += 1;
+                            if count >= STREAM_CAP || total >= WATCHER_CAP {
                                 break;
                             }
                         }
