@@ -8,7 +8,8 @@
 //! `CHAOS_SEED`, `CHAOS_DURATION` (e.g. `10m`), `CHAOS_SIDECARS`,
 //! `CHAOS_EXTRA_POLICY` (appended to every collection's inline policy table,
 //! e.g. `, lease_ttl = "3s"`), `CHAOS_CLOCK_OFFSET` (`faketime -f` offset of
-//! the clock-offset event, default `+3s`).
+//! the clock-offset event, default `+3s`), `CHAOS_ONLY` (comma-separated
+//! event kinds to run, e.g. `kill,kill-holder`; `none` runs none).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,6 +51,9 @@ pub struct ChaosConfig {
     pub faults: Faults,
     /// The `faketime -f` offset of the clock-offset event.
     pub clock_offset: String,
+    /// Run only events of these kinds ([`Event::kind`]; snapshots always
+    /// run); the schedule stays the seed's, the others are skipped.
+    pub only: Option<Vec<String>>,
 }
 
 impl ChaosConfig {
@@ -61,6 +65,7 @@ impl ChaosConfig {
             extra_policy: String::new(),
             faults: Faults::default(),
             clock_offset: "+3s".to_owned(),
+            only: None,
         }
     }
 }
@@ -121,6 +126,23 @@ pub enum Event {
     ClockOffset {
         sidecar: usize,
     },
+}
+
+impl Event {
+    /// The name `--only` selects this event by.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Kill { .. } => "kill",
+            Event::KillHolder { .. } => "kill-holder",
+            Event::DbCut { .. } => "db-cut",
+            Event::DbBlackhole { .. } => "db-blackhole",
+            Event::DbRestart => "db-restart",
+            Event::KeyRotation => "key-rotation",
+            Event::Snapshot { .. } => "snapshot",
+            Event::Rollback { .. } => "rollback",
+            Event::ClockOffset { .. } => "clock-offset",
+        }
+    }
 }
 
 impl fmt::Display for Event {
@@ -606,6 +628,15 @@ pub async fn run(cfg: &ChaosConfig) -> Outcome {
     }
     for (at, event) in &events {
         tokio::time::sleep_until(d.started + *at).await;
+        let kind = event.kind();
+        if cfg
+            .only
+            .as_ref()
+            .is_some_and(|only| kind != "snapshot" && !only.iter().any(|k| k == kind))
+        {
+            d.note(format!("{event}: skipped (not in --only)"));
+            continue;
+        }
         d.note(format!("{event}"));
         d.apply(event).await;
     }
@@ -717,6 +748,7 @@ async fn chaos_run_from_env() {
     let sidecars = var("CHAOS_SIDECARS").map_or(3, |s| s.parse().expect("CHAOS_SIDECARS"));
     let mut cfg = ChaosConfig::new(seed, duration, sidecars);
     cfg.extra_policy = var("CHAOS_EXTRA_POLICY").unwrap_or_default();
+    cfg.only = var("CHAOS_ONLY").map(|s| s.split(',').map(|k| k.trim().to_owned()).collect());
     if let Some(offset) = var("CHAOS_CLOCK_OFFSET") {
         cfg.clock_offset = offset;
     }
