@@ -70,20 +70,29 @@ impl ChaosConfig {
     }
 }
 
-/// The encryption key ids of each rolling key-rotation step, in order, as
-/// the sidecars' `TB_ENCRYPTION_KEY` lists them (newest first; the first
-/// encrypts). The README's steps: add the new key in front of the old one on
-/// every sidecar, one at a time; drop the old one once no row uses it (the
-/// driver defers a drop step while a row still names the dropped key). Change
-/// this table, and only it, when the steps change (e.g. a decrypt-only stage).
+/// The encryption keys of each rolling key-rotation step, in order, as the
+/// sidecars' `TB_ENCRYPTION_KEY` lists them: key ids, each optionally with
+/// `:decrypt-only` (the key material is added by the driver). The README's
+/// three roll-outs per new key: add it decrypt-only after the current one;
+/// make it the encrypting one, the old one second; drop the old one once no
+/// row names it (the driver defers a drop while a row still does). Change
+/// this table, and only it, when the documented steps change.
 pub fn key_steps(step: usize) -> Vec<String> {
-    // step 0: k1 (the start); 1: k2 k1; 2: k2; 3: k3 k2; 4: k3; ...
-    let newest = step.div_ceil(2) + 1;
-    if step % 2 == 1 {
-        vec![format!("k{newest}"), format!("k{}", newest - 1)]
-    } else {
-        vec![format!("k{newest}")]
+    if step == 0 {
+        return vec!["k1".to_owned()];
     }
+    let old = format!("k{}", (step - 1) / 3 + 1);
+    let new = format!("k{}", (step - 1) / 3 + 2);
+    match (step - 1) % 3 {
+        0 => vec![old, format!("{new}:decrypt-only")],
+        1 => vec![new, old],
+        _ => vec![new],
+    }
+}
+
+/// A key entry's id (`k2` of `k2:decrypt-only`).
+fn key_id(entry: &str) -> &str {
+    entry.split(':').next().unwrap_or(entry)
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -280,12 +289,17 @@ impl Keys {
     fn env(&mut self, ids: &[String]) -> String {
         use base64::Engine as _;
         ids.iter()
-            .map(|id| {
-                let key = self.0.entry(id.clone()).or_insert_with(|| {
+            .map(|entry| {
+                let (id, flags) = entry.split_once(':').unwrap_or((entry, ""));
+                let key = self.0.entry(id.to_owned()).or_insert_with(|| {
                     let k: [u8; 32] = rand::random();
                     base64::engine::general_purpose::STANDARD.encode(k)
                 });
-                format!("{id}:{key}")
+                if flags.is_empty() {
+                    format!("{id}:{key}")
+                } else {
+                    format!("{id}:{key}:{flags}")
+                }
             })
             .collect::<Vec<_>>()
             .join(" ")
@@ -419,8 +433,9 @@ impl Driver {
             Event::KeyRotation => {
                 let next = key_steps(self.key_step + 1);
                 let dropped: Vec<String> = key_steps(self.key_step)
-                    .into_iter()
-                    .filter(|k| !next.contains(k))
+                    .iter()
+                    .map(|k| key_id(k).to_owned())
+                    .filter(|k| !next.iter().any(|n| key_id(n) == k))
                     .collect();
                 for k in &dropped {
                     let still: i64 = sqlx::query_scalar(
@@ -721,9 +736,15 @@ fn the_same_seed_draws_the_same_schedule() {
     assert_ne!(a, schedule(8, Duration::from_secs(600), 3));
     assert!(a.len() > 50, "{}", a.len());
     assert_eq!(key_steps(0), ["k1"]);
-    assert_eq!(key_steps(1), ["k2", "k1"]);
-    assert_eq!(key_steps(2), ["k2"]);
-    assert_eq!(key_steps(3), ["k3", "k2"]);
+    assert_eq!(key_steps(1), ["k1", "k2:decrypt-only"]);
+    assert_eq!(key_steps(2), ["k2", "k1"]);
+    assert_eq!(key_steps(3), ["k2"]);
+    assert_eq!(key_steps(4), ["k2", "k3:decrypt-only"]);
+    assert_eq!(key_steps(6), ["k3"]);
+    let mut keys = Keys(HashMap::new());
+    let env = keys.env(&key_steps(1));
+    assert!(env.starts_with("k1:") && env.ends_with(":decrypt-only"), "{env}");
+    assert_eq!(env.matches(' ').count(), 1);
 }
 
 /// About a minute with seed 1: runs with every `scripts/test` once the
