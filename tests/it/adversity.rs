@@ -17,8 +17,8 @@
 //! - (d) with encryption keys, a row value written without a key id is never
 //!   served (`token-broker get --value` does not print it).
 //!
-//! They fail on the code before the issue 11 fix and are ignored until it
-//! lands.
+//! They fail on the code before the issue 11 fix (c5889a1) and pass with it
+//! (2516377).
 
 use std::process::Command;
 use std::sync::Arc;
@@ -206,7 +206,6 @@ async fn wait_for(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11: fails until the core fix lands"]
 async fn a_killed_lease_holder_is_replaced_before_the_fleet_runs_dry() {
     let db = TestDb::create().await;
     let upstream = Upstream::start(
@@ -349,7 +348,6 @@ policy = {{ min_refresh_interval = "1s" {extra_policy} }}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11: fails until the core fix lands"]
 async fn a_rolling_key_rotation_never_moves_a_watcher_backwards() {
     let db = TestDb::create().await;
     let (k1, k2) = (key("k1"), key("k2"));
@@ -379,7 +377,6 @@ async fn a_rolling_key_rotation_never_moves_a_watcher_backwards() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11: fails until the core fix lands"]
 async fn a_row_rolled_back_below_l1_never_moves_a_watcher_backwards() {
     let db = TestDb::create().await;
     let pool = db.pool().await;
@@ -482,7 +479,6 @@ fn watched_version(fleet: &Fleet, i: usize, collection: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11: fails until the core fix lands"]
 async fn an_infinite_expiry_in_one_row_does_not_stop_following_the_others() {
     let db = TestDb::create().await;
     let pool = db.pool().await;
@@ -562,7 +558,6 @@ policy = {{ min_refresh_interval = "1s" }}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11: fails until the core fix lands"]
 async fn an_out_of_range_upstream_expiry_is_a_bad_response_and_refreshing_goes_on() {
     let upstream = Upstream::start(
         11,
@@ -639,7 +634,6 @@ policy = {{ min_refresh_interval = "1s", backoff_initial = "200ms", backoff_max 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11: fails until the core fix lands"]
 async fn a_row_value_without_a_key_id_is_never_served() {
     let db = TestDb::create().await;
     let pool = db.pool().await;
