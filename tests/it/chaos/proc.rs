@@ -140,23 +140,24 @@ impl Proc {
         }
     }
 
-    /// SIGTERM and wait for the exit (SIGKILL after 20 s).
-    pub async fn stop(&mut self) {
+    /// SIGTERM and wait for the exit (SIGKILL after 20 s); the exit status,
+    /// or `None` when it had to be killed.
+    pub async fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let Some(mut c) = self.child.take() else {
-            return;
+            return None;
         };
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
             }
             if std::time::Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                return;
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -362,7 +362,15 @@ impl Driver {
 
     async fn stop(&mut self, i: usize) {
         self.close(i, now_ms());
-        self.procs[i].stop().await;
+        let started = Instant::now();
+        match self.procs[i].stop().await {
+            Some(status) if status.success() => {}
+            Some(status) => self.note(format!("  sidecar {i} exited with {status} on SIGTERM")),
+            None => self.note(format!(
+                "  !!! sidecar {i} did not exit within {:.0?} of SIGTERM: killed",
+                started.elapsed()
+            )),
+        }
     }
 
     async fn outage(&mut self, cut: bool, length: Duration) {
