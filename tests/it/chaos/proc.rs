@@ -143,9 +143,7 @@ impl Proc {
     /// SIGTERM and wait for the exit (SIGKILL after 20 s); the exit status,
     /// or `None` when it had to be killed.
     pub async fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let Some(mut c) = self.child.take() else {
-            return None;
-        };
+        let mut c = self.child.take()?;
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
