@@ -1,5 +1,5 @@
 //! A chaos sidecar: the real `token-broker serve` on a Unix socket, whose
-//! environment (encryption keys) and clock (`faketime`) can change between
+//! environment (encryption keys) and clock (libfaketime) can change between
 //! runs, killed with SIGKILL or stopped with SIGTERM. Each run appends to one
 //! log file per sidecar. Killed on drop.
 
@@ -14,14 +14,29 @@ use tonic::transport::Channel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
-/// `faketime` when installed (Debian's package), else `None`.
-pub fn faketime() -> Option<PathBuf> {
-    let out = Command::new("sh")
-        .args(["-c", "command -v faketime"])
-        .output()
-        .ok()?;
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (out.status.success() && !path.is_empty()).then(|| PathBuf::from(path))
+/// libfaketime (Debian's `faketime` package) when installed, else `None`.
+/// It is preloaded into the sidecar itself rather than run through the
+/// `faketime` wrapper: the wrapper forks and waits, so a SIGKILL would hit
+/// the wrapper and leave the sidecar running.
+pub fn libfaketime() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime"))
+        .collect();
+    dirs.push(PathBuf::from("/usr/lib/faketime"));
+    dirs.into_iter()
+        .map(|d| d.join("libfaketime.so.1"))
+        .find(|p| p.exists())
+}
+
+/// The binary the sidecars run: `CHAOS_BIN` when set (e.g. an older build to
+/// compare against), else this package's.
+pub fn bin() -> PathBuf {
+    std::env::var_os("CHAOS_BIN")
+        .filter(|b| !b.is_empty())
+        .map_or_else(|| PathBuf::from(BIN), PathBuf::from)
 }
 
 pub struct Proc {
@@ -30,7 +45,7 @@ pub struct Proc {
     config: PathBuf,
     child: Option<Child>,
     pub env: Vec<(String, String)>,
-    /// `faketime -f OFFSET` wrapper for the next runs, e.g. `+3s`.
+    /// A clock offset for the next runs (libfaketime's `FAKETIME`, e.g. `+3s`).
     pub clock_offset: Option<String>,
     pub runs: usize,
 }
@@ -86,18 +101,14 @@ impl Proc {
             self.index,
             self.clock_offset
                 .as_deref()
-                .map(|o| format!(" under faketime {o}"))
+                .map(|o| format!(" with FAKETIME={o}"))
                 .unwrap_or_default()
         )
         .unwrap();
-        let mut cmd = match (&self.clock_offset, faketime()) {
-            (Some(offset), Some(ft)) => {
-                let mut c = Command::new(ft);
-                c.args(["-f", offset, BIN]);
-                c
-            }
-            _ => Command::new(BIN),
-        };
+        let mut cmd = Command::new(bin());
+        if let (Some(offset), Some(lib)) = (&self.clock_offset, libfaketime()) {
+            cmd.env("LD_PRELOAD", lib).env("FAKETIME", offset);
+        }
         let child = cmd
             .arg("serve")
             .arg("--config")

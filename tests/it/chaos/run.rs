@@ -7,9 +7,10 @@
 //! `chaos_run_from_env` (ignored) is what `scripts/chaos` runs:
 //! `CHAOS_SEED`, `CHAOS_DURATION` (e.g. `10m`), `CHAOS_SIDECARS`,
 //! `CHAOS_EXTRA_POLICY` (appended to every collection's inline policy table,
-//! e.g. `, lease_ttl = "3s"`), `CHAOS_CLOCK_OFFSET` (`faketime -f` offset of
-//! the clock-offset event, default `+3s`), `CHAOS_ONLY` (comma-separated
-//! event kinds to run, e.g. `kill,kill-holder`; `none` runs none).
+//! e.g. `, lease_ttl = "3s"`), `CHAOS_CLOCK_OFFSET` (libfaketime's
+//! `FAKETIME` for the clock-offset event, default `+3s`), `CHAOS_ONLY`
+//! (comma-separated event kinds to run, e.g. `kill,kill-holder`; `none` runs
+//! none), `CHAOS_BIN` (the sidecar binary, default this package's).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -49,7 +50,7 @@ pub struct ChaosConfig {
     /// Appended inside every collection's inline `policy = { ... }` table.
     pub extra_policy: String,
     pub faults: Faults,
-    /// The `faketime -f` offset of the clock-offset event.
+    /// The clock offset (libfaketime's `FAKETIME`) of the clock-offset event.
     pub clock_offset: String,
     /// Run only events of these kinds ([`Event::kind`]; snapshots always
     /// run); the schedule stays the seed's, the others are skipped.
@@ -130,8 +131,8 @@ pub enum Event {
         collection: &'static str,
         notify: bool,
     },
-    /// Restarts a sidecar under `faketime -f OFFSET` (skipped, loudly, when
-    /// faketime is missing).
+    /// Restarts a sidecar with libfaketime preloaded (`FAKETIME` = the run's
+    /// offset); skipped, loudly, when libfaketime is missing.
     ClockOffset {
         sidecar: usize,
     },
@@ -529,7 +530,7 @@ impl Driver {
                 self.note(format!("  row {collection} now at version {version:?}"));
             }
             Event::ClockOffset { sidecar } => {
-                if proc::faketime().is_none() {
+                if proc::libfaketime().is_none() {
                     self.note(
                         "  !!! faketime is not installed (apt-get install faketime): \
                          clock offset SKIPPED"
@@ -539,7 +540,7 @@ impl Driver {
                 }
                 self.stop(*sidecar).await;
                 self.procs[*sidecar].clock_offset = Some(self.clock_offset.clone());
-                self.note(format!("  faketime -f {}", self.clock_offset));
+                self.note(format!("  FAKETIME={} (libfaketime)", self.clock_offset));
                 self.start(*sidecar).await;
             }
         }
@@ -559,7 +560,7 @@ pub async fn run(cfg: &ChaosConfig) -> Outcome {
     for (at, e) in &events {
         eprintln!("chaos:   at {:6.1}s  {e}", at.as_secs_f64());
     }
-    if proc::faketime().is_none() {
+    if proc::libfaketime().is_none() {
         eprintln!("chaos: !!! faketime is not installed: clock offset events will be SKIPPED");
     }
     let db = TestDb::create().await;
