@@ -12,10 +12,7 @@
 //!   judged by when it was sent, a watch message by when it arrived, less
 //!   [`WATCH_SLACK_MS`]);
 //! - `two-values`: one (collection, version) carried two values anywhere in
-//!   the fleet, except values first served on different sidecars while the
-//!   database was down (plus [`OUTAGE_TAIL_MS`]): the documented outage
-//!   behaviour, where each sidecar refreshes locally under its next version;
-//!   one sidecar serving two values under one version is never excused;
+//!   the fleet;
 //! - `watch-order`: a watch stream's versions did not strictly increase;
 //! - `watch-flood`: a watcher (all its streams) got more messages than the
 //!   distinct values the fleet served for its collection, plus one per stream;
@@ -288,59 +285,22 @@ fn expired(h: &History, out: &mut Vec<Violation>) {
 }
 
 fn two_values(h: &History, out: &mut Vec<Violation>) {
-    // (collection, version) -> value -> (first receipt, sidecars that served it).
-    type Values<'a> = HashMap<&'a str, (&'a Received, HashSet<usize>)>;
-    let mut seen: HashMap<(&str, u64), Values> = HashMap::new();
+    let mut first: HashMap<(&str, u64), &Received> = HashMap::new();
     let mut reported = HashSet::new();
     let mut by_time: Vec<&Received> = h.received.iter().collect();
     by_time.sort_by_key(|r| r.at);
     for r in by_time {
         let key = (r.token.collection.as_str(), r.token.version);
-        let values = seen.entry(key).or_default();
-        let is_new = !values.contains_key(r.token.hash.as_str());
-        let (first, sidecars) = values
-            .entry(r.token.hash.as_str())
-            .or_insert_with(|| (r, HashSet::new()));
-        sidecars.insert(r.sidecar);
-        let first = *first;
-        let during_outage = |at: Ms| {
-            h.outages
-                .iter()
-                .any(|o| o.from <= at && o.to.is_none_or(|t| at <= t + OUTAGE_TAIL_MS))
-        };
-        for (other, (o_first, o_sidecars)) in values.iter() {
-            if *other == r.token.hash {
-                continue;
-            }
-            // One sidecar serving two values under one version is always a
-            // violation; two sidecars each serving their own, only outside
-            // the documented outage window (each refreshes locally and
-            // publishes its token under its next version until the database
-            // returns and they converge).
-            let same_sidecar = o_sidecars.contains(&r.sidecar);
-            let excused = !same_sidecar && is_new && during_outage(first.at);
-            if (same_sidecar || (is_new && !excused))
-                && reported.insert((key, r.token.hash.clone(), same_sidecar))
-            {
-                out.push(Violation {
-                    at: r.at,
-                    rule: "two-values",
-                    detail: format!(
-                        "{} v{} carried {} (sidecar {}) and {} (sidecar {}){}",
-                        key.0,
-                        key.1,
-                        other,
-                        o_first.sidecar,
-                        r.token.hash,
-                        r.sidecar,
-                        if same_sidecar {
-                            format!("; sidecar {} served both", r.sidecar)
-                        } else {
-                            String::new()
-                        }
-                    ),
-                });
-            }
+        let e = first.entry(key).or_insert(r);
+        if e.token.hash != r.token.hash && reported.insert((key, r.token.hash.clone())) {
+            out.push(Violation {
+                at: r.at,
+                rule: "two-values",
+                detail: format!(
+                    "{} v{} carried {} (sidecar {}) and {} (sidecar {})",
+                    key.0, key.1, e.token.hash, e.sidecar, r.token.hash, r.sidecar
+                ),
+            });
         }
     }
 }
@@ -760,39 +720,6 @@ mod tests {
         assert_eq!(v[0].rule, "two-values");
         assert!(v[0].detail.contains("c v2"), "{}", v[0].detail);
         assert!(verdict(&v).starts_with("FAIL: 1 violation"));
-    }
-
-    #[test]
-    fn two_values_on_two_sidecars_during_an_outage_pass_but_never_on_one() {
-        let mut h = clean();
-        h.outages.push(Window {
-            from: 6_000,
-            to: Some(8_000),
-        });
-        // Sidecar 1 refreshed locally during the outage, under v3.
-        h.calls.push(call("c", 0, 6_100, issued("x")));
-        h.calls.push(call("c", 1, 6_200, issued("y")));
-        h.received.push(get(0, tok("c", 3, "x", 20_000), 6_500));
-        h.received.push(get(1, tok("c", 3, "y", 20_000), 6_600));
-        assert_eq!(check(&h), vec![]);
-        // After convergence, sidecar 1 serves sidecar 0's v3: one sidecar, two values.
-        h.received.push(get(1, tok("c", 3, "x", 20_000), 9_000));
-        let v = check(&h);
-        assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), ["two-values"]);
-        assert!(
-            v[0].detail.contains("sidecar 1 served both"),
-            "{}",
-            v[0].detail
-        );
-        // Outside the outage (and its tail), two sidecars are not excused.
-        let mut h = clean();
-        h.outages.push(Window {
-            from: 1_000,
-            to: Some(2_000),
-        });
-        h.calls.push(call("c", 1, 7_900, issued("z")));
-        h.received.push(get(1, tok("c", 2, "z", 20_000), 8_000));
-        assert_eq!(rules(&h), ["two-values"]);
     }
 
     #[test]
