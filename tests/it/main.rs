@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod admin;
+mod adversity;
 mod api;
+mod chaos;
 mod chart;
 mod cli;
 mod client_example;
