@@ -19,7 +19,9 @@
 //! - `failed-read`: a read failed on a sidecar that had been running for
 //!   [`GRACE_MS`] and kept running, while a token with [`MARGIN_MS`] of life
 //!   left was servable: anywhere in the fleet, or, while the database was down
-//!   (plus [`OUTAGE_TAIL_MS`]), on that sidecar itself;
+//!   (plus [`OUTAGE_TAIL_MS`]), on that sidecar itself; "servable" means the
+//!   newest version received there so far (an older one that a newer version
+//!   replaced is no longer held, even if it would still be valid);
 //! - `upstream-calls`: a collection's upstream saw more calls than distinct
 //!   values served + injected failures + 1 per holder killed with a call in
 //!   flight + 1 per sidecar per database outage (plus 1 per sidecar per
@@ -389,12 +391,26 @@ fn failed_reads(h: &History, out: &mut Vec<Violation>) {
             .outages
             .iter()
             .any(|o| o.overlaps(f.sent, f.at, OUTAGE_TAIL_MS));
-        let servable = h.received.iter().find(|r| {
+        // Where the read could have been served from: anywhere in the fleet,
+        // or while the database is down only the sidecar itself.
+        let reachable = |r: &&Received| {
             r.token.collection == f.collection
                 && r.at <= f.sent
-                && r.token.expires_at > f.sent + MARGIN_MS
                 && (!db_down || (r.sidecar == f.sidecar && r.at >= window.from))
-        });
+        };
+        // A token a newer version had already replaced there is not one the
+        // fleet still holds: sidecars move to the newest version even when
+        // it expires sooner.
+        let newest = h
+            .received
+            .iter()
+            .filter(reachable)
+            .map(|r| r.token.version)
+            .max();
+        let servable =
+            h.received.iter().filter(reachable).find(|r| {
+                Some(r.token.version) == newest && r.token.expires_at > f.sent + MARGIN_MS
+            });
         if let Some(r) = servable {
             out.push(Violation {
                 at: f.at,
@@ -755,6 +771,33 @@ mod tests {
             code: "DeadlineExceeded".to_owned(),
             sent: 7_000,
             at: 9_000,
+        });
+        assert_eq!(rules(&h), ["failed-read"]);
+    }
+
+    #[test]
+    fn a_token_replaced_by_a_newer_version_no_longer_counts_as_servable() {
+        // v2 (valid until 20 s) is replaced by v3, which expires at 12 s; a
+        // read failing at 13 s finds nothing the fleet still holds.
+        let mut h = clean();
+        h.calls.push(call("c", 0, 8_000, issued("c")));
+        h.received.push(get(0, tok("c", 3, "c", 12_000), 8_500));
+        h.failed.push(Failed {
+            sidecar: 1,
+            collection: "c".to_owned(),
+            code: "Unavailable".to_owned(),
+            sent: 13_000,
+            at: 13_001,
+        });
+        assert!(!rules(&h).contains(&"failed-read"), "{:?}", check(&h));
+        // Before v3 existed, the same failure is one.
+        let mut h = clean();
+        h.failed.push(Failed {
+            sidecar: 1,
+            collection: "c".to_owned(),
+            code: "Unavailable".to_owned(),
+            sent: 7_000,
+            at: 7_001,
         });
         assert_eq!(rules(&h), ["failed-read"]);
     }
