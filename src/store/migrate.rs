@@ -21,6 +21,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "lease fence sequence",
         include_str!("../../migrations/0002_lease_fence_sequence.sql"),
     ),
+    (
+        3,
+        "version high-water mark",
+        include_str!("../../migrations/0003_version_high_water_mark.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: "tokenbro" in ASCII.

@@ -15,6 +15,10 @@
 //! - After an operation finds the database unreachable, operations fail at
 //!   once for a second, and until the listener reconnects: an outage costs
 //!   one `query_timeout`, not one per operation.
+//! - A new value's version is also above `token_broker_versions.max_version`,
+//!   the highest version ever committed for the collection, which commits
+//!   only raise: a row put back to an older state cannot make a commit reuse
+//!   a version that named another value.
 //! - A rotation commits the sealed value, its version, its refresh token and
 //!   `NOTIFY token_broker, '<collection>:<version>'` in one transaction; the
 //!   payload never carries a token. A refetch of the same value notifies no one.
@@ -580,7 +584,28 @@ impl PgStore {
             });
         // An unreadable value (a key this sidecar lacks) still holds its
         // version: the rule then moves past it.
-        let (version, rotated) = new.version_over(old_version, old_value.as_ref());
+        let (mut version, rotated) = new.version_over(old_version, old_value.as_ref());
+        // A new value also goes above every version ever committed, which a
+        // row put back to an older state no longer shows.
+        let high: Option<i64> = sqlx::query_scalar(
+            "SELECT max_version FROM token_broker_versions WHERE collection = $1 FOR UPDATE",
+        )
+        .bind(c)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let high = high.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+        if rotated && version <= high {
+            version = high.saturating_add(1);
+        }
+        sqlx::query(
+            "INSERT INTO token_broker_versions AS v (collection, max_version) VALUES ($1, $2)
+             ON CONFLICT (collection) DO UPDATE
+                SET max_version = greatest(v.max_version, EXCLUDED.max_version)",
+        )
+        .bind(c)
+        .bind(fence_i64(version))
+        .execute(&mut *tx)
+        .await?;
         let value = self.keyring.seal(c, "value", &new.value);
         let refresh = new
             .refresh_token

@@ -414,7 +414,7 @@ async fn concurrent_migrations_apply_once() {
     let applied: Vec<i64> = runs.into_iter().flatten().collect();
     assert_eq!(
         applied,
-        vec![1, 2],
+        vec![1, 2, 3],
         "exactly one run applied each migration"
     );
     let pool = db.pool().await;
@@ -422,7 +422,7 @@ async fn concurrent_migrations_apply_once() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(n, 2);
+    assert_eq!(n, 3);
     // A store that must not migrate refuses a database without the schema.
     let empty = TestDb::create().await;
     let refused = PgStore::start(
@@ -653,4 +653,27 @@ async fn the_database_clock_offset_is_measured() {
     let offset = store.store.clock_offset().expect("Postgres has a clock");
     let us = offset.load(std::sync::atomic::Ordering::Relaxed);
     assert!(us.abs() < 500_000, "offset {us} us on one host");
+}
+
+/// A row put back to an older state (a hand edit, a partial restore) does not
+/// make the next commit reuse a version that already named another value,
+/// even from a sidecar that never saw the newer one.
+#[tokio::test]
+async fn a_rolled_back_row_never_makes_a_version_name_two_values() {
+    let db = TestDb::create().await;
+    let store = open(&db, Keyring::plaintext()).await;
+    commit(&store.store, new_token("v1")).await;
+    commit(&store.store, new_token("v2")).await;
+    assert_eq!(commit(&store.store, new_token("v3")).await, (3, true));
+    let pool = db.pool().await;
+    sqlx::query(
+        "UPDATE token_broker_tokens SET version = 1, value = 'v1'::bytea WHERE collection = 'c'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // The same value as the rolled-back row keeps its version (v1 named it).
+    assert_eq!(commit(&store.store, new_token("v1")).await, (1, false));
+    // A new value goes above version 3, not to 2.
+    assert_eq!(commit(&store.store, new_token("v4")).await, (4, true));
 }
