@@ -242,7 +242,7 @@ impl Metrics {
         );
         registry.register(
             "notification_lag_seconds",
-            "From a peer's commit (database clock) to this sidecar publishing the rotation it was notified of (includes clock skew between database and pod)",
+            "From a peer's commit (database clock) to this sidecar publishing the rotation it was notified of (both on the database clock, which the sidecar follows)",
             m.notification_lag.clone(),
         );
         registry.register(
