@@ -36,7 +36,8 @@
 //!   refresh schedule must leave room for a takeover;
 //! - `refresh-reuse`: a spent refresh token was presented again, other than
 //!   once after its spender was killed with the answer in flight (within
-//!   [`ORPHAN_MS`] of the kill).
+//!   [`ORPHAN_MS`] of the kill); an excused reuse that got a new token is the
+//!   spender from then on (so two holders killed in a row excuse two reuses).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -602,6 +603,13 @@ fn refresh_reuse(h: &History, out: &mut Vec<Violation>) {
             let orphan = orphaned(h, by);
             if orphan.is_some() && !*excused {
                 *excused = true;
+                // The excused reuse spent the token again: if it got a new
+                // one, it is the spender now, and its own death in flight
+                // excuses one more reuse (two holders killed in a row).
+                if c.issued_refresh.is_some() {
+                    *by = c;
+                    *excused = false;
+                }
             } else {
                 out.push(Violation {
                     at: c.start,
@@ -982,5 +990,47 @@ mod tests {
         assert_eq!(check(&h), vec![]);
         h.calls.push(refresh(0, 8_000, "rt1", None));
         assert_eq!(rules(&h), ["refresh-reuse"]);
+
+        // Two holders killed in a row: sidecar 0's excused reuse dies in
+        // flight too, so one more reuse (by the restarted sidecar 1) is excused.
+        let mut h = clean();
+        h.calls = vec![
+            refresh(0, 0, "rt0", Some("rt1")),
+            refresh(1, 5_000, "rt1", Some("rt2")),
+            refresh(0, 6_500, "rt1", Some("rt3")),
+            refresh(1, 8_000, "rt1", Some("rt4")),
+        ];
+        h.kills.push(Kill {
+            sidecar: 1,
+            at: 6_000,
+        });
+        h.kills.push(Kill {
+            sidecar: 0,
+            at: 7_000,
+        });
+        h.up[0] = vec![
+            Window {
+                from: 0,
+                to: Some(7_000),
+            },
+            Window {
+                from: 7_500,
+                to: None,
+            },
+        ];
+        h.up[1] = vec![
+            Window {
+                from: 0,
+                to: Some(6_000),
+            },
+            Window {
+                from: 6_500,
+                to: None,
+            },
+        ];
+        assert!(!rules(&h).contains(&"refresh-reuse"), "{:?}", check(&h));
+        // A third reuse, with nobody killed since, is one.
+        h.calls.push(refresh(0, 9_000, "rt1", None));
+        assert!(rules(&h).contains(&"refresh-reuse"), "{:?}", check(&h));
     }
 }

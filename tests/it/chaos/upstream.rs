@@ -11,8 +11,9 @@
 //!   `invalid_grant`), like a server following the OAuth 2.0 Security BCP,
 //!   with one exception the driver announces: a refresh token spent by a
 //!   sidecar that was then killed with the answer in flight (within
-//!   [`ORPHAN_MS`] of the kill) may be presented once more (many real servers
-//!   have such a reuse grace), so one unlucky kill does not end the run.
+//!   [`ORPHAN_MS`] of the kill) may be presented once more per such spender
+//!   (many real servers have such a reuse grace), so one unlucky kill, or two
+//!   holders killed in a row, does not end the run.
 //! - Every call is recorded ([`Call`]: time, grant, sidecar from its
 //!   `client_id` `chaos-sN` or header `x-chaos-sidecar`, refresh token
 //!   presented and issued, as hashes), and calls in flight can be queried
@@ -95,7 +96,8 @@ struct Coll {
     current_rt: Option<String>,
     /// Spent refresh token -> index of the call that spent it.
     spent: HashMap<String, usize>,
-    excused: HashSet<String>,
+    /// (refresh token, spender) pairs whose one excused reuse is used.
+    excused: HashSet<(String, usize)>,
     revoked: bool,
     /// The next call of this collection answers only after this long.
     slow_next: Option<Duration>,
@@ -417,7 +419,7 @@ fn issue(
             let ok = if coll.current_rt.as_deref() == Some(presented.as_str()) {
                 true
             } else if let Some(&spender) = coll.spent.get(&presented) {
-                if orphaned(spender) && coll.excused.insert(presented.clone()) {
+                if orphaned(spender) && coll.excused.insert((presented.clone(), spender)) {
                     true
                 } else {
                     coll.revoked = true;
