@@ -519,7 +519,14 @@ async fn reconcile(
     local: Unshared,
 ) -> Next {
     let row_version = row.token.as_ref().map_or(0, |t| t.version);
-    if row_version > local.token.version {
+    // A newer but expired row token (a row put back to an old state) does not
+    // beat a servable local one: ours is committed above it.
+    let row_servable = row
+        .token
+        .as_ref()
+        .is_some_and(|t| t.servable_at(shared.clock.now()));
+    let local_servable = local.token.servable_at(shared.clock.now());
+    if row_version > local.token.version && (row_servable || !local_servable) {
         info!(collection = %c.name, local = local.token.version, stored = row_version, "store holds a newer token than the one fetched locally; adopting it");
         adopt(c, shared, row);
         if let Err(e) = store.release(lease).await {
@@ -825,12 +832,16 @@ pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
         *lock(&c.refresh_token) = Some(rt);
     }
     behind(c, shared, &row);
+    let now = shared.clock.now();
     let (newer, refetched) = {
         let snap = c.state.borrow();
         let current = snap.token.as_deref();
         let version = current.map_or(0, |t| t.version);
+        // A newer version replaces ours unless it is already expired while
+        // ours is servable (`behind` then commits ours above it).
+        let held = current.is_some_and(|t| t.servable_at(now));
         match row.token {
-            Some(t) if t.version > version => (Some(t), false),
+            Some(t) if t.version > version && (t.servable_at(now) || !held) => (Some(t), false),
             Some(t)
                 if current.is_some_and(|cur| {
                     cur.version == t.version
@@ -872,7 +883,8 @@ pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
 }
 
 /// When the row's token is behind L1's (a lower version, or L1's version
-/// with another value: a restore, a lagging replica, a hand edit), L1's
+/// with another value: a restore, a lagging replica, a hand edit; or a
+/// higher version that has already expired, e.g. an old row put back), L1's
 /// token, while servable, is queued to be committed over it like a token
 /// fetched while the store was away, so the fleet moves forward from the
 /// highest version any sidecar held.
@@ -885,7 +897,8 @@ fn behind(c: &Collection, shared: &Shared, row: &Row) {
         return;
     };
     let behind = row_token.version < l1.version
-        || (row_token.version == l1.version && row_token.value != l1.value);
+        || (row_token.version == l1.version && row_token.value != l1.value)
+        || (row_token.version > l1.version && !row_token.servable_at(shared.clock.now()));
     if !behind {
         return;
     }
