@@ -8,7 +8,7 @@
 //!
 //! Contract: with a shared store, a clock [`follows`](Clock::following) the
 //! database's clock: the store measures the offset between this host's clock
-//! and the database's (on each heartbeat, corrected for half the round trip)
+//! and the database's (on each heartbeat, erring by at most one round trip towards "later")
 //! and every reading adds it. So every instant a sidecar writes into the shared
 //! row (a token's timestamps, a backoff's end, an attempt's start) and every
 //! instant it compares with one read from the row is on the database's clock,

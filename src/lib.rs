@@ -73,8 +73,25 @@ pub async fn run_on(
         let draining = draining.clone();
         tokio::spawn(async move { admin::serve(l, broker, &reporter, draining, stop).await })
     });
-    let served =
-        grpc::server::serve_with(broker, &config.server, listener, &reporter, shutdown).await;
+    // While calls drain, a refresh in flight finishes (its commit carries a
+    // rotated refresh token the upstream already spent the old one for),
+    // within the same grace.
+    let (served, stopped) = tokio::join!(
+        grpc::server::serve_with(
+            broker.clone(),
+            &config.server,
+            listener,
+            &reporter,
+            shutdown,
+        ),
+        broker.stopped(config.server.shutdown_grace),
+    );
+    if !stopped {
+        tracing::warn!(
+            grace = ?config.server.shutdown_grace,
+            "a refresh in flight did not finish within shutdown_grace; exiting without it"
+        );
+    }
     admin_stop.cancel();
     if let Some(task) = admin_task {
         // Open health watches could hold the admin server: bound the wait.

@@ -349,6 +349,22 @@ impl Broker {
         lock(&self.inner.tasks).push(task);
     }
 
+    /// Once shutdown is cancelled, waits (at most `within` from then) for the
+    /// background tasks to end, so that a refresh in flight commits its token
+    /// (and a rotated refresh token) instead of dying with the process. True
+    /// when they all ended in time.
+    pub async fn stopped(&self, within: Duration) -> bool {
+        self.inner.shutdown.cancelled().await;
+        let tasks = std::mem::take(&mut *lock(&self.inner.tasks));
+        tokio::time::timeout(within, async {
+            for t in tasks {
+                t.join().await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     pub fn clock(&self) -> Clock {
         self.inner.clock.clone()
     }

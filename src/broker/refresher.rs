@@ -99,6 +99,11 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
     // The store did not answer: do not retry a reconciliation before this.
     let mut store_retry_at: Option<SystemTime> = None;
     loop {
+        // Shutdown: no new attempt (one in flight has finished by now, so a
+        // rotated refresh token it got is committed, not lost).
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
         let now = clock.now();
         if c.store_back.swap(false, Ordering::Relaxed) {
             store_retry_at = None;

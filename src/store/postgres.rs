@@ -261,8 +261,11 @@ impl PgStore {
         Ok(applied)
     }
 
-    /// Measures the database's clock against this host's over `conn`: the
-    /// offset is taken at the middle of the round trip.
+    /// Measures the database's clock against this host's over `conn`. The
+    /// database read its clock somewhere within the round trip; the offset
+    /// is taken as if it did so when the query was sent, the largest it can
+    /// be, so this host errs towards believing it is later than it is (a
+    /// token is dropped a round trip early rather than served late).
     async fn measure_clock<'c, E>(&self, conn: E) -> Result<(), sqlx::Error>
     where
         E: sqlx::Executor<'c, Database = Postgres>,
@@ -273,10 +276,8 @@ impl PgStore {
                 .fetch_one(conn)
                 .await?
                 .try_get("us")?;
-        let received = SystemTime::now();
-        let rtt = received.duration_since(sent).unwrap_or_default();
         if let Some(db) = from_us(db_us) {
-            let offset = crate::clock::offset_us(sent + rtt / 2, db);
+            let offset = crate::clock::offset_us(sent, db);
             let old = self.clock_offset.swap(offset, Ordering::Relaxed);
             if (offset - old).abs() > 1_000_000 {
                 info!(

@@ -691,3 +691,43 @@ async fn killing_the_listener_backend_before_a_rotation_still_reaches_every_side
         assert_log_clean(s, &env, &issued);
     }
 }
+
+/// A graceful stop (SIGTERM, e.g. a rolling update) during an upstream call
+/// lets the refresh finish and commit: the token (and with a rotating grant,
+/// the refresh token the upstream already spent the old one for) reaches
+/// the store instead of dying with the process. Found by the chaos run
+/// (seed 11, 10 minutes): a key-rotation restart cut a rotating grant's
+/// commit and the next holder reused the spent refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_lets_the_refresh_in_flight_commit() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let env = FleetEnv::new(db.url.clone());
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
+    // The first token request takes 2 s: the stop arrives while it is in flight.
+    oauth.script([Reply::json(
+        200,
+        json!({"access_token": "slow-token", "token_type": "bearer", "expires_in": 3600}),
+    )
+    .delayed(Duration::from_secs(2))]);
+    let sidecar = env
+        .start(&fleet_config(
+            &oauth.token_url(),
+            r#", fetch_timeout = "10s""#,
+        ))
+        .await;
+    eventually(
+        "the sidecar called the upstream",
+        Duration::from_secs(10),
+        async || oauth.calls() >= 1,
+    )
+    .await;
+    assert_eq!(row_version(&pool).await, 0, "nothing committed yet");
+    let log = sidecar.stop();
+    assert_eq!(
+        row_version(&pool).await,
+        1,
+        "the refresh in flight committed before the process exited:\n{log}"
+    );
+    assert_eq!(oauth.calls(), 1);
+}
