@@ -184,6 +184,10 @@ pub(crate) struct Collection {
 struct Unshared {
     token: Token,
     refresh_token: Option<Secret>,
+    /// The refresh token spent to get `refresh_token` (`None`: the configured
+    /// seed, or no rotation): the row may take `refresh_token` only while it
+    /// still holds this one.
+    spent: Option<Secret>,
 }
 
 /// Locks a mutex that guards plain data written whole (a panic elsewhere

@@ -455,8 +455,9 @@ async fn local_refresh(c: &Collection, shared: &Shared, now: SystemTime) {
     let attempt_no = begin(c, shared, now);
     Span::current().record("attempt", attempt_no);
     let refresh_token = lock(&c.refresh_token).clone();
+    let spent = refresh_token.clone();
     match fetch_token(c, shared, now, refresh_token).await {
-        Ok(new) => keep_local(c, shared, new),
+        Ok(new) => keep_local(c, shared, new, spent),
         Err(err) => {
             outcome(c, RefreshOutcome::Failed(err.class), None);
             let failures = c.state.borrow().failure.as_ref().map_or(0, |f| f.failures) + 1;
@@ -472,7 +473,7 @@ async fn local_refresh(c: &Collection, shared: &Shared, now: SystemTime) {
 
 /// Publishes a fetched token that the store could not take: the next version
 /// when the value changed, kept as unshared until reconciled.
-fn keep_local(c: &Collection, shared: &Shared, mut new: NewToken) {
+fn keep_local(c: &Collection, shared: &Shared, mut new: NewToken, spent: Option<Secret>) {
     new.min_version = new.min_version.max(min_version(c, &new.value));
     let (mut version, rotated) = {
         let snap = c.state.borrow();
@@ -493,11 +494,18 @@ fn keep_local(c: &Collection, shared: &Shared, mut new: NewToken) {
     outcome(c, RefreshOutcome::Local, Some(version));
     {
         let mut unshared = lock(&c.unshared);
-        let refresh_token =
-            new_refresh_token.or_else(|| unshared.as_ref().and_then(|u| u.refresh_token.clone()));
+        // A new refresh token travels with the one spent for it; without
+        // one, an earlier unshared pair is kept.
+        let (refresh_token, spent) = match new_refresh_token {
+            Some(rt) => (Some(rt), spent),
+            None => unshared
+                .as_ref()
+                .map_or((None, None), |u| (u.refresh_token.clone(), u.spent.clone())),
+        };
         *unshared = Some(Unshared {
             token: token.clone(),
             refresh_token,
+            spent,
         });
     }
     if rotated {
@@ -540,16 +548,25 @@ async fn reconcile(
         return Next::Continue;
     }
     let t = &local.token;
+    // Versions drawn at random during an outage do not say which refresh
+    // token is newer: ours is written only over the very one spent for it,
+    // never over one a peer already rotated to.
+    let refresh_token = match &local.refresh_token {
+        Some(_) if stored_refresh_token(c, &row) != local.spent => {
+            info!(collection = %c.name, "the store holds a newer refresh token than the one fetched locally; keeping it");
+            None
+        }
+        rt => rt.clone(),
+    };
     let new = NewToken {
         value: t.value.clone(),
         fetched_at: t.fetched_at,
         expires_at: t.expires_at,
         refresh_at: t.refresh_at,
-        refresh_seed: local
-            .refresh_token
+        refresh_seed: refresh_token
             .as_ref()
             .and_then(|_| c.source.seed_fingerprint()),
-        refresh_token: local.refresh_token.clone(),
+        refresh_token,
         parent_version: t.parent_version,
         min_version: t.version,
     };
@@ -757,7 +774,7 @@ async fn commit_token(
             // The token is good and may carry a rotated refresh token: keep
             // it, publish it locally and commit it when the store answers.
             warn!(error = %e, "could not store the refreshed token; keeping it locally");
-            keep_local(c, shared, new);
+            keep_local(c, shared, new, spent);
             Next::StoreDown
         }
         Err(e @ StoreError::LeaseLost(_)) => {
@@ -923,6 +940,7 @@ fn behind(c: &Collection, shared: &Shared, row: &Row) {
     *unshared = Some(Unshared {
         token: (*l1).clone(),
         refresh_token: None,
+        spent: None,
     });
     c.wake.notify_one();
 }
