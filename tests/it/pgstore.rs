@@ -653,6 +653,12 @@ async fn the_database_clock_offset_is_measured() {
     let offset = store.store.clock_offset().expect("Postgres has a clock");
     let us = offset.load(std::sync::atomic::Ordering::Relaxed);
     assert!(us.abs() < 500_000, "offset {us} us on one host");
+    // Taken against the moment the query was sent, so on one host it is the
+    // round trip's share, above zero: zero would mean it was never measured.
+    assert!(
+        us > 0,
+        "offset {us} us: the start-up measurement did not run"
+    );
 }
 
 /// A row put back to an older state (a hand edit, a partial restore) does not
