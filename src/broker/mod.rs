@@ -177,6 +177,19 @@ pub(crate) struct Collection {
     /// Set while a due refresh of a rotating grant is held back for want of
     /// the store (so it is logged once per outage).
     held_back: AtomicBool,
+    /// What this refresher saw of a peer's unresolved spend of the rotating
+    /// refresh token (see `refresher::wait_for_spender`).
+    spend_watch: Mutex<Option<SpendWatch>>,
+}
+
+/// A peer's spend being waited for: which one, whether its session was seen
+/// connected, and since when it has not been.
+#[derive(Debug, Clone)]
+struct SpendWatch {
+    spend: crate::store::Spend,
+    seen_alive: bool,
+    absent_since: Option<SystemTime>,
+    logged: bool,
 }
 
 /// A token published locally (L1 and watchers) but not yet in the store.
@@ -274,6 +287,7 @@ impl Broker {
                     unshared: Mutex::new(None),
                     store_back: AtomicBool::new(false),
                     held_back: AtomicBool::new(false),
+                    spend_watch: Mutex::new(None),
                 };
                 (c.name.clone(), Arc::new(c))
             })

@@ -36,10 +36,10 @@ use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use tokio::sync::broadcast;
 
-use super::{Collection, HISTORY, Shared, Snapshot, Unshared, lock};
+use super::{Collection, HISTORY, Shared, Snapshot, SpendWatch, Unshared, lock};
 use crate::metrics::RefreshOutcome;
 use crate::source::{FailureClass, FetchContext, FetchError};
-use crate::store::{Acquired, Backoff, Lease, NewToken, Row, Store, StoreError, StoreEvent};
+use crate::store::{Acquired, Backoff, Lease, NewToken, Row, Spend, Store, StoreError, StoreEvent};
 use crate::token::{Secret, Token};
 
 /// The refresher re-evaluates at least this often, so that a wall-clock jump
@@ -59,6 +59,17 @@ const HELD_RECHECK: Duration = Duration::from_secs(2);
 /// While the store does not answer and an unshared token waits, try again
 /// this often.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// A peer that presented the rotating refresh token and has not stored the
+/// result is presumed dead (and the token presented again) only once its
+/// session has been gone for this long after it was seen, and this sidecar's
+/// store has answered for this long (an outage that cut everyone just ended:
+/// the spender is reconnecting too).
+const SPEND_CONFIRM: Duration = Duration::from_secs(3);
+/// A spender is waited for at most this long after its spend: a partition
+/// that outlasts it costs the grant (if the upstream is strict), not the
+/// fleet's token for good.
+const SPEND_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// What the refresher does after an attempt.
 enum Next {
@@ -360,6 +371,11 @@ async fn attempt_in(
         }
         return Next::Continue;
     }
+    if rotating_grant(c)
+        && let Some(next) = before_spending(c, store, shared, holder, &lease, &row).await
+    {
+        return next;
+    }
     // Demand recorded up to here is served by this attempt.
     c.demand.force_version.store(0, Ordering::Relaxed);
     c.demand.want_until_ms.store(0, Ordering::Relaxed);
@@ -382,6 +398,95 @@ async fn attempt_in(
             Next::Continue
         }
     }
+}
+
+/// Before presenting a rotating refresh token: waits (gives the lease back)
+/// while a peer that presented it may still hold its successor, then records
+/// our own spend. `None`: go ahead.
+async fn before_spending(
+    c: &Collection,
+    store: &dyn Store,
+    shared: &Shared,
+    holder: &str,
+    lease: &Lease,
+    row: &Row,
+) -> Option<Next> {
+    let span = Span::current();
+    let give_back = async |next: Next| {
+        if let Err(e) = store.release(lease.clone()).await {
+            debug!(collection = %c.name, error = %e, "could not give back the refresh lease");
+        }
+        Some(next)
+    };
+    if let Some(spend) = row.spend.as_ref().filter(|s| s.holder != holder) {
+        match wait_for_spender(c, store, shared, spend).await {
+            Ok(false) => {}
+            Ok(true) => {
+                span.record("outcome", "spender");
+                return give_back(Next::HeldUntil(shared.clock.now() + STORE_RETRY)).await;
+            }
+            Err(e) => {
+                debug!(collection = %c.name, error = %e, "could not tell whether the spender lives");
+                return give_back(Next::StoreDown).await;
+            }
+        }
+    }
+    *lock(&c.spend_watch) = None;
+    match store.mark_spending(lease).await {
+        Ok(()) => None,
+        Err(StoreError::LeaseLost(_)) => Some(Next::Continue),
+        Err(e @ StoreError::Unavailable(_)) => {
+            debug!(collection = %c.name, error = %e, "could not record the spend; not refreshing yet");
+            Some(Next::StoreDown)
+        }
+    }
+}
+
+/// Whether to keep waiting for the peer that presented the rotating refresh
+/// token in `spend` and has not stored what it got: true while its session
+/// is connected, for [`SPEND_CONFIRM`] after it was last seen (it may be
+/// reconnecting after a partition), and while this sidecar's own store came
+/// back less than `SPEND_CONFIRM` ago; at most [`SPEND_MAX_WAIT`] after the
+/// spend. A spender that was never seen (killed: its sessions closed with
+/// it) is presumed dead at once, so a takeover costs nothing extra.
+async fn wait_for_spender(
+    c: &Collection,
+    store: &dyn Store,
+    shared: &Shared,
+    spend: &Spend,
+) -> Result<bool, StoreError> {
+    let now = shared.clock.now();
+    if now >= spend.at + SPEND_MAX_WAIT {
+        warn!(collection = %c.name, spender = %spend.holder, "a peer presented the refresh token and never stored the result; presenting it again");
+        return Ok(false);
+    }
+    let alive = store.spender_alive(spend).await?;
+    let mut watch = lock(&c.spend_watch);
+    let w = match watch.as_mut() {
+        Some(w) if w.spend == *spend => w,
+        _ => watch.insert(SpendWatch {
+            spend: spend.clone(),
+            seen_alive: false,
+            absent_since: None,
+            logged: false,
+        }),
+    };
+    let wait = if alive {
+        w.seen_alive = true;
+        w.absent_since = None;
+        true
+    } else if store.up_for() < SPEND_CONFIRM {
+        true
+    } else if w.seen_alive {
+        let since = *w.absent_since.get_or_insert(now);
+        now < since + SPEND_CONFIRM
+    } else {
+        false
+    };
+    if wait && !std::mem::replace(&mut w.logged, true) {
+        warn!(collection = %c.name, spender = %spend.holder, "a peer presented the refresh token and has not stored the result (cut off from the database?); waiting for it rather than presenting the token again");
+    }
+    Ok(wait)
 }
 
 /// Runs `work` while renewing `lease` every third of its TTL, so that the
@@ -739,6 +844,7 @@ async fn commit_token(
 ) -> Next {
     new.min_version = new.min_version.max(min_version(c, &new.value));
     let refresh_token = new.refresh_token.clone();
+    let lease_holder = lease.holder.clone();
     match store.commit_token(lease, new.clone()).await {
         Ok(committed) => {
             if let Some(rt) = refresh_token {
@@ -787,7 +893,7 @@ async fn commit_token(
             if let Some(rt) = refresh_token {
                 let seed = new.refresh_seed.clone();
                 match store
-                    .save_refresh_token(&c.name, spent, rt.clone(), seed)
+                    .save_refresh_token(&c.name, &lease_holder, spent, rt.clone(), seed)
                     .await
                 {
                     Ok(true) => {

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::{Acquired, Backoff, Committed, Lease, NewToken, Row, Store, StoreError, StoreEvent};
+use super::{
+    Acquired, Backoff, Committed, Lease, NewToken, Row, Spend, Store, StoreError, StoreEvent,
+};
 use crate::source::BoxFuture;
 use crate::token::Secret;
 
@@ -67,6 +69,13 @@ fn fenced<'a>(inner: &'a mut Inner, lease: &Lease) -> Result<&'a mut Entry, Stor
             Ok(entry)
         }
         _ => Err(StoreError::LeaseLost(lease.collection.clone())),
+    }
+}
+
+/// Clears `holder`'s own spend: it stored its result, or gave up on it.
+fn resolve(row: &mut Row, holder: &str) {
+    if row.spend.as_ref().is_some_and(|s| s.holder == holder) {
+        row.spend = None;
     }
 }
 
@@ -131,7 +140,9 @@ impl Store for MemoryStore {
             if let Some(rt) = new.refresh_token.clone() {
                 entry.row.refresh_token = Some(rt);
                 entry.row.refresh_seed = new.refresh_seed.clone();
+                entry.row.spend = None;
             }
+            resolve(&mut entry.row, &lease.holder);
             let token = new.into_token(version);
             entry.row.token = Some(token.clone());
             entry.row.backoff = None;
@@ -160,19 +171,37 @@ impl Store for MemoryStore {
     fn save_refresh_token(
         &self,
         collection: &str,
+        holder: &str,
         replaced: Option<Secret>,
         new: Secret,
         seed: Option<String>,
     ) -> BoxFuture<'_, Result<bool, StoreError>> {
-        let saved = self.with(|inner| match inner.rows.get_mut(collection) {
-            Some(entry) if entry.row.refresh_token == replaced => {
-                entry.row.refresh_token = Some(new);
-                entry.row.refresh_seed = seed;
-                true
+        let saved = self.with(|inner| {
+            let Some(entry) = inner.rows.get_mut(collection) else {
+                return false;
+            };
+            resolve(&mut entry.row, holder);
+            if entry.row.refresh_token != replaced {
+                return false;
             }
-            _ => false,
+            entry.row.refresh_token = Some(new);
+            entry.row.refresh_seed = seed;
+            true
         });
         Box::pin(async move { Ok(saved) })
+    }
+
+    fn mark_spending(&self, lease: &Lease) -> BoxFuture<'_, Result<(), StoreError>> {
+        let result = self.with(|inner| {
+            let entry = fenced(inner, lease)?;
+            entry.row.spend = Some(Spend {
+                holder: lease.holder.clone(),
+                session: String::new(),
+                at: SystemTime::now(),
+            });
+            Ok(())
+        });
+        Box::pin(async move { result })
     }
 
     fn commit_failure(
@@ -183,6 +212,7 @@ impl Store for MemoryStore {
         let result = self.with(|inner| {
             let entry = fenced(inner, &lease)?;
             entry.row.backoff = Some(backoff);
+            resolve(&mut entry.row, &lease.holder);
             entry.lease = None;
             Ok(())
         });

@@ -26,6 +26,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "version high-water mark",
         include_str!("../../migrations/0003_version_high_water_mark.sql"),
     ),
+    (
+        4,
+        "refresh token spend",
+        include_str!("../../migrations/0004_refresh_token_spend.sql"),
+    ),
 ];
 
 /// Arbitrary, fixed: "tokenbro" in ASCII.

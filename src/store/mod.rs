@@ -59,6 +59,20 @@ pub struct Row {
     /// Start of the last refresh attempt (success or failure), for the minimum
     /// interval between refreshes.
     pub last_attempt_at: Option<SystemTime>,
+    /// A holder presented `refresh_token` to the upstream and has not stored
+    /// the result yet ([`Store::mark_spending`]).
+    pub spend: Option<Spend>,
+}
+
+/// An unresolved presentation of a rotating refresh token: who presented it,
+/// from which database session, and when. While that holder may be alive with
+/// the rotated token, nobody else may present the spent one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spend {
+    pub holder: String,
+    /// The spender's session name, for [`Store::spender_alive`].
+    pub session: String,
+    pub at: SystemTime,
 }
 
 /// The right to call the upstream for one collection until `until`.
@@ -203,15 +217,41 @@ pub trait Store: Send + Sync + 'static {
     /// the upstream already rotated to, if and only if the row still holds
     /// `replaced` (the one spent to get it), so that the grant is not lost
     /// while no newer one was committed. True when it was stored.
+    /// Also resolves `holder`'s spend, stored or not.
     fn save_refresh_token(
         &self,
         collection: &str,
+        holder: &str,
         replaced: Option<Secret>,
         new: Secret,
         seed: Option<String>,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
 
-    /// Records a failed attempt under the lease (fenced) and releases it.
+    /// Records, under the lease (fenced), that its holder is about to present
+    /// the row's refresh token to the upstream ([`Row::spend`]). The spend is
+    /// resolved by a commit that stores a refresh token or is the spender's,
+    /// by the spender's recorded failure, and by
+    /// [`save_refresh_token`](Store::save_refresh_token).
+    fn mark_spending(&self, lease: &Lease) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Whether the session that recorded `spend` (or the same process,
+    /// reconnected) is still connected to the store: a holder cut off from
+    /// the store after presenting a refresh token still holds its session
+    /// there until the partition ends. A store without sessions says `false`.
+    fn spender_alive(&self, spend: &Spend) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let _ = spend;
+        Box::pin(async { Ok(false) })
+    }
+
+    /// How long the store has answered without interruption (since start-up
+    /// or since the end of the last outage). A store that cannot be away says
+    /// `Duration::MAX`.
+    fn up_for(&self) -> Duration {
+        Duration::MAX
+    }
+
+    /// Records a failed attempt under the lease (fenced) and releases it
+    /// (resolving the holder's own spend).
     fn commit_failure(
         &self,
         lease: Lease,

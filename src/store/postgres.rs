@@ -30,6 +30,11 @@
 //!   that fails within `query_timeout` drops the connection and reconnects.
 //! - Token values and refresh tokens are sealed with the [`Keyring`]; errors
 //!   and logs carry neither.
+//! - A spend of a rotating refresh token ([`Row::spend`]) names the spender's
+//!   listener session (`application_name` `token-broker listener <random>`,
+//!   one per store): [`Store::spender_alive`] looks for it in
+//!   `pg_stat_activity`, which shows the sessions of the same role (every
+//!   sidecar of a deployment normally uses one).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -44,7 +49,8 @@ use tracing::{debug, info, warn};
 
 use super::crypto::{Keyring, Sealed};
 use super::{
-    Acquired, Backoff, Committed, Lease, NewToken, Row, Store, StoreError, StoreEvent, migrate,
+    Acquired, Backoff, Committed, Lease, NewToken, Row, Spend, Store, StoreError, StoreEvent,
+    migrate,
 };
 use crate::source::{BoxFuture, FailureClass};
 use crate::token::{Secret, Token};
@@ -79,7 +85,8 @@ macro_rules! cols {
             us!("last_attempt_at"),
             ", ",
             us!("next_attempt_at"),
-            ", failures, failure_class, failure_detail"
+            ", failures, failure_class, failure_detail, spend_holder, spend_session, ",
+            us!("spend_at")
         )
     };
 }
@@ -87,8 +94,8 @@ macro_rules! cols {
 /// The `NOTIFY` channel.
 pub const CHANNEL: &str = "token_broker";
 
-/// The `application_name` of the listener connection (the pool's is
-/// `token-broker`).
+/// The `application_name` of the listener connection, followed by a space
+/// and eight random hex digits, one per store (the pool's is `token-broker`).
 pub const LISTENER_APP_NAME: &str = "token-broker listener";
 
 /// Validated `[store]` settings for Postgres.
@@ -153,6 +160,11 @@ pub struct PgStore {
     clock_offset: Arc<AtomicI64>,
     /// The supervised listener task (aborted when the store is dropped).
     listener: std::sync::Mutex<Option<crate::supervise::Supervised>>,
+    /// The listener's `application_name`, unique to this store: a spend
+    /// names it, and peers look for it to tell whether the spender lives.
+    session: String,
+    /// When the database last came back (or the store started).
+    up_since: std::sync::Mutex<tokio::time::Instant>,
 }
 
 /// After an operation found no answer within `query_timeout`, further
@@ -207,6 +219,8 @@ impl PgStore {
             last_failure: std::sync::Mutex::new(None),
             clock_offset: Arc::new(AtomicI64::new(0)),
             listener: std::sync::Mutex::new(None),
+            session: format!("{LISTENER_APP_NAME} {:08x}", rand::random::<u32>()),
+            up_since: std::sync::Mutex::new(tokio::time::Instant::now()),
         });
         let prepared =
             match tokio::time::timeout(settings.connect_timeout, store.prepare(&settings)).await {
@@ -326,6 +340,10 @@ impl PgStore {
 
     fn mark_up(&self) {
         if self.degraded.swap(false, Ordering::Relaxed) {
+            *self
+                .up_since
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
             info!("database reachable again");
         }
     }
@@ -464,12 +482,25 @@ impl PgStore {
             _ => None,
         };
         let token = token.filter(|_| hostile.get().is_none());
+        let spend = match (
+            r.try_get::<Option<String>, _>("spend_holder")?,
+            r.try_get::<Option<String>, _>("spend_session")?,
+            time("spend_at")?,
+        ) {
+            (Some(holder), Some(session), Some(at)) => Some(Spend {
+                holder,
+                session,
+                at,
+            }),
+            _ => None,
+        };
         let row = Row {
             token,
             refresh_token,
             refresh_seed: r.try_get("refresh_seed")?,
             backoff,
             last_attempt_at: time("last_attempt_at")?,
+            spend,
         };
         let lease = LeaseCols {
             holder: r.try_get("lease_holder")?,
@@ -619,6 +650,12 @@ impl PgStore {
                 refresh_token = CASE WHEN $9::bytea IS NULL THEN refresh_token ELSE $9 END,
                 refresh_token_key = CASE WHEN $9::bytea IS NULL THEN refresh_token_key ELSE $10 END,
                 refresh_seed = CASE WHEN $9::bytea IS NULL THEN refresh_seed ELSE $11 END,
+                spend_holder = CASE WHEN $9::bytea IS NULL AND spend_holder <> lease_holder
+                                    THEN spend_holder END,
+                spend_session = CASE WHEN $9::bytea IS NULL AND spend_holder <> lease_holder
+                                     THEN spend_session END,
+                spend_at = CASE WHEN $9::bytea IS NULL AND spend_holder <> lease_holder
+                                THEN spend_at END,
                 lease_holder = NULL, lease_until = NULL,
                 next_attempt_at = NULL, failures = 0, failure_class = NULL, failure_detail = NULL,
                 updated_at = now()
@@ -675,6 +712,9 @@ impl PgStore {
         Ok(sqlx::query(
             "UPDATE token_broker_tokens SET
                 next_attempt_at = $3, failures = $4, failure_class = $5, failure_detail = $6,
+                spend_holder = CASE WHEN spend_holder <> $7 THEN spend_holder END,
+                spend_session = CASE WHEN spend_holder <> $7 THEN spend_session END,
+                spend_at = CASE WHEN spend_holder <> $7 THEN spend_at END,
                 lease_holder = NULL, lease_until = NULL, updated_at = now()
               WHERE collection = $1 AND lease_fence = $2 AND lease_holder = $7",
         )
@@ -703,6 +743,31 @@ impl PgStore {
         .rows_affected())
     }
 
+    async fn try_mark_spending(&self, lease: &Lease) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(
+            "UPDATE token_broker_tokens
+                SET spend_holder = $3, spend_session = $4, spend_at = clock_timestamp()
+              WHERE collection = $1 AND lease_fence = $2 AND lease_holder = $3",
+        )
+        .bind(&lease.collection)
+        .bind(fence_i64(lease.fence))
+        .bind(&lease.holder)
+        .bind(&self.session)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn try_spender_alive(&self, session: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                             WHERE datname = current_database() AND application_name = $1)",
+        )
+        .bind(session)
+        .fetch_one(&self.pool)
+        .await
+    }
+
     async fn try_renew(&self, lease: &Lease, ttl: Duration) -> Result<u64, sqlx::Error> {
         Ok(sqlx::query(
             "UPDATE token_broker_tokens
@@ -721,11 +786,22 @@ impl PgStore {
     async fn try_save_refresh_token(
         &self,
         collection: &str,
+        holder: &str,
         replaced: Option<&Secret>,
         new: &Secret,
         seed: Option<&str>,
     ) -> Result<bool, sqlx::Error> {
         let mut tx: Transaction<'_, Postgres> = self.pool.begin().await?;
+        // The spender reports back: its spend is resolved, kept token or not.
+        sqlx::query(
+            "UPDATE token_broker_tokens
+                SET spend_holder = NULL, spend_session = NULL, spend_at = NULL
+              WHERE collection = $1 AND spend_holder = $2",
+        )
+        .bind(collection)
+        .bind(holder)
+        .execute(&mut *tx)
+        .await?;
         let Some(current) = sqlx::query(
             "SELECT refresh_token, refresh_token_key FROM token_broker_tokens
               WHERE collection = $1 FOR UPDATE",
@@ -753,6 +829,7 @@ impl PgStore {
             _ => false,
         };
         if !same {
+            tx.commit().await?;
             return Ok(false);
         }
         let sealed = self.keyring.seal(collection, "refresh_token", new);
@@ -899,17 +976,49 @@ impl Store for PgStore {
     fn save_refresh_token(
         &self,
         collection: &str,
+        holder: &str,
         replaced: Option<Secret>,
         new: Secret,
         seed: Option<String>,
     ) -> BoxFuture<'_, Result<bool, StoreError>> {
-        let collection = collection.to_owned();
+        let (collection, holder) = (collection.to_owned(), holder.to_owned());
         Box::pin(async move {
             self.timed(|| {
-                self.try_save_refresh_token(&collection, replaced.as_ref(), &new, seed.as_deref())
+                self.try_save_refresh_token(
+                    &collection,
+                    &holder,
+                    replaced.as_ref(),
+                    &new,
+                    seed.as_deref(),
+                )
             })
             .await
         })
+    }
+
+    fn mark_spending(&self, lease: &Lease) -> BoxFuture<'_, Result<(), StoreError>> {
+        let lease = lease.clone();
+        Box::pin(async move {
+            match self.timed(|| self.try_mark_spending(&lease)).await? {
+                0 => Err(StoreError::LeaseLost(lease.collection)),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn spender_alive(&self, spend: &Spend) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let session = spend.session.clone();
+        Box::pin(async move { self.timed(|| self.try_spender_alive(&session)).await })
+    }
+
+    fn up_for(&self) -> Duration {
+        if self.degraded.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        self.up_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .elapsed()
     }
 
     fn clock_offset(&self) -> Option<Arc<AtomicI64>> {
@@ -986,7 +1095,7 @@ async fn listen_once(
         .max_lifetime(None)
         // Named apart from the pool's, so an operator (or a test) can tell
         // the listener in pg_stat_activity.
-        .connect_lazy_with(options.clone().application_name(LISTENER_APP_NAME));
+        .connect_lazy_with(options.clone().application_name(&store.session));
     let mut connected = false;
     let outcome = async {
         if !prepared.load(Ordering::Relaxed) {

@@ -15,7 +15,10 @@
 //!   `9999-12-31T23:59:59-99:59` is a `bad_response` and the refresher keeps
 //!   calling until the upstream turns sane;
 //! - (d) with encryption keys, a row value written without a key id is never
-//!   served (`token-broker get --value` does not print it).
+//!   served (`token-broker get --value` does not print it);
+//! - (e) chaos seed 15's finding: a holder of a rotating grant cut off from
+//!   the database after presenting the refresh token is waited for (the peer
+//!   does not present the spent token again), and one killed mid-call is not.
 //!
 //! They fail on the code before the issue 11 fix (c5889a1) and pass with it
 //! (2516377).
@@ -692,4 +695,145 @@ async fn a_row_value_without_a_key_id_is_never_served() {
              printed the attacker's token (row version {v})"
         );
     }
+}
+
+/// (e) Found by chaos seed 15: a lease holder presents the rotating refresh
+/// token, then loses the database (here alone, behind its own black-holed
+/// proxy) with the rotated one in hand; its lease runs out. The peer that
+/// takes the lease over must wait for it rather than present the spent token
+/// again (which a strict upstream answers by revoking the grant). Then the
+/// other side of the trade-off: a spender killed mid-call (its sessions close
+/// with it) is not waited for, and no read fails on the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_waits_for_a_cut_off_spender_of_the_rotating_refresh_token() {
+    let db = TestDb::create().await;
+    let upstream = Upstream::start(
+        15,
+        Faults::none(Duration::from_millis(50)),
+        &[(
+            "rt",
+            Endpoint {
+                kind: Kind::RefreshToken,
+                ttl_secs: (20, 20),
+            },
+        )],
+    )
+    .await;
+    let proxies = [
+        crate::fault::FaultProxy::start(db.server_addr()).await,
+        crate::fault::FaultProxy::start(db.server_addr()).await,
+    ];
+    let envs: Vec<Vec<(String, String)>> = proxies
+        .iter()
+        .map(|p| {
+            vec![
+                ("TB_DATABASE_URL".to_owned(), db.url_via(p.addr())),
+                ("TB_ENCRYPTION_KEY".to_owned(), key("k1")),
+                (
+                    "TB_REFRESH_TOKEN".to_owned(),
+                    upstream.seed_refresh_token("rt"),
+                ),
+            ]
+        })
+        .collect();
+    // One key for both (a row sealed by one must open in the other).
+    let envs: Vec<_> = envs
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e[1].1 = envs[0][1].1.clone();
+            e
+        })
+        .collect();
+    let configs: Vec<String> = (0..2)
+        .map(|i| {
+            format!(
+                r#"{}
+[collections.rt]
+source = {{ kind = "oauth2_refresh_token", token_url = "{}/c/rt/token", client_id = "chaos-s{i}", refresh_token_env = "TB_REFRESH_TOKEN" }}
+policy = {{ refresh_fraction = 0.5, min_refresh_interval = "1s" }}
+"#,
+                store(""),
+                upstream.base_url()
+            )
+        })
+        .collect();
+    let mut fleet = Fleet::start(&configs, &envs).await;
+    fleet.clients("rt", 2);
+
+    // Phase 1: the spender is cut off from the database mid-call.
+    let mut spender = None;
+    wait_for("a first token", Duration::from_secs(20), async || {
+        fleet.max_version("rt") > 0
+    })
+    .await;
+    upstream.slow_next("rt", Duration::from_secs(2));
+    wait_for(
+        "a sidecar presents the refresh token",
+        Duration::from_secs(30),
+        async || {
+            spender = upstream.in_flight("rt");
+            spender.is_some()
+        },
+    )
+    .await;
+    let spender = spender.unwrap();
+    proxies[spender].blackhole();
+    // Past the spender's lease (3 s) with room for the peer to try it.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    proxies[spender].restore();
+    let before = fleet.max_version("rt");
+    let peer = 1 - spender;
+    wait_for(
+        "the peer gets the spender's token, shared after the partition",
+        Duration::from_secs(15),
+        async || {
+            assert!(
+                !upstream.revoked("rt"),
+                "the peer presented the spent refresh token again: grant revoked"
+            );
+            fleet
+                .rec
+                .received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|r| r.sidecar == peer && r.token.version > before)
+        },
+    )
+    .await;
+
+    // Phase 2: a spender killed mid-call is not waited for.
+    upstream.slow_next("rt", Duration::from_secs(3));
+    let mut victim = None;
+    wait_for(
+        "a sidecar presents the refresh token again",
+        Duration::from_secs(30),
+        async || {
+            victim = upstream
+                .in_flight("rt")
+                .filter(|s| fleet.procs[*s].running());
+            victim.is_some()
+        },
+    )
+    .await;
+    let victim = victim.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = fleet.max_version("rt");
+    let killed = fleet.kill(victim);
+    upstream.killed(victim, killed);
+    wait_for(
+        "the survivor takes over from the killed spender",
+        Duration::from_secs(15),
+        async || fleet.max_version("rt") > before,
+    )
+    .await;
+    eprintln!("takeover from a killed spender: {} ms", now_ms() - killed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.restart(victim).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = upstream.calls();
+    let (h, dir) = fleet.finish(calls).await;
+    assert!(!upstream.revoked("rt"), "grant revoked");
+    assert_clean(&h, dir, "a cut-off spender, then a killed one");
 }

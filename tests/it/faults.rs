@@ -601,7 +601,7 @@ async fn killing_the_listener_backend_before_a_rotation_still_reaches_every_side
         () => {
             "FROM pg_stat_activity
               WHERE datname = current_database() AND pid <> pg_backend_pid()
-                AND application_name = 'token-broker listener'"
+                AND application_name LIKE 'token-broker listener %'"
         };
     }
     let count = |pool: &PgPool| {

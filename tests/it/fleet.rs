@@ -405,7 +405,7 @@ async fn migrate_applies_the_schema_once_and_refuses_a_config_without_a_store() 
     assert!(first.status.success(), "{first:?}");
     assert_eq!(
         String::from_utf8_lossy(&first.stdout),
-        "applied migrations: [1, 2, 3]\n"
+        "applied migrations: [1, 2, 3, 4]\n"
     );
     let second = run();
     assert_eq!(
@@ -455,7 +455,7 @@ async fn migrate_reads_only_the_store_section() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "applied migrations: [1, 2, 3]\n"
+        "applied migrations: [1, 2, 3, 4]\n"
     );
     // A bad [store] still fails, naming its field.
     std::fs::write(

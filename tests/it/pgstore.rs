@@ -385,7 +385,7 @@ async fn a_killed_listener_backend_reconnects_and_resyncs() {
     let pool = db.pool().await;
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = current_database() AND application_name = 'token-broker listener' AND pid <> pg_backend_pid()",
+          WHERE datname = current_database() AND application_name LIKE 'token-broker listener %' AND pid <> pg_backend_pid()",
     )
     .fetch_all(&pool)
     .await
@@ -414,7 +414,7 @@ async fn concurrent_migrations_apply_once() {
     let applied: Vec<i64> = runs.into_iter().flatten().collect();
     assert_eq!(
         applied,
-        vec![1, 2, 3],
+        vec![1, 2, 3, 4],
         "exactly one run applied each migration"
     );
     let pool = db.pool().await;
@@ -422,7 +422,7 @@ async fn concurrent_migrations_apply_once() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(n, 3);
+    assert_eq!(n, 4);
     // A store that must not migrate refuses a database without the schema.
     let empty = TestDb::create().await;
     let refused = PgStore::start(
@@ -624,9 +624,15 @@ async fn a_rotated_refresh_token_is_kept_only_over_the_one_it_replaced() {
     let s = &store.store;
     // rt-1 was spent for rt-2: the row still holds rt-1, so rt-2 is kept.
     assert!(
-        s.save_refresh_token("c", Some(Secret::new("rt-1")), Secret::new("rt-2"), None)
-            .await
-            .unwrap()
+        s.save_refresh_token(
+            "c",
+            "me",
+            Some(Secret::new("rt-1")),
+            Secret::new("rt-2"),
+            None
+        )
+        .await
+        .unwrap()
     );
     assert_eq!(
         s.load("c").await.unwrap().refresh_token,
@@ -634,9 +640,15 @@ async fn a_rotated_refresh_token_is_kept_only_over_the_one_it_replaced() {
     );
     // A late one spent from rt-1 again must not overwrite rt-2.
     assert!(
-        !s.save_refresh_token("c", Some(Secret::new("rt-1")), Secret::new("rt-x"), None)
-            .await
-            .unwrap()
+        !s.save_refresh_token(
+            "c",
+            "me",
+            Some(Secret::new("rt-1")),
+            Secret::new("rt-x"),
+            None
+        )
+        .await
+        .unwrap()
     );
     assert_eq!(
         s.load("c").await.unwrap().refresh_token,
@@ -682,4 +694,110 @@ async fn a_rolled_back_row_never_makes_a_version_name_two_values() {
     assert_eq!(commit(&store.store, new_token("v1")).await, (1, false));
     // A new value goes above version 3, not to 2.
     assert_eq!(commit(&store.store, new_token("v4")).await, (4, true));
+}
+
+/// A spend of the rotating refresh token is recorded under the lease, names
+/// the spender's listener session (alive while it is connected, not after
+/// its store is gone), and is resolved by the spender's commit, its recorded
+/// failure or its saved refresh token; a peer's commit without a refresh
+/// token leaves it.
+#[tokio::test]
+async fn a_refresh_token_spend_is_recorded_and_resolved() {
+    let db = TestDb::create().await;
+    let spender = open(&db, Keyring::plaintext()).await;
+    let peer = open(&db, Keyring::plaintext()).await;
+    let s = &spender.store;
+    let ttl = Duration::from_secs(20);
+    let spend = async |s: &PgStore| s.load("c").await.unwrap().spend;
+
+    // Recorded under the lease, fenced.
+    let lease = grant(s, "me", ttl).await;
+    s.mark_spending(&lease).await.unwrap();
+    let recorded = spend(s).await.expect("spend recorded");
+    assert_eq!(recorded.holder, "me");
+    assert!(recorded.session.starts_with("token-broker listener "));
+    let stale = Lease {
+        fence: lease.fence - 1,
+        ..lease.clone()
+    };
+    assert!(matches!(
+        s.mark_spending(&stale).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !peer.store.spender_alive(&recorded).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spender's listener session never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The spender's failure resolves it.
+    let backoff = Backoff {
+        failures: 1,
+        next_attempt_at: SystemTime::now(),
+        class: token_broker::source::FailureClass::Timeout,
+        detail: "x".into(),
+    };
+    s.commit_failure(lease, backoff.clone()).await.unwrap();
+    assert_eq!(spend(s).await, None);
+
+    // A peer's commit without a refresh token (a reconciled token) leaves it;
+    // the spender's commit resolves it.
+    let lease = grant(s, "me", ttl).await;
+    s.mark_spending(&lease).await.unwrap();
+    s.release(lease).await.unwrap();
+    let other = grant(&peer.store, "peer", ttl).await;
+    peer.store
+        .commit_token(other, new_token("reconciled"))
+        .await
+        .unwrap();
+    assert!(spend(s).await.is_some());
+    let lease = grant(s, "me", ttl).await;
+    s.commit_token(lease, new_token("fetched")).await.unwrap();
+    assert_eq!(spend(s).await, None);
+
+    // A peer's commit that stores a refresh token resolves it.
+    let lease = grant(s, "me", ttl).await;
+    s.mark_spending(&lease).await.unwrap();
+    s.release(lease).await.unwrap();
+    let other = grant(&peer.store, "peer", ttl).await;
+    let with_rt = NewToken {
+        refresh_token: Some(Secret::new("rt-peer")),
+        ..new_token("peer's")
+    };
+    peer.store.commit_token(other, with_rt).await.unwrap();
+    assert_eq!(spend(s).await, None);
+
+    // The spender's saved refresh token resolves it, stored or not.
+    let lease = grant(s, "me", ttl).await;
+    s.mark_spending(&lease).await.unwrap();
+    s.release(lease).await.unwrap();
+    assert!(
+        !s.save_refresh_token(
+            "c",
+            "me",
+            Some(Secret::new("rt-old")),
+            Secret::new("rt-x"),
+            None
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(spend(s).await, None);
+
+    // Once the spender's store is gone, its session is too.
+    let lease = grant(s, "me", ttl).await;
+    s.mark_spending(&lease).await.unwrap();
+    let recorded = spend(s).await.unwrap();
+    drop(spender);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while peer.store.spender_alive(&recorded).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spender's session outlived its store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,0 +1,10 @@
+-- Who presented the row's refresh token to the upstream and has not yet
+-- stored the result (a rotating grant): while that holder may still be alive
+-- with the rotated token, a peer must not present the spent one again (a
+-- strict upstream would revoke the grant). Set under the lease just before the
+-- upstream call; cleared by the commit that stores the result, by the
+-- holder's recorded failure, or by its saved refresh token.
+ALTER TABLE token_broker_tokens
+    ADD COLUMN spend_holder  text,
+    ADD COLUMN spend_session text,
+    ADD COLUMN spend_at      timestamptz;
