@@ -418,6 +418,13 @@ async fn before_spending(
         }
         Some(next)
     };
+    if row.refresh_token_unreadable {
+        // Presenting the one this sidecar last saw instead could spend a
+        // token a peer already rotated away from; a peer that holds the key
+        // refreshes instead.
+        warn!(collection = %c.name, "the stored refresh token cannot be read with this sidecar's keys; leaving the refresh to a peer that can");
+        return give_back(Next::HeldUntil(shared.clock.now() + HELD_RECHECK)).await;
+    }
     if let Some(spend) = row.spend.as_ref().filter(|s| s.holder != holder) {
         match wait_for_spender(c, store, shared, spend).await {
             Ok(false) => {}

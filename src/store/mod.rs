@@ -55,6 +55,9 @@ pub struct Row {
     pub refresh_token: Option<Secret>,
     /// Fingerprint of the configured seed `refresh_token` descends from.
     pub refresh_seed: Option<String>,
+    /// The row holds a refresh token this sidecar cannot open (sealed with a
+    /// key it lacks): `refresh_token` is `None`, but not because there is none.
+    pub refresh_token_unreadable: bool,
     pub backoff: Option<Backoff>,
     /// Start of the last refresh attempt (success or failure), for the minimum
     /// interval between refreshes.

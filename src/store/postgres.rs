@@ -461,11 +461,14 @@ impl PgStore {
             }
             _ => None,
         };
+        let sealed_refresh: Option<Vec<u8>> = r.try_get("refresh_token")?;
+        let refresh_present = sealed_refresh.is_some();
         let refresh_token = open(
             "refresh_token",
-            r.try_get("refresh_token")?,
+            sealed_refresh,
             r.try_get("refresh_token_key")?,
         );
+        let refresh_token_unreadable = refresh_present && refresh_token.is_none();
         let failures = u32::try_from(r.try_get::<i32, _>("failures")?).unwrap_or(0);
         let backoff = match (
             time("next_attempt_at")?,
@@ -501,6 +504,7 @@ impl PgStore {
             backoff,
             last_attempt_at: time("last_attempt_at")?,
             spend,
+            refresh_token_unreadable,
         };
         let lease = LeaseCols {
             holder: r.try_get("lease_holder")?,

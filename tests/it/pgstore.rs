@@ -801,3 +801,23 @@ async fn a_refresh_token_spend_is_recorded_and_resolved() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A refresh token sealed with a key this sidecar lacks reads as absent, and
+/// the row says so (a rotating grant must not fall back to an older copy).
+#[tokio::test]
+async fn an_unreadable_refresh_token_is_flagged_not_just_absent() {
+    let db = TestDb::create().await;
+    let writer = open(&db, keyring(&[("k1", 1)])).await;
+    let with_rt = NewToken {
+        refresh_token: Some(Secret::new("rt-1")),
+        ..new_token("a")
+    };
+    commit(&writer.store, with_rt).await;
+    let row = writer.store.load("c").await.unwrap();
+    assert_eq!(row.refresh_token, Some(Secret::new("rt-1")));
+    assert!(!row.refresh_token_unreadable);
+    let other = open(&db, keyring(&[("k2", 2)])).await;
+    let row = other.store.load("c").await.unwrap();
+    assert_eq!(row.refresh_token, None);
+    assert!(row.refresh_token_unreadable);
+}
