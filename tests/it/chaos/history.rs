@@ -35,8 +35,9 @@
 //!   or during the gap explains it. A killed lease holder does not: the
 //!   refresh schedule must leave room for a takeover;
 //! - `refresh-reuse`: a spent refresh token was presented again, other than
-//!   once after its spender was killed with the answer in flight (within
-//!   [`ORPHAN_MS`] of the kill); an excused reuse that got a new token is the
+//!   once after its spender was killed holding the answer uncommitted (in
+//!   flight, or within [`ORPHAN_MS`] of database availability after the
+//!   answer: [`killed_holding`]); an excused reuse that got a new token is the
 //!   spender from then on (so two holders killed in a row excuse two reuses).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -60,8 +61,11 @@ pub const OUTAGE_TAIL_MS: Ms = 5_000;
 /// explains it.
 pub const STALL_EXCUSE_MS: Ms = 10_000;
 /// A call whose sidecar was killed this soon after its answer arrived (or
-/// while it was in flight) may not have committed what it got.
+/// while it was in flight), counting only time the database was reachable,
+/// may not have committed what it got.
 pub const ORPHAN_MS: Ms = 2_000;
+/// After a database outage, a sidecar takes up to this long to reconnect.
+pub const RECONNECT_MS: Ms = 1_000;
 
 /// The first 16 hex digits of SHA-256: how values and refresh tokens appear.
 pub fn hash(secret: &str) -> String {
@@ -530,10 +534,32 @@ fn orphaned(h: &History, call: &Call) -> Option<Ms> {
     let s = call.sidecar?;
     h.kills
         .iter()
-        .find(|k| {
-            k.sidecar == s && k.at >= call.start && call.end.is_none_or(|e| k.at <= e + ORPHAN_MS)
-        })
+        .find(|k| k.sidecar == s && killed_holding(call, k.at, &h.outages))
         .map(|k| k.at)
+}
+
+/// Whether a kill at `kill` of the sidecar that made `call` may have taken
+/// its answer with it, uncommitted: the call was in flight, or the database
+/// was reachable for at most [`ORPHAN_MS`] between the answer and the kill
+/// (during an outage, plus [`RECONNECT_MS`] after it, the answer lives only
+/// in the spender's memory). The upstream's reuse grace and the checker use
+/// this one rule.
+pub fn killed_holding(call: &Call, kill: Ms, outages: &[Window]) -> bool {
+    if kill < call.start {
+        return false;
+    }
+    let Some(end) = call.end.filter(|e| *e <= kill) else {
+        return true;
+    };
+    let mut reachable = kill - end;
+    for w in outages {
+        let from = w.from.max(end);
+        let to = w.to.map_or(kill, |t| (t + RECONNECT_MS).min(kill));
+        if to > from {
+            reachable -= to - from;
+        }
+    }
+    reachable <= ORPHAN_MS
 }
 
 fn upstream_calls(h: &History, out: &mut Vec<Violation>) {
@@ -951,6 +977,50 @@ mod tests {
             },
             ..call("c", sidecar, start, Outcome::Pending)
         }
+    }
+
+    /// Seed 11's case: the spender got its answer just before a database
+    /// cut and was killed just after it, so the rotated token never left its
+    /// memory: one reuse is excused. Killed as long after an answer with the
+    /// database up all along, it is not.
+    #[test]
+    fn a_spender_killed_before_the_database_returned_died_with_the_answer() {
+        let spent = refresh(1, 5_000, "rt1", Some("rt2")); // answered at 5_100
+        let cut = Window {
+            from: 5_200,
+            to: Some(8_500),
+        };
+        assert!(killed_holding(&spent, 8_600, std::slice::from_ref(&cut)));
+        assert!(!killed_holding(&spent, 8_600, &[]));
+        // Reachable 5_100..5_200 and 9_500..11_400: 2 s in all, still excused;
+        // a moment later, not.
+        assert!(killed_holding(&spent, 11_400, std::slice::from_ref(&cut)));
+        assert!(!killed_holding(&spent, 11_500, std::slice::from_ref(&cut)));
+        // An outage still open at the kill counts up to the kill.
+        let open = Window {
+            from: 5_200,
+            to: None,
+        };
+        assert!(killed_holding(&spent, 30_000, &[open]));
+
+        let mut h = clean();
+        h.calls = vec![
+            refresh(0, 0, "rt0", Some("rt1")),
+            spent.clone(),
+            refresh(0, 12_000, "rt1", Some("rt3")),
+        ];
+        h.kills.push(Kill {
+            sidecar: 1,
+            at: 8_600,
+        });
+        h.up[1] = vec![Window {
+            from: 0,
+            to: Some(8_600),
+        }];
+        h.received.push(get(0, tok("c", 3, "rt3", 40_000), 12_500));
+        assert_eq!(rules(&h), ["refresh-reuse"]);
+        h.outages.push(cut);
+        assert_eq!(check(&h), vec![]);
     }
 
     #[test]

@@ -381,12 +381,15 @@ impl Driver {
         } else {
             self.proxy.blackhole();
         }
+        // The upstream's reuse grace needs to know the database is away.
+        self.outages.push(Window { from, to: None });
+        self.upstream.set_outages(&self.outages);
         tokio::time::sleep(length).await;
         self.proxy.restore();
-        self.outages.push(Window {
-            from,
-            to: Some(now_ms()),
-        });
+        if let Some(w) = self.outages.last_mut() {
+            w.to = Some(now_ms());
+        }
+        self.upstream.set_outages(&self.outages);
     }
 
     async fn apply(&mut self, event: &Event) {
@@ -437,6 +440,7 @@ impl Driver {
                     from,
                     to: Some(now_ms() + 1_000),
                 });
+                self.upstream.set_outages(&self.outages);
                 self.note(format!("  terminated {} sessions", n.len()));
             }
             Event::KeyRotation => {

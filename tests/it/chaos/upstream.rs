@@ -10,8 +10,9 @@
 //!   spent one presented again revokes the whole grant (every later call gets
 //!   `invalid_grant`), like a server following the OAuth 2.0 Security BCP,
 //!   with one exception the driver announces: a refresh token spent by a
-//!   sidecar that was then killed with the answer in flight (within
-//!   [`ORPHAN_MS`] of the kill) may be presented once more per such spender
+//!   sidecar that was then killed holding the answer uncommitted (in flight,
+//!   or before the database was reachable for `ORPHAN_MS` after it:
+//!   [`killed_holding`]) may be presented once more per such spender
 //!   (many real servers have such a reuse grace), so one unlucky kill, or two
 //!   holders killed in a row, does not end the run.
 //! - Every call is recorded ([`Call`]: time, grant, sidecar from its
@@ -37,7 +38,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::history::{Call, Kill, Ms, ORPHAN_MS, Outcome, hash, now_ms};
+use super::history::{Call, Kill, Ms, Outcome, Window, hash, killed_holding, now_ms};
 
 /// What one collection's endpoint is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +114,8 @@ struct Inner {
     colls: HashMap<String, Coll>,
     calls: Vec<Call>,
     kills: Vec<Kill>,
+    /// Database outages the driver announced (the last one may be open).
+    outages: Vec<Window>,
 }
 
 pub struct Upstream {
@@ -151,6 +154,7 @@ impl Upstream {
             colls,
             calls: Vec::new(),
             kills: Vec::new(),
+            outages: Vec::new(),
         }));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -224,6 +228,11 @@ impl Upstream {
     /// answer in flight may be presented once more.
     pub fn killed(&self, sidecar: usize, at: Ms) {
         self.inner.lock().unwrap().kills.push(Kill { sidecar, at });
+    }
+
+    /// The driver's database outages so far (the last one may be open).
+    pub fn set_outages(&self, outages: &[Window]) {
+        self.inner.lock().unwrap().outages = outages.to_vec();
     }
 
     /// Whether a refresh grant was revoked (a spent token was reused).
@@ -344,16 +353,14 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
             reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "hung"}))
         } else {
             let ttl = rng.random_range(coll.spec.ttl_secs.0..=coll.spec.ttl_secs.1);
-            let kills = &inner_ref.kills;
+            let (kills, outages) = (&inner_ref.kills, &inner_ref.outages);
             let calls = &inner_ref.calls;
             issue(coll, &collection, ttl, &form, &mut call, index, |spender| {
                 let c: &Call = &calls[spender];
                 c.sidecar.is_some_and(|s| {
-                    kills.iter().any(|k| {
-                        k.sidecar == s
-                            && k.at >= c.start
-                            && c.end.is_none_or(|e| k.at <= e + ORPHAN_MS)
-                    })
+                    kills
+                        .iter()
+                        .any(|k| k.sidecar == s && killed_holding(c, k.at, outages))
                 })
             })
         };
