@@ -821,3 +821,25 @@ async fn an_unreadable_refresh_token_is_flagged_not_just_absent() {
     assert_eq!(row.refresh_token, None);
     assert!(row.refresh_token_unreadable);
 }
+
+/// A start that finds the schema current takes no lock: with the migration
+/// lock held elsewhere (a peer migrating, or stuck), it still completes.
+#[tokio::test]
+async fn a_current_schema_is_checked_without_the_migration_lock() {
+    let db = TestDb::create().await;
+    let s = settings(&db, Keyring::plaintext());
+    PgStore::migrate(&s).await.unwrap();
+    let pool = db.pool().await;
+    let mut holder = pool.begin().await.unwrap();
+    // migrate.rs's LOCK_KEY ("tokenbro").
+    sqlx::query("SELECT pg_advisory_xact_lock(8390042714202337903)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(20), PgStore::migrate(&s)).await;
+    assert_eq!(
+        again.expect("blocked behind the migration lock").unwrap(),
+        Vec::<i64>::new()
+    );
+    holder.rollback().await.unwrap();
+}
