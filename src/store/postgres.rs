@@ -28,6 +28,9 @@
 //! - The listener sends `Resync` after every (re)connection, once `LISTEN` is in
 //!   place, and on every poll tick; any error, a lost connection or a heartbeat
 //!   that fails within `query_timeout` drops the connection and reconnects.
+//!   Poll ticks and heartbeats are spread per process (a random phase, 80-100%
+//!   of the heartbeat interval), so a fleet started at once does not read
+//!   every row in one instant.
 //! - Token values and refresh tokens are sealed with the [`Keyring`]; errors
 //!   and logs carry neither.
 //! - A spend of a rotating refresh token ([`Row::spend`]) names the spender's
@@ -1125,15 +1128,23 @@ async fn listen_once(
         store.listening.store(true, Ordering::Relaxed);
         store.mark_up();
         let _ = store.events.send(StoreEvent::Resync);
-        let mut poll = tokio::time::interval(settings.poll_interval);
+        // Periodic work is spread per process: a fleet started at once must
+        // not read every row, or ping, in the same instant. The first poll
+        // comes half to one and a half periods after connecting (the resync
+        // above covers the start); heartbeats after 80-100% of the interval.
+        let phase = settings.poll_interval.mul_f64(rand::random_range(0.5..1.5));
+        let mut poll =
+            tokio::time::interval_at(tokio::time::Instant::now() + phase, settings.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        poll.tick().await;
         loop {
+            let heartbeat = settings
+                .heartbeat_interval
+                .mul_f64(rand::random_range(0.8..=1.0));
             tokio::select! {
                 _ = poll.tick() => {
                     let _ = store.events.send(StoreEvent::Resync);
                 }
-                next = tokio::time::timeout(settings.heartbeat_interval, listener.try_recv()) => match next {
+                next = tokio::time::timeout(heartbeat, listener.try_recv()) => match next {
                     Ok(Ok(Some(n))) => {
                         if let Some(event) = parse_notification(n.payload()) {
                             let _ = store.events.send(event);
