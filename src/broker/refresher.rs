@@ -113,7 +113,7 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
         // Shutdown: no new attempt (one in flight has finished by now, so a
         // rotated refresh token it got is committed, not lost).
         if shared.shutdown.is_cancelled() {
-            return;
+            return flush(&c, store.as_ref(), &shared, &holder).await;
         }
         let now = clock.now();
         if c.store_back.swap(false, Ordering::Relaxed) {
@@ -147,10 +147,27 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
         let sleep = next.map_or(MAX_SLEEP, |at| clock.until(at).min(MAX_SLEEP));
         tokio::select! {
             biased;
-            () = shared.shutdown.cancelled() => return,
+            () = shared.shutdown.cancelled() => return flush(&c, store.as_ref(), &shared, &holder).await,
             () = c.wake.notified() => {}
             () = tokio::time::sleep(sleep) => {}
         }
+    }
+}
+
+/// At shutdown: a token kept unshared (its commit found the store away)
+/// carries what the upstream issued, perhaps a rotated refresh token that
+/// exists nowhere else, so it is committed before the refresher ends: tried
+/// again every `STORE_RETRY` (or when a peer's lease ends) until it is
+/// shared or superseded, within the shutdown grace (the broker's stop
+/// aborts the task after that).
+async fn flush(c: &Collection, store: &dyn Store, shared: &Shared, holder: &str) {
+    while lock(&c.unshared).is_some() {
+        let retry = match attempt(c, store, shared, holder, false).await {
+            Next::Continue => continue,
+            Next::HeldUntil(until) => until.max(shared.clock.now() + HELD_MIN_WAIT),
+            Next::StoreDown => shared.clock.now() + STORE_RETRY,
+        };
+        tokio::time::sleep(shared.clock.until(retry)).await;
     }
 }
 

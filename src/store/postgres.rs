@@ -168,6 +168,9 @@ pub struct PgStore {
     session: String,
     /// When the database last came back (or the store started).
     up_since: std::sync::Mutex<tokio::time::Instant>,
+    /// Stops the listener; once cancelled, the listener is no longer the
+    /// probe that ends an outage (operations try for themselves).
+    shutdown: CancellationToken,
 }
 
 /// After an operation found no answer within `query_timeout`, further
@@ -224,6 +227,7 @@ impl PgStore {
             listener: std::sync::Mutex::new(None),
             session: format!("{LISTENER_APP_NAME} {:08x}", rand::random::<u32>()),
             up_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+            shutdown: shutdown.clone(),
         });
         let prepared =
             match tokio::time::timeout(settings.connect_timeout, store.prepare(&settings)).await {
@@ -363,7 +367,9 @@ impl PgStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .is_some_and(|at| at.elapsed() < FAIL_FAST);
-        recent || !self.listening.load(Ordering::Relaxed)
+        // While stopping, the listener is gone for good: waiting for it would
+        // fail every last commit (an unshared token's flush).
+        recent || (!self.listening.load(Ordering::Relaxed) && !self.shutdown.is_cancelled())
     }
 
     /// Runs `op` under the query timeout, recording reachability. An error

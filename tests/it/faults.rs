@@ -731,3 +731,56 @@ async fn a_graceful_stop_lets_the_refresh_in_flight_commit() {
     );
     assert_eq!(oauth.calls(), 1);
 }
+
+/// Chaos seed 11 (10 min): a refresh's commit timed out (the database was
+/// away), so its token, with a rotated refresh token that existed nowhere
+/// else, was kept unshared; a rolling restart stopped the sidecar before it
+/// reconciled, and the next holder presented the spent refresh token again.
+/// A graceful stop now commits an unshared token first, retrying within the
+/// shutdown grace while the database comes back.
+#[tokio::test]
+async fn a_graceful_stop_commits_a_token_kept_while_the_database_was_away() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let proxy = FaultProxy::start(db.server_addr()).await;
+    let env = FleetEnv::new(db.url_via(proxy.addr()));
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
+    // The first token request takes 2 s: the database goes away meanwhile.
+    oauth.script([Reply::json(
+        200,
+        json!({"access_token": "kept-token", "token_type": "bearer", "expires_in": 3600}),
+    )
+    .delayed(Duration::from_secs(2))]);
+    let sidecar = env
+        .start(&fleet_config(
+            &oauth.token_url(),
+            r#", fetch_timeout = "10s""#,
+        ))
+        .await;
+    eventually(
+        "the sidecar called the upstream",
+        Duration::from_secs(10),
+        async || oauth.calls() >= 1,
+    )
+    .await;
+    proxy.blackhole();
+    eventually(
+        "the commit gave up and the token is served from memory",
+        Duration::from_secs(10),
+        async || sidecar.log().contains("keeping it locally"),
+    )
+    .await;
+    assert_eq!(row_version(&pool).await, 0, "nothing committed yet");
+    // Stop while the database is away; it comes back within the grace.
+    let stopping = tokio::task::spawn_blocking(move || sidecar.stop());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore();
+    let log = stopping.await.unwrap();
+    // Its version is the one it was published under (a random step up).
+    assert!(
+        row_version(&pool).await >= 1,
+        "the token kept unshared was committed before the process exited:\n{log}"
+    );
+    assert!(log.contains("token held locally is now shared"), "{log}");
+    assert_eq!(oauth.calls(), 1);
+}
