@@ -8,3 +8,8 @@ ALTER TABLE token_broker_tokens
     ADD COLUMN spend_holder  text,
     ADD COLUMN spend_session text,
     ADD COLUMN spend_at      timestamptz;
+
+-- The lease holder that committed the current token: it makes the next soft
+-- refresh while it lives, and the other sidecars stand by for a moment
+-- before trying the lease, so a rotation is not a herd on one row.
+ALTER TABLE token_broker_tokens ADD COLUMN refreshed_by text;

@@ -180,6 +180,11 @@ pub(crate) struct Collection {
     /// What this refresher saw of a peer's unresolved spend of the rotating
     /// refresh token (see `refresher::wait_for_spender`).
     spend_watch: Mutex<Option<SpendWatch>>,
+    /// Set while another sidecar committed the current token: that one makes
+    /// the soft refresh, this one stands by (see `refresher::next_attempt`).
+    standby: AtomicBool,
+    /// This process's spread of the standby delay, drawn once in `[0, 1)`.
+    standby_spread: f64,
 }
 
 /// A peer's spend being waited for: which one, whether its session was seen
@@ -247,6 +252,8 @@ struct Inner {
     /// The follower and every refresher, supervised (restarted after a
     /// panic); aborted when the broker is dropped.
     tasks: Mutex<Vec<crate::supervise::Supervised>>,
+    /// This process's name in lease rows.
+    holder: Arc<str>,
 }
 
 impl Broker {
@@ -288,6 +295,8 @@ impl Broker {
                     store_back: AtomicBool::new(false),
                     held_back: AtomicBool::new(false),
                     spend_watch: Mutex::new(None),
+                    standby: AtomicBool::new(false),
+                    standby_spread: rand::random_range(0.0..1.0),
                 };
                 (c.name.clone(), Arc::new(c))
             })
@@ -310,8 +319,9 @@ impl Broker {
             epoch,
             shutdown: shutdown.clone(),
             tasks: Mutex::new(Vec::new()),
+            holder: refresher::holder_id().into(),
         });
-        let holder = refresher::holder_id();
+        let holder = inner.holder.to_string();
         let mut tasks = Vec::new();
         {
             let collections: Vec<_> = inner.collections.values().cloned().collect();
@@ -697,6 +707,8 @@ struct Shared {
     /// The broker itself, for sources that depend on other collections. Weak:
     /// the refreshers must not keep the broker alive.
     broker: Weak<Inner>,
+    /// This process's name in lease rows.
+    holder: Arc<str>,
 }
 
 impl Inner {
@@ -707,6 +719,7 @@ impl Inner {
             epoch: this.epoch.clone(),
             shutdown: this.shutdown.clone(),
             broker: Arc::downgrade(this),
+            holder: this.holder.clone(),
         }
     }
 }

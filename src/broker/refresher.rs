@@ -262,8 +262,32 @@ fn next_attempt(c: &Collection, now: SystemTime) -> Option<SystemTime> {
     let Some(t) = snap.servable(now) else {
         return Some(allowed);
     };
-    let due = if forced(c, t) { now } else { t.refresh_at };
+    let due = if forced(c, t) {
+        now
+    } else if c.standby.load(Ordering::Relaxed) {
+        t.refresh_at + standby_delay(c, t)
+    } else {
+        t.refresh_at
+    };
     Some(due.max(allowed))
+}
+
+/// How long a sidecar that did not commit the current token waits past its
+/// `refresh_at` before trying the lease itself, so that a rotation costs one
+/// lease attempt (the committer's) however many sidecars there are: a
+/// quarter of the room left before hard expiry, at most `lease_ttl`, spread
+/// per process by up to half again, so that standbys taking over from a
+/// committer that is gone do not all try at one instant. The committer's
+/// token arrives by push long before that in the common case.
+fn standby_delay(c: &Collection, t: &Token) -> Duration {
+    let room = t
+        .expires_at
+        .duration_since(t.refresh_at)
+        .unwrap_or_default();
+    c.policy
+        .lease_ttl
+        .min(room / 4)
+        .mul_f64(1.0 + c.standby_spread / 2.0)
 }
 
 /// One pass, in a `refresh` span (a child of the span of a caller waiting for
@@ -643,6 +667,7 @@ fn keep_local(c: &Collection, shared: &Shared, mut new: NewToken, spent: Option<
             "token rotated locally (store unavailable); it is committed when the store answers"
         );
     }
+    c.standby.store(false, Ordering::Relaxed);
     publish(c, shared, |s| {
         s.failure = None;
         install(&c.name, s, Arc::new(token));
@@ -701,6 +726,7 @@ async fn reconcile(
     };
     match store.commit_token(lease, new).await {
         Ok(committed) => {
+            c.standby.store(false, Ordering::Relaxed);
             info!(collection = %c.name, version = committed.token.version, "token held locally is now shared");
             publish(c, shared, |s| {
                 install(&c.name, s, Arc::new(committed.token));
@@ -871,6 +897,7 @@ async fn commit_token(
     let lease_holder = lease.holder.clone();
     match store.commit_token(lease, new.clone()).await {
         Ok(committed) => {
+            c.standby.store(false, Ordering::Relaxed);
             if let Some(rt) = refresh_token {
                 *lock(&c.refresh_token) = Some(rt);
             }
@@ -1011,6 +1038,14 @@ pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
         && row.last_attempt_at <= c.state.borrow().last_attempt_at
     {
         return;
+    }
+    if newer.is_some() {
+        // Its committer makes the next soft refresh; this sidecar stands by.
+        let standby = row
+            .refreshed_by
+            .as_deref()
+            .is_some_and(|by| by != &*shared.holder);
+        c.standby.store(standby, Ordering::Relaxed);
     }
     if newer.is_some() && !refetched {
         let mut unshared = lock(&c.unshared);

@@ -145,6 +145,7 @@ impl Store for MemoryStore {
             resolve(&mut entry.row, &lease.holder);
             let token = new.into_token(version);
             entry.row.token = Some(token.clone());
+            entry.row.refreshed_by = Some(lease.holder.clone());
             entry.row.backoff = None;
             entry.lease = None;
             Ok(Committed { token, rotated })

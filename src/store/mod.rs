@@ -65,6 +65,9 @@ pub struct Row {
     /// A holder presented `refresh_token` to the upstream and has not stored
     /// the result yet ([`Store::mark_spending`]).
     pub spend: Option<Spend>,
+    /// The lease holder that committed `token`: the one that makes its soft
+    /// refresh while it lives (the others stand by).
+    pub refreshed_by: Option<String>,
 }
 
 /// An unresolved presentation of a rotating refresh token: who presented it,

@@ -88,7 +88,7 @@ macro_rules! cols {
             us!("last_attempt_at"),
             ", ",
             us!("next_attempt_at"),
-            ", failures, failure_class, failure_detail, spend_holder, spend_session, ",
+            ", failures, failure_class, failure_detail, refreshed_by, spend_holder, spend_session, ",
             us!("spend_at")
         )
     };
@@ -513,6 +513,7 @@ impl PgStore {
             backoff,
             last_attempt_at: time("last_attempt_at")?,
             spend,
+            refreshed_by: r.try_get("refreshed_by")?,
             refresh_token_unreadable,
         };
         let lease = LeaseCols {
@@ -669,7 +670,7 @@ impl PgStore {
                                      THEN spend_session END,
                 spend_at = CASE WHEN $9::bytea IS NULL AND spend_holder <> lease_holder
                                 THEN spend_at END,
-                lease_holder = NULL, lease_until = NULL,
+                refreshed_by = lease_holder, lease_holder = NULL, lease_until = NULL,
                 next_attempt_at = NULL, failures = 0, failure_class = NULL, failure_detail = NULL,
                 updated_at = now()
               WHERE collection = $1
