@@ -685,15 +685,18 @@ async fn reconcile(
     row: Row,
     local: Unshared,
 ) -> Next {
+    let now = shared.clock.now();
     let row_version = row.token.as_ref().map_or(0, |t| t.version);
-    // A newer but expired row token (a row put back to an old state) does not
-    // beat a servable local one: ours is committed above it.
-    let row_servable = row
-        .token
-        .as_ref()
-        .is_some_and(|t| t.servable_at(shared.clock.now()));
-    let local_servable = local.token.servable_at(shared.clock.now());
-    if row_version > local.token.version && (row_servable || !local_servable) {
+    // A newer row token wins unless ours is servable and outlives it (a row
+    // put back to an old state, or a peer's token near its end while ours
+    // was just fetched): ours is then committed above it, so the fleet gets
+    // the longer-lived token and nobody calls the upstream for a new one.
+    let local_servable = local.token.servable_at(now);
+    let row_wins = row.token.as_ref().is_some_and(|t| {
+        t.version > local.token.version
+            && (!local_servable || (t.servable_at(now) && t.expires_at >= local.token.expires_at))
+    });
+    if row_wins {
         info!(collection = %c.name, local = local.token.version, stored = row_version, "store holds a newer token than the one fetched locally; adopting it");
         adopt(c, shared, row);
         if let Err(e) = store.release(lease).await {
@@ -1012,6 +1015,12 @@ pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
     }
     behind(c, shared, &row);
     let now = shared.clock.now();
+    // An unshared token that outlives a newer row token is committed above it
+    // (see `reconcile`) rather than dropped for it.
+    let unshared_until = lock(&c.unshared)
+        .as_ref()
+        .filter(|u| u.token.servable_at(now))
+        .map(|u| u.token.expires_at);
     let (newer, refetched) = {
         let snap = c.state.borrow();
         let current = snap.token.as_deref();
@@ -1020,6 +1029,13 @@ pub(super) fn adopt(c: &Collection, shared: &Shared, row: Row) {
         // ours is servable (`behind` then commits ours above it).
         let held = current.is_some_and(|t| t.servable_at(now));
         match row.token {
+            Some(t)
+                if t.version > version
+                    && unshared_until.is_some_and(|until| t.expires_at < until) =>
+            {
+                c.wake.notify_one();
+                (None, false)
+            }
             Some(t) if t.version > version && (t.servable_at(now) || !held) => (Some(t), false),
             Some(t)
                 if current.is_some_and(|cur| {

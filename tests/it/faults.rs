@@ -784,3 +784,98 @@ async fn a_graceful_stop_commits_a_token_kept_while_the_database_was_away() {
     assert!(log.contains("token held locally is now shared"), "{log}");
     assert_eq!(oauth.calls(), 1);
 }
+
+/// Chaos seed 18 (10 min): a sidecar restarted while the database was away
+/// fetched its own token (a random, lower version); when the database came
+/// back it dropped that fresh token for the row's higher version, which
+/// expired a second later, and its reads failed until the next refresh. A
+/// servable unshared token that outlives a newer row token is now committed
+/// above it instead: no read gets the short-lived row token, and no second
+/// upstream call is made.
+#[tokio::test]
+async fn a_fresh_local_token_outlives_a_newer_row_token_about_to_expire() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let proxy = FaultProxy::start(db.server_addr()).await;
+    let secret = crate::support::random_secret("fleet-secret");
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &secret)).await;
+    // The schema is in place; the sidecar starts with its database cut off.
+    token_broker::store::PgStore::migrate(&token_broker::store::PgSettings {
+        url: token_broker::token::Secret::new(db.url.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    proxy.cut();
+    let config = format!(
+        r#"
+[store]
+database_url_env = "TB_DATABASE_URL"
+heartbeat_interval = "1s"
+query_timeout = "1s"
+connect_timeout = "1s"
+poll_interval = "5s"
+
+[collections.api]
+prefetch = true
+source = {{ kind = "oauth2_client_credentials", token_url = "{}", client_id = "fleet", client_secret_env = "TB_CLIENT_SECRET" }}
+policy = {{ min_refresh_interval = "1s" }}
+"#,
+        oauth.token_url()
+    );
+    let url = db.url_via(proxy.addr());
+    let sidecar = crate::fleet::Sidecar::start_logging(
+        &config,
+        &[("TB_DATABASE_URL", &url), ("TB_CLIENT_SECRET", &secret)],
+        "info,token_broker=debug",
+    )
+    .await;
+    let mut client = sidecar.client().await;
+    let local = get(&mut client, "api", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        local.version < 1 << 21,
+        "a local version: {}",
+        local.version
+    );
+    // Meanwhile a peer's token, far higher in version, lives 4 s more.
+    sqlx::query(
+        "INSERT INTO token_broker_tokens
+            (collection, version, value, fetched_at, expires_at, refresh_at, lease_fence)
+         VALUES ('api', 1000000000000, 'row-token', now(), now() + interval '4 s',
+                 now() + interval '2 s', 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO token_broker_versions (collection, max_version) VALUES ('api', 1000000000000)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    proxy.restore();
+    // Reads through the reconnection and past the row token's expiry.
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        let t = get(&mut client, "api", Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert_eq!(
+            t.value,
+            local.value,
+            "version {}:\n{}",
+            t.version,
+            sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        row_version(&pool).await,
+        1_000_000_000_001,
+        "the local token was committed above the row:\n{}",
+        sidecar.log()
+    );
+    assert_eq!(oauth.calls(), 1, "no second upstream call");
+}
