@@ -297,6 +297,8 @@ impl RawAdmin {
 struct RawStore {
     database_url_env: Option<String>,
     database_url_file: Option<PathBuf>,
+    listener_url_env: Option<String>,
+    listener_url_file: Option<PathBuf>,
     pool_size: Option<u32>,
     migrate: Option<bool>,
     encryption_key_env: Option<String>,
@@ -831,6 +833,16 @@ impl RawStore {
         let url_field = "store.database_url";
         crate::store::postgres::connect_options(&url)
             .map_err(|e| ConfigError::new(url_field, e))?;
+        let listener_url = secret_ref(
+            "store",
+            "listener_url",
+            self.listener_url_env,
+            self.listener_url_file,
+        )?;
+        if let Some(listener) = &listener_url {
+            crate::store::postgres::connect_options(listener)
+                .map_err(|e| ConfigError::new("store.listener_url", e))?;
+        }
         let key_field = if self.encryption_key_file.is_some() {
             "store.encryption_key_file"
         } else {
@@ -850,6 +862,7 @@ impl RawStore {
         let pick = |v: Option<HumanDuration>, default: Duration| v.map_or(default, |h| h.0);
         let settings = PgSettings {
             url,
+            listener_url,
             pool_size: self.pool_size.unwrap_or(d.pool_size),
             migrate: self.migrate.unwrap_or(d.migrate),
             keyring,
@@ -1590,6 +1603,24 @@ expires_format = "rfc3339"
             "[store]\ndatabase_url_file = \"{not_pg}\"\n{demo}"
         ));
         assert_eq!(e.field, "store.database_url", "{e}");
+        assert!(!e.to_string().contains(password), "{e}");
+        // The listener's own URL: optional, checked like the pool's.
+        assert!(store.listener_url.is_none());
+        let direct = secret_file(
+            &dir,
+            "direct",
+            &format!("postgres://u:{password}@pg:5432/db"),
+        );
+        let ok = Config::parse(&format!(
+            "[store]\ndatabase_url_file = \"{url}\"\nlistener_url_file = \"{direct}\"\n{demo}"
+        ))
+        .unwrap();
+        let listener = ok.store.as_ref().unwrap().listener_url.as_ref().unwrap();
+        assert!(listener.expose().ends_with("@pg:5432/db"));
+        let e = err(&format!(
+            "[store]\ndatabase_url_file = \"{url}\"\nlistener_url_file = \"{not_pg}\"\n{demo}"
+        ));
+        assert_eq!(e.field, "store.listener_url", "{e}");
         assert!(!e.to_string().contains(password), "{e}");
         let short = secret_file(&dir, "short-key", "k1:AAAA");
         let e = err(&format!(

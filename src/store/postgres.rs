@@ -4,7 +4,11 @@
 //!
 //! Contract:
 //! - Connection budget: at most `pool_size` pooled connections for row reads
-//!   and writes, plus exactly one listener connection. Nothing else connects.
+//!   and writes, plus exactly one listener connection (to `listener_url` when
+//!   set, so the pool can go through a transaction-mode PgBouncer while
+//!   `LISTEN` goes straight to Postgres). Nothing else connects. The pool
+//!   keeps no session state: every statement is self-contained or inside
+//!   one transaction (the migration lock is transaction-scoped).
 //! - Every operation is bounded by `query_timeout`; a failure is
 //!   `StoreError::Unavailable` (the broker then serves from memory).
 //! - Leases are timed by the database's clock (`clock_timestamp()`), so clock
@@ -105,6 +109,9 @@ pub const LISTENER_APP_NAME: &str = "token-broker listener";
 #[derive(Debug, Clone)]
 pub struct PgSettings {
     pub url: Secret,
+    /// Where the one `LISTEN` connection goes (default: `url`): straight to
+    /// Postgres when the pool goes through a transaction-mode PgBouncer.
+    pub listener_url: Option<Secret>,
     /// Pooled connections for reads and writes (the listener is one more).
     pub pool_size: u32,
     /// Apply pending migrations at start-up.
@@ -122,6 +129,7 @@ impl Default for PgSettings {
     fn default() -> Self {
         Self {
             url: Secret::new(""),
+            listener_url: None,
             pool_size: 2,
             migrate: true,
             keyring: Keyring::plaintext(),
@@ -200,6 +208,12 @@ impl PgStore {
     ) -> anyhow::Result<Arc<Self>> {
         let options = connect_options(&settings.url)
             .map_err(|e| anyhow::anyhow!("store.database_url: {e}"))?;
+        let listener_options = match &settings.listener_url {
+            Some(url) => {
+                connect_options(url).map_err(|e| anyhow::anyhow!("store.listener_url: {e}"))?
+            }
+            None => options.clone(),
+        };
         let pool = PgPoolOptions::new()
             .max_connections(settings.pool_size)
             .min_connections(0)
@@ -249,7 +263,8 @@ impl PgStore {
             let (weak, shutdown) = (Arc::downgrade(&store), shutdown.clone());
             let prepared = Arc::new(AtomicBool::new(prepared));
             move || {
-                let (weak, settings, options) = (weak.clone(), settings.clone(), options.clone());
+                let (weak, settings, options) =
+                    (weak.clone(), settings.clone(), listener_options.clone());
                 let (prepared, shutdown) = (prepared.clone(), shutdown.clone());
                 async move {
                     if let Some(store) = weak.upgrade() {

@@ -843,3 +843,36 @@ async fn a_current_schema_is_checked_without_the_migration_lock() {
     );
     holder.rollback().await.unwrap();
 }
+
+/// `listener_url` sends the one `LISTEN` connection elsewhere than the pool
+/// (straight to Postgres while the pool goes through PgBouncer): here through
+/// a proxy that counts connections, which sees exactly one, however much the
+/// pool works.
+#[tokio::test]
+async fn the_listener_connects_to_its_own_url() {
+    let db = TestDb::create().await;
+    let proxy = crate::fault::FaultProxy::start(db.server_addr()).await;
+    let shutdown = CancellationToken::new();
+    let store = PgStore::start(
+        PgSettings {
+            listener_url: Some(Secret::new(db.url_via(proxy.addr()))),
+            ..settings(&db, Keyring::plaintext())
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let opened = Opened { store, shutdown };
+    let mut events = opened.store.events();
+    for i in 0..5 {
+        commit(&opened.store, new_token(&format!("v{i}"))).await;
+    }
+    // The listener is up (a resync follows every connection) and alone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while proxy.live_connections() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no listener");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), events.recv()).await;
+    assert_eq!(proxy.live_connections(), 1);
+}
