@@ -738,8 +738,14 @@ async fn reconcile(
         }
         Err(e) => {
             debug!(collection = %c.name, error = %e, "could not reconcile yet");
+            // Put it back, over anything queued meanwhile that is not newer
+            // (`behind` may have queued a copy of the same token without the
+            // refresh token this one carries).
             let mut unshared = lock(&c.unshared);
-            if unshared.is_none() {
+            if unshared
+                .as_ref()
+                .is_none_or(|u| u.token.version <= local.token.version)
+            {
                 *unshared = Some(local);
             }
             match e {
