@@ -66,6 +66,9 @@ pub const STALL_EXCUSE_MS: Ms = 10_000;
 pub const ORPHAN_MS: Ms = 2_000;
 /// After a database outage, a sidecar takes up to this long to reconnect.
 pub const RECONNECT_MS: Ms = 1_000;
+/// A call that reached the upstream this soon after its sidecar's kill was
+/// stamped may have been sent before the signal landed.
+pub const KILL_SLACK_MS: Ms = 200;
 
 /// The first 16 hex digits of SHA-256: how values and refresh tokens appear.
 pub fn hash(secret: &str) -> String {
@@ -545,7 +548,9 @@ fn orphaned(h: &History, call: &Call) -> Option<Ms> {
 /// in the spender's memory). The upstream's reuse grace and the checker use
 /// this one rule.
 pub fn killed_holding(call: &Call, kill: Ms, outages: &[Window]) -> bool {
-    if kill < call.start {
+    // The kill is stamped before the signal is sent: a request the process
+    // sent just before it died can reach the upstream a moment later.
+    if kill + KILL_SLACK_MS < call.start {
         return false;
     }
     let Some(end) = call.end.filter(|e| *e <= kill) else {
@@ -996,6 +1001,12 @@ mod tests {
         // a moment later, not.
         assert!(killed_holding(&spent, 11_400, std::slice::from_ref(&cut)));
         assert!(!killed_holding(&spent, 11_500, std::slice::from_ref(&cut)));
+        // A request that reached the upstream just after the kill was stamped
+        // was sent by the dying process; one a second later was not.
+        let late = refresh(1, 8_650, "rt1", Some("rt2"));
+        assert!(killed_holding(&late, 8_600, &[]));
+        let later = refresh(1, 9_600, "rt1", Some("rt2"));
+        assert!(!killed_holding(&later, 8_600, &[]));
         // An outage still open at the kill counts up to the kill.
         let open = Window {
             from: 5_200,
