@@ -45,11 +45,7 @@ fn wait_for_socket(path: &Path) {
 }
 
 fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    assert!(crate::support::signal(child.id(), "TERM"));
 }
 
 #[test]

@@ -405,11 +405,7 @@ pub async fn readme_scenario(client: Client) {
 
     // Ctrl-C stops the watcher and the example cleanly, with the README's
     // last line.
-    let status = Command::new("kill")
-        .args(["-INT", &proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    assert!(crate::support::signal(proc.child.id(), "INT"));
     let rest = proc.until(|v| event(v) == "stopped").await;
     let stopped = rest.last().unwrap().clone();
     lines.extend(rest);

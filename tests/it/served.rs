@@ -184,11 +184,7 @@ impl Served {
 
     /// SIGTERM, then waits for a clean exit.
     fn terminate(&self, child: Child) {
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        assert!(crate::support::signal(child.id(), "TERM"));
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),

@@ -368,3 +368,13 @@ pub fn python() -> std::path::PathBuf {
     );
     p
 }
+
+/// Sends `signal` (`TERM`, `INT`, ...) to process `pid` through `sh`'s
+/// built-in `kill`: a fresh Debian has `/bin/sh` but not always `procps`'
+/// `/bin/kill`. True when the signal was delivered.
+pub fn signal(pid: u32, signal: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", "kill -s \"$0\" \"$1\"", signal, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}

@@ -229,10 +229,7 @@ fn run(grpcurl: &PathBuf, args: &[String], enough: impl Fn(&str) -> bool) -> Ran
             break status;
         }
         if !interrupted && enough(&stdout.lock().unwrap()) {
-            Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
-                .status()
-                .unwrap();
+            assert!(crate::support::signal(child.id(), "INT"));
             interrupted = true;
         }
         if Instant::now() > deadline {
