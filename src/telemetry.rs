@@ -1,5 +1,6 @@
 //! Logging and tracing set-up: structured, lowercase log messages with data in
-//! fields, to stderr, as text or JSON, filtered by `RUST_LOG` (default `info`);
+//! fields, to stderr, as text or JSON, filtered by `RUST_LOG` (default
+//! [`DEFAULT_FILTER`]);
 //! text is coloured only on a terminal without `NO_COLOR` (so a log file or a
 //! pipe gets plain `key=value` fields);
 //! plus OpenTelemetry traces over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT`
@@ -28,6 +29,12 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+/// The log filter without `RUST_LOG`: info, except sqlx's own warnings (a
+/// slow statement, a pooled connection found dead on release), which a fleet
+/// starting at once or a database outage turns into hundreds of lines saying
+/// what the broker's own `database unreachable` line already says once.
+pub const DEFAULT_FILTER: &str = "info,sqlx=error,sqlx_core=error";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -122,7 +129,8 @@ fn provider() -> Result<SdkTracerProvider, String> {
 /// names an OTLP endpoint, the trace exporter too (then call it inside the
 /// tokio runtime). Call once, from `main`.
 pub fn init(format: LogFormat, traces: bool) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
         LogFormat::Text => fmt
