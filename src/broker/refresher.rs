@@ -274,20 +274,24 @@ fn next_attempt(c: &Collection, now: SystemTime) -> Option<SystemTime> {
 
 /// How long a sidecar that did not commit the current token waits past its
 /// `refresh_at` before trying the lease itself, so that a rotation costs one
-/// lease attempt (the committer's) however many sidecars there are: a
-/// quarter of the room left before hard expiry, at most `lease_ttl`, spread
-/// per process by up to half again, so that standbys taking over from a
-/// committer that is gone do not all try at one instant. The committer's
-/// token arrives by push long before that in the common case.
+/// lease attempt (the committer's) however many sidecars there are:
+/// `lease_ttl`, spread per process by up to half again (standbys taking over
+/// from a committer that is gone do not all try at one instant). The
+/// committer's token arrives by push long before that in the common case.
+/// Only when the room left before hard expiry holds at least four
+/// `lease_ttl`s, so that after the wait there is still room for two
+/// takeovers (a dead committer, then a standby that dies mid-call); with
+/// less room (very short-lived tokens) every sidecar tries at `refresh_at`.
 fn standby_delay(c: &Collection, t: &Token) -> Duration {
     let room = t
         .expires_at
         .duration_since(t.refresh_at)
         .unwrap_or_default();
-    c.policy
-        .lease_ttl
-        .min(room / 4)
-        .mul_f64(1.0 + c.standby_spread / 2.0)
+    let ttl = c.policy.lease_ttl;
+    if room < ttl.saturating_mul(4) {
+        return Duration::ZERO;
+    }
+    ttl.mul_f64(1.0 + c.standby_spread / 2.0)
 }
 
 /// One pass, in a `refresh` span (a child of the span of a caller waiting for
