@@ -130,8 +130,9 @@ fn dev_server_answers_the_client_subcommands_without_leaking_tokens() {
     assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));
 
     // SIGTERM: a clean exit, socket removed.
-    let mut child = server.0.take().unwrap();
-    sigterm(&child);
+    // The child stays in the guard, so a failed assertion still kills it.
+    let child = server.0.as_mut().unwrap();
+    sigterm(child);
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -494,9 +495,8 @@ fn logs_to_a_pipe_have_no_colour_codes() {
     wait_for_socket(&sock);
     let out = run(&["get", "demo", "--addr", &addr]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let child = server.0.take().unwrap();
-    sigterm(&child);
-    let out = child.wait_with_output().unwrap();
+    sigterm(server.0.as_ref().unwrap());
+    let out = server.0.take().unwrap().wait_with_output().unwrap();
     assert!(out.status.success(), "{:?}", out.status);
     let logs = stderr(&out);
     assert!(
@@ -642,15 +642,15 @@ fn a_shutdown_delay_keeps_serving_tokens_after_sigterm() {
     let mut server = Server(Some(child));
     let out = run(&["wait", "--addr", &addr, "--timeout", "20s"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut child = server.0.take().unwrap();
-    sigterm(&child);
+    let child = server.0.as_mut().unwrap();
+    sigterm(child);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         child.try_wait().unwrap().is_none(),
         "exited during the delay"
     );
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(5));
+    sigterm(child);
+    let status = wait_exit(child, Duration::from_secs(5));
     assert_eq!(status.code(), Some(130));
 
     let out = run(&["serve", "--dev", "--shutdown-delay", "6m"]);

@@ -182,9 +182,14 @@ impl Served {
         self.log()
     }
 
-    /// SIGTERM, then waits for a clean exit.
-    fn terminate(&self, child: Child) {
-        assert!(crate::support::signal(child.id(), "TERM"));
+    /// SIGTERM, then waits for a clean exit (the child is killed if the
+    /// signal cannot be sent, so a failing test leaves no server behind).
+    fn terminate(&self, mut child: Child) {
+        if !crate::support::signal(child.id(), "TERM") {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("could not send SIGTERM to the server");
+        }
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),

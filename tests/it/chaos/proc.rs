@@ -155,7 +155,11 @@ impl Proc {
     /// or `None` when it had to be killed.
     pub async fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        crate::support::signal(c.id(), "TERM");
+        if !crate::support::signal(c.id(), "TERM") {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("could not send SIGTERM to sidecar {}", self.index);
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = c.try_wait() {
