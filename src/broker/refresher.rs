@@ -18,7 +18,14 @@
 //! once the store answers again; except for a source whose refresh token
 //! rotates (every pod spending the same refresh token would get all but one
 //! refused and may get the grant revoked): it serves its current token while
-//! it is servable and waits for the store.
+//! it is servable and waits for the store. Such a source's holder records its
+//! spend under the lease before the upstream call, and a peer does not
+//! present the same refresh token while that spender may still hold its
+//! successor ([`wait_for_spender`]); at shutdown an unshared token is
+//! committed first ([`flush`]).
+//!
+//! No herd: the sidecar that committed the current token makes its soft
+//! refresh; the others stand by ([`standby_delay`]) and get it by push.
 //!
 //! Versions: a commit asks for at least the L1 version (the same value) or
 //! one above it (a new value), so nothing this sidecar served is relabelled;

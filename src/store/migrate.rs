@@ -6,8 +6,9 @@
 //! migration exactly once (the others wait, then find nothing to do) and a
 //! failed migration leaves no trace. A schema found current by a plain read
 //! takes no lock at all: a fleet starting at once on a migrated database is
-//! not serialized behind one lock. [`check`] verifies, without writing, that
-//! the schema this binary needs is present.
+//! not serialized behind one lock. [`current`] reads, without writing, the
+//! schema version recorded (the store compares it with [`latest`] when
+//! `migrate = false`).
 
 use sqlx::{PgPool, Row as _};
 

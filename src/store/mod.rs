@@ -16,6 +16,11 @@
 //!   could be read (a value sealed with a key this sidecar lacks still counts),
 //!   so a commit never lands at or below a version anyone held: see
 //!   [`NewToken::version_over`].
+//! - A spend ([`Row::spend`]), recorded under the lease before a rotating
+//!   refresh token is presented, is cleared only by a commit that stores a
+//!   refresh token or is the spender's, the spender's recorded failure, or
+//!   its saved refresh token; a commit records its holder as
+//!   [`Row::refreshed_by`].
 //! - Errors never carry token values.
 //! - [`Store::events`] tells the broker about rows changed by other processes
 //!   (rotations, and "resync everything" after any gap in that news).
