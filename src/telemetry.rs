@@ -228,6 +228,45 @@ pub fn set_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::Metad
 mod tests {
     use super::*;
 
+    /// The default filter drops sqlx's warnings (a slow statement, a dead
+    /// pooled connection) but keeps its errors and every broker line.
+    #[test]
+    fn the_default_filter_quiets_sqlx_warnings_only() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        #[derive(Clone, Default)]
+        struct Targets(Arc<Mutex<Vec<String>>>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Targets {
+            fn on_event(
+                &self,
+                event: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                let m = event.metadata();
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {}", m.level(), m.target()));
+            }
+        }
+        let seen = Targets::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new(DEFAULT_FILTER))
+            .with(seen.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "sqlx::query", "slow statement");
+            tracing::warn!(target: "sqlx_core::pool::connection", "error on release");
+            tracing::error!(target: "sqlx::query", "a real error");
+            tracing::info!(target: "token_broker::store::postgres", "database reachable again");
+            tracing::debug!(target: "token_broker::broker", "not at info");
+        });
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            ["ERROR sqlx::query", "INFO token_broker::store::postgres"]
+        );
+    }
+
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {
         assert!(colour(true, None));
