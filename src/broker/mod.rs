@@ -321,7 +321,6 @@ impl Broker {
             tasks: Mutex::new(Vec::new()),
             holder: refresher::holder_id().into(),
         });
-        let holder = inner.holder.to_string();
         let mut tasks = Vec::new();
         {
             let collections: Vec<_> = inner.collections.values().cloned().collect();
@@ -344,17 +343,12 @@ impl Broker {
             ));
         }
         for c in inner.collections.values() {
-            let (c, store, shared, holder) = (
-                c.clone(),
-                store.clone(),
-                Inner::shared(&inner),
-                holder.clone(),
-            );
+            let (c, store, shared) = (c.clone(), store.clone(), Inner::shared(&inner));
             tasks.push(crate::supervise::spawn(
                 "refresher",
                 Some(c.name.clone()),
                 shutdown.clone(),
-                move || refresher::run(c.clone(), store.clone(), shared.clone(), holder.clone()),
+                move || refresher::run(c.clone(), store.clone(), shared.clone()),
             ));
         }
         *lock(&inner.tasks) = tasks;

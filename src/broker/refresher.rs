@@ -105,7 +105,7 @@ pub(super) fn holder_id() -> String {
     )
 }
 
-pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Shared, holder: String) {
+pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Shared) {
     let clock = shared.clock.clone();
     // Start from what the store already holds (a previous run's or a peer's token).
     match store.load(&c.name).await {
@@ -120,7 +120,7 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
         // Shutdown: no new attempt (one in flight has finished by now, so a
         // rotated refresh token it got is committed, not lost).
         if shared.shutdown.is_cancelled() {
-            return flush(&c, store.as_ref(), &shared, &holder).await;
+            return flush(&c, store.as_ref(), &shared).await;
         }
         let now = clock.now();
         if c.store_back.swap(false, Ordering::Relaxed) {
@@ -135,7 +135,7 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
             && at <= now
         {
             let due = refresh.is_some_and(|at| at <= now);
-            match attempt(&c, store.as_ref(), &shared, &holder, due).await {
+            match attempt(&c, store.as_ref(), &shared, due).await {
                 Next::Continue => (not_before, store_retry_at) = (None, None),
                 Next::HeldUntil(until) => {
                     let until = until.max(clock.now() + HELD_MIN_WAIT);
@@ -154,7 +154,7 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
         let sleep = next.map_or(MAX_SLEEP, |at| clock.until(at).min(MAX_SLEEP));
         tokio::select! {
             biased;
-            () = shared.shutdown.cancelled() => return flush(&c, store.as_ref(), &shared, &holder).await,
+            () = shared.shutdown.cancelled() => return flush(&c, store.as_ref(), &shared).await,
             () = c.wake.notified() => {}
             () = tokio::time::sleep(sleep) => {}
         }
@@ -167,9 +167,9 @@ pub(super) async fn run(c: Arc<Collection>, store: Arc<dyn Store>, shared: Share
 /// again every `STORE_RETRY` (or when a peer's lease ends) until it is
 /// shared or superseded, within the shutdown grace (the broker's stop
 /// aborts the task after that).
-async fn flush(c: &Collection, store: &dyn Store, shared: &Shared, holder: &str) {
+async fn flush(c: &Collection, store: &dyn Store, shared: &Shared) {
     while lock(&c.unshared).is_some() {
-        let retry = match attempt(c, store, shared, holder, false).await {
+        let retry = match attempt(c, store, shared, false).await {
             Next::Continue => continue,
             Next::HeldUntil(until) => until.max(shared.clock.now() + HELD_MIN_WAIT),
             Next::StoreDown => shared.clock.now() + STORE_RETRY,
@@ -304,13 +304,7 @@ fn standby_delay(c: &Collection, t: &Token) -> Duration {
 /// One pass, in a `refresh` span (a child of the span of a caller waiting for
 /// it, if any) that records whether the lease was held or waited for, the
 /// outcome and the version: see [`attempt_in`].
-async fn attempt(
-    c: &Collection,
-    store: &dyn Store,
-    shared: &Shared,
-    holder: &str,
-    due: bool,
-) -> Next {
+async fn attempt(c: &Collection, store: &dyn Store, shared: &Shared, due: bool) -> Next {
     let trigger = lock(&c.trigger).take();
     let span = info_span!(
         parent: trigger.as_ref().and_then(Span::id),
@@ -325,9 +319,7 @@ async fn attempt(
         otel.status_code = Empty,
     );
     drop(trigger);
-    attempt_in(c, store, shared, holder, due)
-        .instrument(span)
-        .await
+    attempt_in(c, store, shared, due).instrument(span).await
 }
 
 /// Records how an attempt that called the upstream ended: in the metrics and
@@ -348,18 +340,12 @@ fn outcome(c: &Collection, outcome: RefreshOutcome, version: Option<u64>) {
 /// Takes the lease (or finds a peer holding it, or the store down),
 /// reconciles an unshared token, and refreshes when `due` and still wanted
 /// once the row is adopted.
-async fn attempt_in(
-    c: &Collection,
-    store: &dyn Store,
-    shared: &Shared,
-    holder: &str,
-    due: bool,
-) -> Next {
+async fn attempt_in(c: &Collection, store: &dyn Store, shared: &Shared, due: bool) -> Next {
     let clock = &shared.clock;
     let now = clock.now();
     let ttl = c.policy.lease_ttl;
     let span = Span::current();
-    let (lease, row) = match store.acquire(&c.name, holder, ttl, now).await {
+    let (lease, row) = match store.acquire(&c.name, &shared.holder, ttl, now).await {
         Ok(Acquired::Granted { lease, row }) => {
             c.held_back.store(false, Ordering::Relaxed);
             c.metrics.lease_acquired.inc();
@@ -424,7 +410,7 @@ async fn attempt_in(
         return Next::Continue;
     }
     if rotating_grant(c)
-        && let Some(next) = before_spending(c, store, shared, holder, &lease, &row).await
+        && let Some(next) = before_spending(c, store, shared, &lease, &row).await
     {
         return next;
     }
@@ -459,7 +445,6 @@ async fn before_spending(
     c: &Collection,
     store: &dyn Store,
     shared: &Shared,
-    holder: &str,
     lease: &Lease,
     row: &Row,
 ) -> Option<Next> {
@@ -477,7 +462,7 @@ async fn before_spending(
         warn!(collection = %c.name, "the stored refresh token cannot be read with this sidecar's keys; leaving the refresh to a peer that can");
         return give_back(Next::HeldUntil(shared.clock.now() + HELD_RECHECK)).await;
     }
-    if let Some(spend) = row.spend.as_ref().filter(|s| s.holder != holder) {
+    if let Some(spend) = row.spend.as_ref().filter(|s| *s.holder != *shared.holder) {
         match wait_for_spender(c, store, shared, spend).await {
             Ok(false) => {}
             Ok(true) => {
