@@ -98,6 +98,10 @@ macro_rules! cols {
     };
 }
 
+/// The longest `spend_holder` / `spend_session` a row may hold: a holder id
+/// is at most 64 characters of host name, a pid and 8 hex digits.
+const MAX_SPEND_FIELD: usize = 512;
+
 /// The `NOTIFY` channel.
 pub const CHANNEL: &str = "token_broker";
 
@@ -514,11 +518,17 @@ impl PgStore {
             r.try_get::<Option<String>, _>("spend_session")?,
             time("spend_at")?,
         ) {
-            (Some(holder), Some(session), Some(at)) => Some(Spend {
-                holder,
-                session,
-                at,
-            }),
+            // Holder ids and session names are short; anything longer was not
+            // written by a sidecar (and is not logged).
+            (Some(holder), Some(session), Some(at))
+                if holder.len() <= MAX_SPEND_FIELD && session.len() <= MAX_SPEND_FIELD =>
+            {
+                Some(Spend {
+                    holder,
+                    session,
+                    at,
+                })
+            }
             _ => None,
         };
         let row = Row {

@@ -876,3 +876,20 @@ async fn the_listener_connects_to_its_own_url() {
     let _ = tokio::time::timeout(Duration::from_secs(2), events.recv()).await;
     assert_eq!(proxy.live_connections(), 1);
 }
+
+/// A spend no sidecar could have written (a holder id of 10 KB) is ignored,
+/// not waited for, and never reaches a log.
+#[tokio::test]
+async fn a_hostile_spend_is_ignored() {
+    let db = TestDb::create().await;
+    let store = open(&db, Keyring::plaintext()).await;
+    let lease = grant(&store.store, "me", Duration::from_secs(20)).await;
+    store.store.mark_spending(&lease).await.unwrap();
+    assert!(store.store.load("c").await.unwrap().spend.is_some());
+    let pool = db.pool().await;
+    sqlx::query("UPDATE token_broker_tokens SET spend_holder = repeat('x', 10000)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(store.store.load("c").await.unwrap().spend, None);
+}
