@@ -703,8 +703,22 @@ async fn a_graceful_stop_lets_the_refresh_in_flight_commit() {
     let db = TestDb::create().await;
     let pool = db.pool().await;
     let env = FleetEnv::new(db.url.clone());
+    // The stop arrives while the first token request is in flight.
+    let (oauth, sidecar) = in_a_slow_first_fetch(&env).await;
+    assert_eq!(row_version(&pool).await, 0, "nothing committed yet");
+    let log = sidecar.stop();
+    assert_eq!(
+        row_version(&pool).await,
+        1,
+        "the refresh in flight committed before the process exited:\n{log}"
+    );
+    assert_eq!(oauth.calls(), 1);
+}
+
+/// One sidecar of `env` whose first token request takes 2 s, returned once
+/// that request is in flight.
+async fn in_a_slow_first_fetch(env: &FleetEnv) -> (Arc<OAuthServer>, Sidecar) {
     let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
-    // The first token request takes 2 s: the stop arrives while it is in flight.
     oauth.script([Reply::json(
         200,
         json!({"access_token": "slow-token", "token_type": "bearer", "expires_in": 3600}),
@@ -722,14 +736,7 @@ async fn a_graceful_stop_lets_the_refresh_in_flight_commit() {
         async || oauth.calls() >= 1,
     )
     .await;
-    assert_eq!(row_version(&pool).await, 0, "nothing committed yet");
-    let log = sidecar.stop();
-    assert_eq!(
-        row_version(&pool).await,
-        1,
-        "the refresh in flight committed before the process exited:\n{log}"
-    );
-    assert_eq!(oauth.calls(), 1);
+    (oauth, sidecar)
 }
 
 /// Chaos seed 11 (10 min): a refresh's commit timed out (the database was
@@ -744,25 +751,8 @@ async fn a_graceful_stop_commits_a_token_kept_while_the_database_was_away() {
     let pool = db.pool().await;
     let proxy = FaultProxy::start(db.server_addr()).await;
     let env = FleetEnv::new(db.url_via(proxy.addr()));
-    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
-    // The first token request takes 2 s: the database goes away meanwhile.
-    oauth.script([Reply::json(
-        200,
-        json!({"access_token": "kept-token", "token_type": "bearer", "expires_in": 3600}),
-    )
-    .delayed(Duration::from_secs(2))]);
-    let sidecar = env
-        .start(&fleet_config(
-            &oauth.token_url(),
-            r#", fetch_timeout = "10s""#,
-        ))
-        .await;
-    eventually(
-        "the sidecar called the upstream",
-        Duration::from_secs(10),
-        async || oauth.calls() >= 1,
-    )
-    .await;
+    // The database goes away while the first token request is in flight.
+    let (oauth, sidecar) = in_a_slow_first_fetch(&env).await;
     proxy.blackhole();
     eventually(
         "the commit gave up and the token is served from memory",
