@@ -304,6 +304,7 @@ struct RawStore {
     encryption_key_env: Option<String>,
     encryption_key_file: Option<PathBuf>,
     connect_timeout: Option<HumanDuration>,
+    startup_timeout: Option<HumanDuration>,
     query_timeout: Option<HumanDuration>,
     heartbeat_interval: Option<HumanDuration>,
     poll_interval: Option<HumanDuration>,
@@ -867,6 +868,7 @@ impl RawStore {
             migrate: self.migrate.unwrap_or(d.migrate),
             keyring,
             connect_timeout: pick(self.connect_timeout, d.connect_timeout),
+            startup_timeout: pick(self.startup_timeout, d.startup_timeout),
             query_timeout: pick(self.query_timeout, d.query_timeout),
             heartbeat_interval: pick(self.heartbeat_interval, d.heartbeat_interval),
             poll_interval: pick(self.poll_interval, d.poll_interval),
@@ -874,6 +876,12 @@ impl RawStore {
         check_range("store.pool_size", settings.pool_size as usize, 1, 64)?;
         let ms = Duration::from_millis;
         check_positive("store.connect_timeout", settings.connect_timeout, ms(100))?;
+        if settings.startup_timeout < settings.connect_timeout {
+            return Err(ConfigError::new(
+                "store.startup_timeout",
+                "must be at least store.connect_timeout",
+            ));
+        }
         check_positive("store.query_timeout", settings.query_timeout, ms(100))?;
         check_positive(
             "store.heartbeat_interval",
@@ -1356,6 +1364,12 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.field, "store.pool_size", "{e}");
+        let e = parse_store(&format!(
+            "[store]\ndatabase_url_file = \"{url}\"\nconnect_timeout = \"5s\"\nstartup_timeout = \"2s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "store.startup_timeout", "{e}");
+        assert_eq!(store.startup_timeout, Duration::from_secs(20));
         let e = parse_store("[store]\nbogus = 1\n").unwrap_err();
         assert_eq!(e.field, "store.bogus", "{e}");
         let e = parse_store("[store]\n").unwrap_err();

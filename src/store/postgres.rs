@@ -9,6 +9,11 @@
 //!   `LISTEN` goes straight to Postgres). Nothing else connects. The pool
 //!   keeps no session state: every statement is self-contained or inside
 //!   one transaction (the migration lock is transaction-scoped).
+//! - Start-up: a database that refuses or closes connections, or takes none
+//!   within `connect_timeout`, is down (the sidecar starts degraded); one that
+//!   takes connections but answers slowly is waited for up to
+//!   `startup_timeout`, on a one-connection start-up pool closed before the
+//!   store serves (see `prepare_at_start`).
 //! - Every operation is bounded by `query_timeout`; a failure is
 //!   `StoreError::Unavailable` (the broker then serves from memory).
 //! - Leases are timed by the database's clock (`clock_timestamp()`), so clock
@@ -122,6 +127,9 @@ pub struct PgSettings {
     pub migrate: bool,
     pub keyring: Keyring,
     pub connect_timeout: Duration,
+    /// How long a start-up waits for a database that takes connections but
+    /// answers slowly before serving without it.
+    pub startup_timeout: Duration,
     pub query_timeout: Duration,
     /// The listener checks its connection after this long without news.
     pub heartbeat_interval: Duration,
@@ -138,6 +146,7 @@ impl Default for PgSettings {
             migrate: true,
             keyring: Keyring::plaintext(),
             connect_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(20),
             query_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(5),
             poll_interval: Duration::from_secs(30),
@@ -247,21 +256,7 @@ impl PgStore {
             up_since: std::sync::Mutex::new(tokio::time::Instant::now()),
             shutdown: shutdown.clone(),
         });
-        let prepared =
-            match tokio::time::timeout(settings.connect_timeout, store.prepare(&settings)).await {
-                Ok(Ok(())) => true,
-                Ok(Err(e)) if !unreachable(&e) => {
-                    return Err(anyhow::anyhow!("store: {}", describe(&e)));
-                }
-                Ok(Err(e)) => {
-                    store.mark_down(&describe(&e), false);
-                    false
-                }
-                Err(_) => {
-                    store.mark_down("no answer within store.connect_timeout", false);
-                    false
-                }
-            };
+        let prepared = store.prepare_at_start(&settings, &options).await?;
         // The task holds only a weak reference: it ends with the store.
         let listener = {
             let (weak, shutdown) = (Arc::downgrade(&store), shutdown.clone());
@@ -329,17 +324,77 @@ impl PgStore {
         Ok(())
     }
 
-    /// Migrates, or checks that the schema is present.
-    async fn prepare(&self, settings: &PgSettings) -> Result<(), sqlx::Error> {
-        self.measure_clock(&self.pool).await?;
+    /// The start-up [`prepare`](Self::prepare): true once done, false when
+    /// the database is down (the sidecar then starts degraded), an error when
+    /// it answers but refuses. A database that is slow is not down: when the
+    /// first try gets no answer within `connect_timeout` but its address
+    /// still takes connections ([`answers`]), one more try on a one-connection
+    /// start-up pool (closed before the store serves) may take until
+    /// `startup_timeout` from the start. A fleet started at once makes
+    /// Postgres fork hundreds of backends, which takes seconds; a sidecar that
+    /// went local then would fetch its own token and serve it beside its
+    /// peers'.
+    async fn prepare_at_start(
+        &self,
+        settings: &PgSettings,
+        options: &PgConnectOptions,
+    ) -> anyhow::Result<bool> {
+        let started = tokio::time::Instant::now();
+        let first =
+            tokio::time::timeout(settings.connect_timeout, self.prepare(settings, &self.pool));
+        let why = match first.await {
+            Ok(Ok(())) => return Ok(true),
+            Ok(Err(e)) if !unreachable(&e) => {
+                return Err(anyhow::anyhow!("store: {}", describe(&e)));
+            }
+            Ok(Err(e)) if !matches!(e, sqlx::Error::PoolTimedOut) => {
+                self.mark_down(&describe(&e), false);
+                return Ok(false);
+            }
+            Ok(Err(_)) | Err(_) => "no answer within store.connect_timeout",
+        };
+        let remaining = settings.startup_timeout.saturating_sub(started.elapsed());
+        if remaining.is_zero() || !answers(options, settings.connect_timeout).await {
+            self.mark_down(why, false);
+            return Ok(false);
+        }
+        info!(
+            startup_timeout = %humantime::format_duration(settings.startup_timeout),
+            "the database takes connections but has not answered within store.connect_timeout; waiting for it up to store.startup_timeout"
+        );
+        let remaining = settings.startup_timeout.saturating_sub(started.elapsed());
+        let boot = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(remaining)
+            .connect_lazy_with(options.clone());
+        let outcome = tokio::time::timeout(remaining, self.prepare(settings, &boot)).await;
+        boot.close().await;
+        match outcome {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(e)) if !unreachable(&e) => Err(anyhow::anyhow!("store: {}", describe(&e))),
+            Ok(Err(e)) => {
+                self.mark_down(&describe(&e), false);
+                Ok(false)
+            }
+            Err(_) => {
+                self.mark_down("no answer within store.startup_timeout", false);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Migrates, or checks that the schema is present, over `pool`.
+    async fn prepare(&self, settings: &PgSettings, pool: &PgPool) -> Result<(), sqlx::Error> {
+        // Connected first: a slow connect must not count as clock offset.
+        self.measure_clock(&mut *pool.acquire().await?).await?;
         if settings.migrate {
-            let applied = migrate::migrate(&self.pool).await?;
+            let applied = migrate::migrate(pool).await?;
             if !applied.is_empty() {
                 info!(?applied, "applied database migrations");
             }
             return Ok(());
         }
-        let current = migrate::current(&self.pool).await?;
+        let current = migrate::current(pool).await?;
         if current < migrate::latest() {
             return Err(sqlx::Error::Configuration(format!(
                 "the database schema is at version {current}, this binary needs {}; run `token-broker migrate` or set store.migrate = true",
@@ -926,6 +981,53 @@ fn from_us(us: i64) -> Option<SystemTime> {
 /// the server is shutting down or the connection failed; a configuration error
 /// (including a missing schema) is a refusal; anything else (I/O, TLS,
 /// protocol garbage from a half-open path, pool timeouts) is unreachability.
+/// Whether the database's address takes connections: connects (TCP or Unix
+/// socket) within `within`, then sends an `SSLRequest` and waits up to a
+/// second for the reply.
+/// An answer, or a connection held open without one (a server busy forking
+/// backends, a proxy waiting for its server), is a database that is there
+/// but slow; a refused, failed or closed connection is one that is not.
+/// Nothing but the 8-byte `SSLRequest` is sent: no credentials.
+async fn answers(options: &PgConnectOptions, within: Duration) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    async fn ask<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) -> bool {
+        // Length 8, code 80877103: "may we talk TLS?"; the server says S or N.
+        const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        if s.write_all(&SSL_REQUEST).await.is_err() {
+            return false;
+        }
+        let mut reply = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut reply)).await {
+            Ok(Ok(1)) => matches!(reply[0], b'S' | b'N'),
+            Ok(_) => false,
+            Err(_) => true,
+        }
+    }
+    let socket = options.get_socket().cloned().or_else(|| {
+        let host = options.get_host();
+        host.starts_with('/').then(|| host.into())
+    });
+    match socket {
+        #[cfg(unix)]
+        Some(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{}", options.get_port()));
+            match tokio::time::timeout(within, tokio::net::UnixStream::connect(path)).await {
+                Ok(Ok(s)) => ask(s).await,
+                _ => false,
+            }
+        }
+        #[cfg(not(unix))]
+        Some(_) => false,
+        None => {
+            let connect = tokio::net::TcpStream::connect((options.get_host(), options.get_port()));
+            match tokio::time::timeout(within, connect).await {
+                Ok(Ok(s)) => ask(s).await,
+                _ => false,
+            }
+        }
+    }
+}
+
 fn unreachable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(d) => d
@@ -1138,7 +1240,12 @@ async fn listen_once(
     let mut connected = false;
     let outcome = async {
         if !prepared.load(Ordering::Relaxed) {
-            match tokio::time::timeout(settings.connect_timeout, store.prepare(settings)).await {
+            match tokio::time::timeout(
+                settings.connect_timeout,
+                store.prepare(settings, &store.pool),
+            )
+            .await
+            {
                 Ok(Ok(())) => prepared.store(true, Ordering::Relaxed),
                 Ok(Err(e)) => return format!("start-up migration: {}", describe(&e)),
                 Err(_) => return "start-up migration: no answer in time".to_owned(),

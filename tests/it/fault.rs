@@ -9,6 +9,9 @@
 //!   forwarded;
 //! - `restore`: new connections are forwarded again. Black-holed connections are
 //!   closed, not resumed: bytes were lost, so their streams are inconsistent.
+//! - `delay_new`: new connections are accepted at once but forwarded only after
+//!   a delay (a server slow to start sessions, as Postgres forking hundreds of
+//!   backends at once); live ones are untouched.
 //!
 //! A mode change is applied by the connection tasks, so it takes effect as soon
 //! as they run (from the caller's next `.await` on), not inside the call.
@@ -38,6 +41,8 @@ enum Mode {
 struct State {
     mode: Mode,
     faults: u64,
+    /// How long a new connection waits before it is forwarded.
+    delay: Duration,
 }
 
 pub struct FaultProxy {
@@ -57,6 +62,7 @@ impl FaultProxy {
         let (state, watching) = watch::channel(State {
             mode: Mode::Forward,
             faults: 0,
+            delay: Duration::ZERO,
         });
         let live = Arc::new(AtomicUsize::new(0));
         let accept = tokio::spawn(accept_loop(listener, target, watching, live.clone()));
@@ -89,6 +95,12 @@ impl FaultProxy {
     /// closed (their streams are no longer consistent).
     pub fn restore(&self) {
         self.state.send_modify(|s| s.mode = Mode::Forward);
+    }
+
+    /// Forwards each connection accepted from now on only after `delay`
+    /// (`Duration::ZERO` ends it). Not a fault: live connections go on.
+    pub fn delay_new(&self, delay: Duration) {
+        self.state.send_modify(|s| s.delay = delay);
     }
 
     /// Connections whose target side is open: forwarding, or stalled by
@@ -156,6 +168,9 @@ async fn connection(
         Mode::Cut => return,
         Mode::Blackhole => return while_blackholed(&mut state).await,
         Mode::Forward => {}
+    }
+    if !start.delay.is_zero() {
+        tokio::time::sleep(start.delay).await;
     }
     // Both sockets live out here, not in the forwarding future, so that a
     // black hole can stop the copying and still keep them open.

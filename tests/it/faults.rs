@@ -869,3 +869,78 @@ policy = {{ min_refresh_interval = "1s" }}
     );
     assert_eq!(oauth.calls(), 1, "no second upstream call");
 }
+
+/// A database that takes connections but answers slowly at start-up (a fleet
+/// started at once makes Postgres fork hundreds of backends) is waited for up
+/// to `startup_timeout`, not taken for down: the new sidecar serves the shared
+/// token, and the upstream is not asked again. Without the wait it would go
+/// local after `connect_timeout` (1 s here) and fetch a token of its own.
+#[tokio::test]
+async fn a_slow_database_at_start_up_is_waited_for_not_taken_for_down() {
+    let db = TestDb::create().await;
+    let proxy = FaultProxy::start(db.server_addr()).await;
+    let env = FleetEnv::new(db.url_via(proxy.addr()));
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
+    let config = fleet_config(&oauth.token_url(), "");
+    let first = env.start(&config).await;
+    let shared = get(&mut first.client().await, "api", Duration::from_secs(10))
+        .await
+        .unwrap();
+    // A start-up storm: for 1.5 s, new sessions take 2.5 connect_timeouts to
+    // start; the sidecar starts in it.
+    proxy.delay_new(Duration::from_millis(2500));
+    let (second, ()) = tokio::join!(env.start(&config), async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        proxy.delay_new(Duration::ZERO);
+    });
+    let t = get(&mut second.client().await, "api", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let log = second.log();
+    assert_eq!(
+        (t.version, &t.value),
+        (shared.version, &shared.value),
+        "{log}"
+    );
+    assert_eq!(oauth.grants("client_credentials"), 1, "{log}");
+    assert!(!log.contains("database unreachable"), "{log}");
+    assert!(
+        log.contains("waiting for it up to store.startup_timeout"),
+        "{log}"
+    );
+}
+
+/// A database that takes connections and never answers is down once
+/// `startup_timeout` has passed: the sidecar then starts degraded and serves a
+/// token of its own, as with a database that refuses connections.
+#[tokio::test]
+async fn a_database_that_never_answers_at_start_up_is_down_after_startup_timeout() {
+    let db = TestDb::create().await;
+    let proxy = FaultProxy::start(db.server_addr()).await;
+    proxy.blackhole();
+    let env = FleetEnv::new(db.url_via(proxy.addr()));
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
+    let config = fleet_config(&oauth.token_url(), "").replace(
+        "connect_timeout = \"1s\"",
+        "connect_timeout = \"1s\"\nstartup_timeout = \"2s\"",
+    );
+    let started = Instant::now();
+    let sidecar = env.start(&config).await;
+    let t = get(&mut sidecar.client().await, "api", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    let log = sidecar.log();
+    assert!(t.version >= 1);
+    assert_eq!(oauth.grants("client_credentials"), 1, "{log}");
+    assert!(
+        log.contains("waiting for it up to store.startup_timeout"),
+        "{log}"
+    );
+    assert!(log.contains("database unreachable"), "{log}");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "served after {waited:?}, before startup_timeout"
+    );
+    println!("black-holed at start-up: served a local token after {waited:?}");
+}
