@@ -199,18 +199,19 @@ pub(super) async fn follow(
                 event = events.recv() => event,
             },
         };
-        // For a rotation: its version and the commit's database time.
+        // For a rotation: its version and when its commit notice arrived.
         let (stale, rotation): (Vec<&Arc<Collection>>, _) = match event {
             Ok(StoreEvent::Rotated {
                 collection,
                 version,
-                committed_at,
+                arrived,
+                ..
             }) => (
                 collections
                     .iter()
                     .filter(|c| c.name == collection && current_version(c) < version)
                     .collect(),
-                committed_at.map(|at| (version, at)),
+                Some((version, arrived)),
             ),
             Ok(StoreEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 for c in &collections {
@@ -226,12 +227,13 @@ pub(super) async fn follow(
                 Err(e) => debug!(collection = %c.name, error = %e, "could not re-read a row"),
             }
             c.wake.notify_one();
-            // From a peer's commit to this sidecar serving its token.
-            if let Some((version, at)) = rotation
+            // From a peer's commit notice arriving to this sidecar serving
+            // its token: after the commit by construction, so neither a slow
+            // commit nor a skewed clock counts.
+            if let Some((version, arrived)) = rotation
                 && current_version(c) >= version
             {
-                let lag = shared.clock.now().duration_since(at).unwrap_or_default();
-                shared.metrics.notification_lag(lag);
+                shared.metrics.notification_lag(arrived.elapsed());
             }
         }
     }

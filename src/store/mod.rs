@@ -164,11 +164,14 @@ impl NewToken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreEvent {
     /// `collection` rotated to `version`; `committed_at` is the database's
-    /// clock at the commit, when the notification carried it.
+    /// clock just before the commit, when the notification carried it;
+    /// `arrived` is when the notice reached this sidecar (after the commit: a
+    /// `NOTIFY` is delivered only once its transaction has committed).
     Rotated {
         collection: String,
         version: u64,
         committed_at: Option<SystemTime>,
+        arrived: tokio::time::Instant,
     },
     /// News may have been lost (the listener reconnected, or a periodic poll):
     /// re-read every row.

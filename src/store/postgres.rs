@@ -1285,7 +1285,8 @@ async fn listen_once(
                 }
                 next = tokio::time::timeout(heartbeat, listener.try_recv()) => match next {
                     Ok(Ok(Some(n))) => {
-                        if let Some(event) = parse_notification(n.payload()) {
+                        let arrived = tokio::time::Instant::now();
+                        if let Some(event) = parse_notification(n.payload(), arrived) {
                             let _ = store.events.send(event);
                         }
                     }
@@ -1315,7 +1316,7 @@ async fn listen_once(
 
 /// A notification payload: `COLLECTION:VERSION`, and since 0.1 `:MICROS`
 /// (the commit's database clock); collection names never contain `:`.
-fn parse_notification(payload: &str) -> Option<StoreEvent> {
+fn parse_notification(payload: &str, arrived: tokio::time::Instant) -> Option<StoreEvent> {
     let mut parts = payload.split(':');
     let collection = parts.next()?;
     let version = parts.next()?.parse().ok()?;
@@ -1327,6 +1328,7 @@ fn parse_notification(payload: &str) -> Option<StoreEvent> {
         collection: collection.to_owned(),
         version,
         committed_at,
+        arrived,
     })
 }
 
@@ -1336,6 +1338,8 @@ mod tests {
 
     #[test]
     fn notifications_parse_with_and_without_the_commit_time() {
+        let arrived = tokio::time::Instant::now();
+        let parse_notification = |payload| parse_notification(payload, arrived);
         assert_eq!(
             parse_notification("a.b-c:7:1700000000000001"),
             Some(StoreEvent::Rotated {
@@ -1344,6 +1348,7 @@ mod tests {
                 committed_at: Some(
                     std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_001)
                 ),
+                arrived,
             })
         );
         assert_eq!(
@@ -1352,6 +1357,7 @@ mod tests {
                 collection: "x".into(),
                 version: 3,
                 committed_at: None,
+                arrived,
             })
         );
         assert_eq!(parse_notification("x"), None);

@@ -362,6 +362,60 @@ async fn fleet_metrics_show_notification_lag_lease_grants_and_a_degraded_databas
     }
 }
 
+/// A slow commit does not count as notification lag: a deferred constraint
+/// trigger makes every commit of the tokens table sleep 600 ms after the
+/// holder's `NOTIFY` statement (which reads the database clock for the
+/// payload). The peer's lag runs from the notice's arrival, after the commit,
+/// so it stays well under the sleep; stamped from the payload it would not.
+#[tokio::test]
+async fn a_slow_commit_is_not_notification_lag() {
+    use crate::fleet::{FleetEnv, fleet_config};
+    use crate::pg::TestDb;
+    use crate::upstream::{OAuthConfig, OAuthServer};
+
+    let db = TestDb::create().await;
+    let env = FleetEnv::new(db.url.clone());
+    let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
+    let sidecars = env
+        .start_fleet(&fleet_config(&oauth.token_url(), ""), 2)
+        .await;
+    for s in &sidecars {
+        s.get("api").await;
+    }
+    let pool = db.pool().await;
+    for statement in [
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(0.6); RETURN NULL; END $$",
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON token_broker_tokens \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let v = sidecars[0]
+        .client()
+        .await
+        .invalidate_token(InvalidateTokenRequest {
+            collection: "api".into(),
+            version: 1,
+            value: String::new(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.token.unwrap().version, 2);
+    let count = "token_broker_notification_lag_seconds_count";
+    let lagged = wait_metric(&sidecars[1], count, |n| n >= 1.0).await;
+    let sum = wait_metric(
+        &sidecars[1],
+        "token_broker_notification_lag_seconds_sum",
+        |_| true,
+    )
+    .await;
+    eprintln!("lag over a 600 ms commit: {:.1} ms", sum / lagged * 1e3);
+    assert!(sum / lagged < 0.3, "mean lag {sum} s over {lagged} samples");
+}
+
 /// A flood of health `Watch` streams and connections on the admin port (which
 /// may face the pod network) is bounded: past the caps they are refused, the
 /// process keeps answering, and capacity comes back when they close.

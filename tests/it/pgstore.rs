@@ -104,6 +104,7 @@ async fn next_rotation(
                     collection,
                     version,
                     committed_at,
+                    ..
                 } => {
                     // The commit's database time rides along (the lag metric).
                     let at = committed_at.expect("payload carries the commit time");
