@@ -302,11 +302,7 @@ impl Running {
         let cancel = CancellationToken::new();
         let task = match serve {
             Serve::Bare(response) => rt.spawn(serve_bare(response, listener, cancel.clone())),
-            Serve::Broker => rt.spawn(token_broker::run(
-                Config::dev(TOKEN_TTL)?,
-                listener,
-                cancel.clone(),
-            )),
+            Serve::Broker => rt.spawn(serve_dev(listener, cancel.clone())),
         };
         Ok(Self {
             variant,
@@ -636,4 +632,17 @@ fn main() -> anyhow::Result<()> {
         bail!("calls failed: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// The sidecar as `serve --dev` assembles it, on `listener`, without admin.
+async fn serve_dev(listener: Listener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use token_broker::app;
+    let config = Config::dev(TOKEN_TTL)?;
+    let store = app::open_store(&config, &shutdown).await?;
+    let listeners = app::Listeners {
+        api: listener,
+        admin: None,
+    };
+    let draining = shutdown.child_token();
+    app::run(config, store, listeners, shutdown, draining).await
 }

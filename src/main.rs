@@ -1,8 +1,8 @@
 //! The `token-broker` binary: parses the command line, loads and validates the
 //! config (exit 64 naming the field, before anything binds), builds the tokio
-//! runtime it asks for, sets up logging and hands over to the library; and the
-//! signal handling (drain delay, then graceful shutdown). Nothing else lives
-//! here.
+//! runtime it asks for, sets up logging and hands over to the library's
+//! assembly point (`token_broker::app::serve`, which also handles signals).
+//! Nothing else lives here.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use token_broker::config::{self, Config};
-use token_broker::listen::{BindError, ListenAddr, Listener, Origin};
+use token_broker::listen::{ListenAddr, Origin};
 use token_broker::telemetry::{self, LogFormat};
-use tokio_util::sync::CancellationToken;
 
 /// `EX_CONFIG` from sysexits.h: the configuration is invalid.
 const EXIT_CONFIG: u8 = 64;
@@ -313,7 +312,12 @@ fn serve_cmd(args: ServeArgs) -> ExitCode {
     run_on(runtime, async move {
         // Inside the runtime: the trace exporter's channel lives on it.
         let telemetry = telemetry::init(log_format, true);
-        let result = serve(serving).await;
+        let Serving {
+            config,
+            listen,
+            admin,
+        } = serving;
+        let result = token_broker::app::serve(config, listen, admin).await;
         tokio::task::spawn_blocking(move || telemetry.shutdown())
             .await
             .ok();
@@ -347,79 +351,4 @@ fn run_on(
             ExitCode::FAILURE
         }
     }
-}
-
-async fn serve(serving: Serving) -> anyhow::Result<()> {
-    let Serving {
-        config,
-        listen,
-        admin,
-    } = serving;
-    let shutdown = CancellationToken::new();
-    // Cancelled at the first signal, and with `shutdown` at the latest.
-    let draining = shutdown.child_token();
-    // The store first: a database that refuses us fails before any port is bound.
-    let store = token_broker::open_store(&config, &shutdown).await?;
-    let listener = Listener::bind(&config.server.listen)
-        .await
-        .map_err(|e| BindError::new(listen, &config.server.listen, &e))?;
-    let admin_listener = match &config.admin {
-        None => None,
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a.listen)
-                .await
-                .map_err(|e| BindError::new(admin, &a.listen, &e))?,
-        ),
-    };
-    tokio::spawn(signals(
-        shutdown.clone(),
-        draining.clone(),
-        config.server.shutdown_delay,
-    ));
-    token_broker::run_on(config, store, listener, admin_listener, shutdown, draining).await
-}
-
-/// On the first SIGTERM or SIGINT: with a `delay`, cancels `draining` at once
-/// (readiness turns NOT_SERVING; the token API keeps answering) and
-/// `shutdown` after the delay; without one, `shutdown` at once. A second
-/// signal exits at once without waiting for the delay or the grace period
-/// (a Unix socket file left behind is replaced as stale at the next start).
-async fn signals(shutdown: CancellationToken, draining: CancellationToken, delay: Duration) {
-    use tokio::signal::unix::{Signal, SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    async fn next(term: &mut Signal, int: &mut Signal) -> &'static str {
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        }
-    }
-    let name = next(&mut term, &mut int).await;
-    if delay.is_zero() {
-        tracing::info!(signal = name, "shutting down");
-    } else {
-        tracing::info!(
-            signal = name,
-            delay = %humantime::format_duration(delay),
-            "draining: readiness is NOT_SERVING, tokens are still served until the delay ends"
-        );
-        draining.cancel();
-        tokio::select! {
-            () = tokio::time::sleep(delay) => tracing::info!("drain delay over; shutting down"),
-            name = next(&mut term, &mut int) => second_signal(name),
-        }
-    }
-    shutdown.cancel();
-    let name = next(&mut term, &mut int).await;
-    second_signal(name);
-}
-
-fn second_signal(name: &str) -> ! {
-    tracing::warn!(signal = name, "second signal; exiting without draining");
-    std::process::exit(130);
 }

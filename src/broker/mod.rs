@@ -34,10 +34,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::{Config, SourceConfig};
 use crate::metrics::{CollectionMetrics, Metrics};
-use crate::source::http::HttpClient;
-use crate::source::{DemoSource, HttpJsonSource, OAuthSource, OverDriveSource, Source};
+use crate::source::Source;
 use crate::store::{Backoff, Store};
 use crate::token::{Secret, Token};
 
@@ -355,16 +353,6 @@ impl Broker {
         Self { inner }
     }
 
-    /// Builds every collection's source from the config, on `store`.
-    pub fn from_config(
-        config: &Config,
-        store: Arc<dyn Store>,
-        clock: Clock,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<Self> {
-        Ok(Self::start(specs(config)?, store, clock, shutdown))
-    }
-
     /// Keeps a supervised task alive as long as the broker (it is aborted
     /// when the broker is dropped).
     pub fn own_task(&self, task: crate::supervise::Supervised) {
@@ -650,35 +638,6 @@ fn epoch_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// Builds every collection's source from the config, sharing one HTTP client.
-pub fn specs(config: &Config) -> anyhow::Result<Vec<CollectionSpec>> {
-    let http = HttpClient::new(&config.http)?;
-    config
-        .collections
-        .iter()
-        .map(|c| {
-            let source: Arc<dyn Source> = match &c.source {
-                SourceConfig::Demo { ttl } => Arc::new(DemoSource::new(*ttl)),
-                SourceConfig::OAuth(spec) => Arc::new(OAuthSource::new(spec.clone(), http.clone())),
-                SourceConfig::OverDrive(spec) => Arc::new(
-                    OverDriveSource::new(spec.clone(), http.clone())
-                        .map_err(|e| anyhow::anyhow!("collections.{}.source: {e}", c.name))?,
-                ),
-                SourceConfig::HttpJson(spec) => {
-                    Arc::new(HttpJsonSource::new(spec.clone(), http.clone()))
-                }
-            };
-            Ok(CollectionSpec {
-                name: c.name.clone(),
-                source,
-                policy: c.policy.clone(),
-                prefetch: c.prefetch,
-                required: c.required,
-            })
-        })
-        .collect()
 }
 
 /// Whether the sidecar is ready, and what it waits for.

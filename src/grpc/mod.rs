@@ -9,8 +9,6 @@ pub mod server;
 mod service;
 pub mod status;
 
-pub use server::serve;
-
 /// Generated types and stubs of `token_broker.v1` (clients use them too).
 pub mod pb {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -69,18 +69,9 @@ pub fn health_service(reporter: &HealthReporter) -> HealthServer<HealthService> 
     HealthServer::new(HealthService::from_health_reporter(reporter.clone()))
 }
 
-/// [`serve_with`] its own health statuses.
+/// Serves the token API (with health from `reporter`, and reflection) on
+/// `listener` until `shutdown`, then drains within `cfg.shutdown_grace`.
 pub async fn serve(
-    broker: Broker,
-    cfg: &ServerConfig,
-    listener: Listener,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    let reporter = health(&broker, &shutdown).await;
-    serve_with(broker, cfg, listener, &reporter, shutdown).await
-}
-
-pub async fn serve_with(
     broker: Broker,
     cfg: &ServerConfig,
     listener: Listener,

@@ -184,7 +184,7 @@ impl TestServer {
     /// given store, so that a test can restart the broker on the same store.
     pub async fn from_toml(text: &str, store: Arc<MemoryStore>) -> Self {
         let config = Config::parse(text).unwrap_or_else(|e| panic!("config: {e}\n{text}"));
-        let specs = token_broker::broker::specs(&config).unwrap();
+        let specs = token_broker::app::sources(&config).unwrap();
         let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
@@ -203,7 +203,7 @@ impl TestServer {
         let broker = Broker::start(specs, store, clock.clone(), shutdown.clone());
         let stop = shutdown.clone();
         let handle = tokio::spawn(async move {
-            token_broker::grpc::serve(broker, &cfg, listener, stop)
+            token_broker::app::serve_api(broker, &cfg, listener, stop)
                 .await
                 .unwrap();
         });
