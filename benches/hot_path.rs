@@ -32,7 +32,7 @@
 //! tracing subscriber; `text` or `json`: install the binary's subscriber, as
 //! `token-broker serve` does, filtered by `RUST_LOG`, default `info`).
 
-#![allow(
+#![expect(
     clippy::expect_used,
     reason = "benchmark harness: failing loudly is the right behaviour"
 )]
@@ -403,7 +403,7 @@ impl Sample {
     }
 
     fn quantile_us(&self, q: f64) -> f64 {
-        #[allow(
+        #[expect(
             clippy::cast_precision_loss,
             reason = "nanoseconds well below 2^52 in a benchmark"
         )]
@@ -551,7 +551,7 @@ fn main() -> anyhow::Result<()> {
         for round in 1..=knobs.rounds {
             for s in &servers {
                 let sample = load_rt.block_on(load(&s.addr, &knobs))?;
-                #[allow(clippy::cast_precision_loss, reason = "request counts well below 2^52")]
+                #[expect(clippy::cast_precision_loss, reason = "request counts well below 2^52")]
                 let rps = sample.ok as f64 / knobs.measure().as_secs_f64();
                 eprintln!(
                     "{} {} round {round}: {rps:.0} req/s, p50 {:.1} µs, p99 {:.1} µs, errors {}",

@@ -100,7 +100,7 @@ impl Listeners {
 }
 
 /// `token-broker serve`: opens the store, binds, and serves until the first
-/// SIGTERM or SIGINT has drained (see [`signals`]).
+/// SIGTERM or SIGINT has drained (see `signals`: a second signal exits at once).
 pub async fn serve(config: Config, api: Origin, admin: Origin) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // Cancelled at the first signal, and with `shutdown` at the latest.

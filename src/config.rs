@@ -372,7 +372,7 @@ enum RawClientAuth {
 #[serde(deny_unknown_fields)]
 struct RawOAuth {
     /// Present so that `deny_unknown_fields` accepts it; dispatch reads it.
-    #[allow(dead_code, reason = "read by dispatch")]
+    #[expect(dead_code, reason = "read by dispatch")]
     kind: String,
     token_url: String,
     client_id: String,
@@ -408,7 +408,7 @@ impl StringOrInt {
 #[serde(deny_unknown_fields)]
 struct RawOverDrive {
     /// Present so that `deny_unknown_fields` accepts it; dispatch reads it.
-    #[allow(dead_code, reason = "read by dispatch")]
+    #[expect(dead_code, reason = "read by dispatch")]
     kind: String,
     oauth: String,
     api_base: Option<String>,
@@ -444,7 +444,7 @@ enum RawExpiresFormat {
 #[serde(deny_unknown_fields)]
 struct RawHttpJson {
     /// Present so that `deny_unknown_fields` accepts it; dispatch reads it.
-    #[allow(dead_code, reason = "read by dispatch")]
+    #[expect(dead_code, reason = "read by dispatch")]
     kind: String,
     method: Option<String>,
     url: String,
@@ -462,7 +462,7 @@ struct RawHttpJson {
 #[serde(deny_unknown_fields)]
 struct RawDemo {
     /// Present so that `deny_unknown_fields` accepts it; dispatch reads it.
-    #[allow(dead_code, reason = "read by dispatch")]
+    #[expect(dead_code, reason = "read by dispatch")]
     kind: String,
     ttl: Option<HumanDuration>,
 }

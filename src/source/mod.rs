@@ -103,7 +103,8 @@ impl fmt::Debug for FetchContext {
 }
 
 /// Why a fetch failed. A small, bounded set: it is used in messages to callers
-/// and (later) as a metric label.
+/// and as a metric label. (A store that cannot be read or written is not a
+/// failed fetch: the broker serves from memory and refreshes locally.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureClass {
     /// Could not connect to the upstream.
@@ -114,8 +115,6 @@ pub enum FailureClass {
     UpstreamError,
     /// The upstream answered 429.
     RateLimited,
-    /// The store could not be read or written.
-    Store,
     /// The upstream refused our credentials (e.g. `invalid_client`, 401 on the token endpoint).
     InvalidCredentials,
     /// The upstream rejected the refresh token (`invalid_grant`).
@@ -132,12 +131,11 @@ pub enum FailureClass {
 }
 
 impl FailureClass {
-    pub const ALL: [FailureClass; 11] = [
+    pub const ALL: [FailureClass; 10] = [
         Self::Connect,
         Self::Timeout,
         Self::UpstreamError,
         Self::RateLimited,
-        Self::Store,
         Self::InvalidCredentials,
         Self::InvalidGrant,
         Self::Rejected,
@@ -166,7 +164,6 @@ impl FailureClass {
             Self::Timeout => "timeout",
             Self::UpstreamError => "upstream_error",
             Self::RateLimited => "rate_limited",
-            Self::Store => "store",
             Self::InvalidCredentials => "invalid_credentials",
             Self::InvalidGrant => "invalid_grant",
             Self::Rejected => "rejected",

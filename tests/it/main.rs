@@ -4,7 +4,7 @@
 //! the broker's wall clock follows it. Store tests get a fresh Postgres
 //! database each (`pg`), fleet tests run the real binary several times over
 //! one database, and fault tests cut it through a TCP proxy (`fault`).
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod admin;
 mod adversity;

@@ -28,7 +28,7 @@
 //! Nothing here logs; the `Debug` output of [`OAuthConfig`] and [`Recorded`]
 //! redacts secrets (client secret, refresh token, `Authorization` header,
 //! request bodies).
-#![allow(
+#![expect(
     dead_code,
     reason = "shared by tests; not every test uses every helper"
 )]
