@@ -10,22 +10,31 @@
 //!   wait, bounded by their deadline, for the attempt that serves it.
 //! - L1 timestamps are copied from the store's row: no clock is restarted here.
 //! - Rows changed by other sidecars arrive as store events; a follower task
-//!   reads the row and installs it when it is newer (see `refresher::adopt`).
+//!   reads the row and installs it when it is newer (`follower.rs`,
+//!   `Collection::adopt`).
 //! - A token fetched while the store is unreachable is published locally
 //!   under the next version and kept as "unshared" until the refresher
 //!   reconciles it with the row (the higher version wins; a tie with a
 //!   different value is committed one version higher), so a watcher never
 //!   sees two different tokens under one version.
-//! - This module knows nothing of protobuf or SQL.
+//! - This module knows nothing of protobuf, SQL or the configuration.
+//!
+//! Layout: `mod.rs` is the read side (`Broker::get`, `invalidate`, `watch`,
+//! `readiness`) and the start-up of the tasks; `collection.rs` is one
+//! collection's state and its transitions (with the state table);
+//! `refresher/` decides when to refresh and by which path; `follower.rs`
+//! turns peers' commits into L1 changes; `watch.rs` streams them.
 
+mod collection;
 mod error;
+mod follower;
 mod parents;
 pub mod policy;
 mod refresher;
 mod watch;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,11 +43,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::metrics::{CollectionMetrics, Metrics};
+use crate::metrics::Metrics;
 use crate::source::Source;
-use crate::store::{Backoff, Store};
-use crate::token::{Secret, Token};
+use crate::store::Store;
+use crate::token::Token;
 
+use collection::{Collection, Demand, Snapshot, SpendWatch, Unshared, lock};
 pub use error::BrokerError;
 pub use policy::Policy;
 pub use watch::TokenWatch;
@@ -58,65 +68,6 @@ pub struct CollectionSpec {
     pub required: bool,
 }
 
-/// A point-in-time view of one collection, published by its refresher.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    /// The current token (servable or not: check `expires_at`).
-    pub token: Option<Arc<Token>>,
-    /// Recent tokens in ascending version order; the last one is `token`.
-    pub history: VecDeque<Arc<Token>>,
-    /// Set while refreshing fails; cleared by the next success.
-    pub failure: Option<Backoff>,
-    pub refreshing: bool,
-    /// Attempts that reached the upstream: started / finished.
-    pub started: u64,
-    pub finished: u64,
-    pub last_attempt_at: Option<SystemTime>,
-}
-
-impl Snapshot {
-    fn servable(&self, now: SystemTime) -> Option<&Arc<Token>> {
-        self.token.as_ref().filter(|t| t.servable_at(now))
-    }
-
-    fn served(&self, token: &Arc<Token>, now: SystemTime) -> Served {
-        Served {
-            token: token.clone(),
-            stale: self.failure.is_some() && now >= token.refresh_at,
-        }
-    }
-
-    /// The earliest instant a new attempt may start: the shared backoff always
-    /// applies; the minimum interval applies only while a servable token exists.
-    fn attempt_allowed_at(&self, now: SystemTime, policy: &Policy) -> SystemTime {
-        let mut at = now;
-        if let Some(f) = &self.failure {
-            at = at.max(f.next_attempt_at);
-        }
-        if self.servable(now).is_some()
-            && let Some(last) = self.last_attempt_at
-        {
-            at = at.max(last + policy.min_refresh_interval);
-        }
-        at
-    }
-
-    fn error(&self, collection: &str, now: SystemTime) -> BrokerError {
-        match &self.failure {
-            Some(f) => BrokerError::UpstreamFailing {
-                collection: collection.to_owned(),
-                class: f.class,
-                failures: f.failures,
-                next_attempt_at: f.next_attempt_at,
-                retry_in: f.next_attempt_at.duration_since(now).unwrap_or_default(),
-            },
-            None => BrokerError::DeadlineExceeded {
-                collection: collection.to_owned(),
-            },
-        }
-    }
-}
-
 /// A token as handed to a caller.
 #[derive(Debug, Clone)]
 pub struct Served {
@@ -131,104 +82,6 @@ pub enum Rejected<'a> {
     Version(u64),
     Value(&'a str),
     Both(u64, &'a str),
-}
-
-/// Demand recorded by callers for the refresher. Atomics, so recording demand
-/// never waits on the refresher.
-#[derive(Debug, Default)]
-struct Demand {
-    /// Someone asked for this collection (prefetch collections start active).
-    active: AtomicBool,
-    /// A forced refresh is wanted while the current version is <= this.
-    force_version: AtomicU64,
-    /// A refresh is wanted while the current token expires before this
-    /// (milliseconds since the Unix epoch).
-    want_until_ms: AtomicU64,
-    /// The parent's token up to this version was reported rejected: a token
-    /// fetched with one of those is refreshed (once the parent has a new one).
-    parent_rejected: AtomicU64,
-}
-
-pub(crate) struct Collection {
-    name: String,
-    source: Arc<dyn Source>,
-    policy: Policy,
-    required: bool,
-    metrics: CollectionMetrics,
-    /// The span of a caller that is waiting for a refresh: the next attempt's
-    /// `refresh` span becomes its child, so the caller's trace shows why it
-    /// waited.
-    trigger: Mutex<Option<tracing::Span>>,
-    state: tokio_watch::Sender<Snapshot>,
-    demand: Demand,
-    /// Wakes the refresher after demand was recorded. `notify_one` stores a
-    /// permit, so a wake-up sent while the refresher is busy is not lost.
-    wake: Notify,
-    /// The latest refresh token seen in the store (or fetched locally), for
-    /// refreshes while the store is unreachable.
-    refresh_token: Mutex<Option<Secret>>,
-    /// A token published while the store was unreachable, not yet committed.
-    unshared: Mutex<Option<Unshared>>,
-    /// Set when the store answers again (a resync): reconcile without
-    /// waiting for the next retry.
-    store_back: AtomicBool,
-    /// Set while a due refresh of a rotating grant is held back for want of
-    /// the store (so it is logged once per outage).
-    held_back: AtomicBool,
-    /// What this refresher saw of a peer's unresolved spend of the rotating
-    /// refresh token (see `refresher::wait_for_spender`).
-    spend_watch: Mutex<Option<SpendWatch>>,
-    /// Set while another sidecar committed the current token: that one makes
-    /// the soft refresh, this one stands by (see `refresher::next_attempt`).
-    standby: AtomicBool,
-    /// This process's spread of the standby delay, drawn once in `[0, 1)`.
-    standby_spread: f64,
-}
-
-/// A peer's spend being waited for: which one, whether its session was seen
-/// connected, and since when it has not been.
-#[derive(Debug, Clone)]
-struct SpendWatch {
-    spend: crate::store::Spend,
-    seen_alive: bool,
-    absent_since: Option<SystemTime>,
-    logged: bool,
-}
-
-/// A token published locally (L1 and watchers) but not yet in the store.
-#[derive(Debug, Clone)]
-struct Unshared {
-    token: Token,
-    refresh_token: Option<Secret>,
-    /// The refresh token spent to get `refresh_token` (`None`: the configured
-    /// seed, or no rotation): the row may take `refresh_token` only while it
-    /// still holds this one.
-    spent: Option<Secret>,
-}
-
-/// Locks a mutex that guards plain data written whole (a panic elsewhere
-/// cannot leave it half-written, so a poisoned lock is safe to reuse).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Collection {
-    /// The parent version `token` was fetched with, when that version has
-    /// been reported rejected (the token is then due for a refetch with a
-    /// newer parent token).
-    fn rejected_parent(&self, token: &Token) -> Option<u64> {
-        token
-            .parent_version
-            .filter(|v| *v <= self.demand.parent_rejected.load(Ordering::Relaxed))
-    }
-
-    fn activate(&self) {
-        if !self.demand.active.load(Ordering::Relaxed)
-            && !self.demand.active.swap(true, Ordering::Relaxed)
-        {
-            self.wake.notify_one();
-        }
-    }
 }
 
 /// The broker: a cheap handle, clone it freely.
@@ -330,7 +183,7 @@ impl Broker {
                 shutdown.clone(),
                 move || {
                     let restarted = std::mem::replace(&mut started, true);
-                    refresher::follow(
+                    follower::follow(
                         collections.clone(),
                         store.events(),
                         shared.clone(),
