@@ -442,9 +442,14 @@ impl Broker {
         let wait = tokio::time::timeout_at(
             deadline,
             rx.wait_for(|s| {
+                let now = clock.now();
                 s.finished >= target
-                    || s.servable(clock.now())
-                        .is_some_and(|t| need.satisfied_by(t))
+                    || s.servable(now).is_some_and(|t| need.satisfied_by(t))
+                    // A peer's failure came in through the store: backing off
+                    // with nothing to serve fails fast, as on arrival.
+                    || (s.servable(now).is_none()
+                        && !s.refreshing
+                        && s.failure.as_ref().is_some_and(|f| f.next_attempt_at > now))
             }),
         );
         // Reduce the outcome to a bool at once: `wait_for` returns a `Ref` that
