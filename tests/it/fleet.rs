@@ -3,6 +3,11 @@
 //! watchers see every version in order with one value per version, and the
 //! delay from the lease holder's publish to the other sidecars' watchers is
 //! measured. [`Sidecar`] and [`fleet_config`] are shared with the fault tests.
+//!
+//! Each fleet test runs twice, once per [`Route`]: straight to Postgres, and
+//! with the pool through the transaction-mode PgBouncer of
+//! `scripts/pgbouncer-env` while each sidecar's one `LISTEN` connection goes
+//! straight to Postgres (`listener_url_env`); the assertions are the same.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
@@ -13,7 +18,7 @@ use std::time::Duration;
 use token_broker::grpc::pb::WatchTokenRequest;
 use tokio::time::Instant;
 
-use crate::pg::TestDb;
+use crate::pg::{TestDb, pgbouncer_addr};
 use crate::support::random_secret;
 use crate::upstream::{OAuthConfig, OAuthServer};
 
@@ -43,7 +48,11 @@ policy = {{ min_refresh_interval = "1s", refresh_jitter = 0.0 {extra_policy} }}
 /// What every sidecar of one fleet shares: database, key and client secret.
 #[derive(Clone)]
 pub struct FleetEnv {
+    /// The pool's URL (`TB_DATABASE_URL`).
     pub database_url: String,
+    /// Where the listener connects instead, when set: `start` then adds
+    /// `listener_url_env = "TB_LISTENER_URL"` to the config's `[store]`.
+    pub listener_url: Option<String>,
     pub encryption_key: String,
     pub client_secret: String,
 }
@@ -54,11 +63,42 @@ impl FleetEnv {
         let key: [u8; 32] = rand::random();
         Self {
             database_url,
+            listener_url: None,
             encryption_key: format!(
                 "k1:{}",
                 base64::engine::general_purpose::STANDARD.encode(key)
             ),
             client_secret: random_secret("fleet-secret"),
+        }
+    }
+
+    /// A fleet on `db` by `route`.
+    pub fn routed(db: &TestDb, route: Route) -> Self {
+        let (pool, listener) = route.urls(db);
+        Self {
+            listener_url: listener,
+            ..Self::new(pool)
+        }
+    }
+}
+
+/// How a fleet's sidecars reach the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Pool and listener straight to Postgres (`database_url` only).
+    Direct,
+    /// The pool through the transaction-mode PgBouncer of
+    /// `scripts/pgbouncer-env`, the listener straight to Postgres
+    /// (`listener_url_env`).
+    PgBouncer,
+}
+
+impl Route {
+    /// The pool's URL and, when it differs, the listener's.
+    pub fn urls(self, db: &TestDb) -> (String, Option<String>) {
+        match self {
+            Route::Direct => (db.url.clone(), None),
+            Route::PgBouncer => (db.url_through_pgbouncer(), Some(db.url.clone())),
         }
     }
 }
@@ -69,12 +109,22 @@ pub use crate::served::Served as Sidecar;
 impl FleetEnv {
     /// Starts one sidecar of this fleet serving `config`.
     pub async fn start(&self, config: &str) -> Sidecar {
-        let env = [
+        let mut env = vec![
             ("TB_DATABASE_URL", self.database_url.as_str()),
             ("TB_ENCRYPTION_KEY", self.encryption_key.as_str()),
             ("TB_CLIENT_SECRET", self.client_secret.as_str()),
         ];
-        Sidecar::start_logging(config, &env, "info,token_broker=debug").await
+        let mut config = config.to_owned();
+        if let Some(listener) = &self.listener_url {
+            assert!(config.contains("[store]\n"), "no [store] in {config}");
+            config = config.replacen(
+                "[store]\n",
+                "[store]\nlistener_url_env = \"TB_LISTENER_URL\"\n",
+                1,
+            );
+            env.push(("TB_LISTENER_URL", listener.as_str()));
+        }
+        Sidecar::start_logging(&config, &env, "info,token_broker=debug").await
     }
 
     /// Starts `n` sidecars serving `config`.
@@ -168,12 +218,21 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_sidecars_400_clients_one_upstream_call_per_rotation() {
+    four_sidecars_400_clients(Route::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_sidecars_400_clients_one_upstream_call_per_rotation_through_pgbouncer() {
+    four_sidecars_400_clients(Route::PgBouncer).await;
+}
+
+async fn four_sidecars_400_clients(route: Route) {
     const SIDECARS: usize = 4;
     const CLIENTS: usize = 400;
     const WATCHERS_PER_SIDECAR: usize = 5;
     const ROTATIONS: u64 = 6;
     let db = TestDb::create().await;
-    let env = FleetEnv::new(db.url.clone());
+    let env = FleetEnv::routed(&db, route);
     let oauth = OAuthServer::start(OAuthConfig {
         expires_in: Some(2),
         ..OAuthConfig::new("fleet", &env.client_secret)
@@ -337,10 +396,36 @@ async fn four_sidecars_400_clients_one_upstream_call_per_rotation() {
 
 #[tokio::test]
 async fn a_sidecar_starts_without_its_database_and_shares_its_token_once_it_answers() {
+    starts_without_its_database(Route::Direct).await;
+}
+
+#[tokio::test]
+async fn a_sidecar_starts_without_its_database_and_shares_its_token_once_it_answers_through_pgbouncer()
+ {
+    starts_without_its_database(Route::PgBouncer).await;
+}
+
+/// Every path to the database goes through a `FaultProxy` (`proxy`), cut at
+/// first: through PgBouncer, one proxy in front of PgBouncer for the pool
+/// and one in front of Postgres for the listener, cut and restored together.
+async fn starts_without_its_database(route: Route) {
+    use crate::fault::FaultProxy;
     let db = TestDb::create().await;
-    let proxy = crate::fault::FaultProxy::start(db.server_addr()).await;
+    let to_postgres = FaultProxy::start(db.server_addr()).await;
+    let (env, to_pgbouncer) = match route {
+        Route::Direct => (FleetEnv::new(db.url_via(to_postgres.addr())), None),
+        Route::PgBouncer => {
+            // PgBouncer's URL differs from the database's in address only.
+            let to_pgbouncer = FaultProxy::start(pgbouncer_addr()).await;
+            let env = FleetEnv {
+                listener_url: Some(db.url_via(to_postgres.addr())),
+                ..FleetEnv::new(db.url_via(to_pgbouncer.addr()))
+            };
+            (env, Some(to_pgbouncer))
+        }
+    };
+    let proxy = Proxies(std::iter::once(to_postgres).chain(to_pgbouncer).collect());
     proxy.cut();
-    let env = FleetEnv::new(db.url_via(proxy.addr()));
     let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
     let sidecar = env.start(&fleet_config(&oauth.token_url(), "")).await;
     // Served from a local fetch while the database is away.
@@ -382,9 +467,32 @@ async fn a_sidecar_starts_without_its_database_and_shares_its_token_once_it_answ
     assert_eq!(oauth.grants("client_credentials"), 1);
 }
 
+/// Fault proxies cut and restored together.
+struct Proxies(Vec<crate::fault::FaultProxy>);
+
+impl Proxies {
+    fn cut(&self) {
+        self.0.iter().for_each(crate::fault::FaultProxy::cut);
+    }
+
+    fn restore(&self) {
+        self.0.iter().for_each(crate::fault::FaultProxy::restore);
+    }
+}
+
 #[tokio::test]
 async fn migrate_applies_the_schema_once_and_refuses_a_config_without_a_store() {
+    migrate_applies_the_schema_once(Route::Direct).await;
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_once_and_refuses_a_config_without_a_store_through_pgbouncer() {
+    migrate_applies_the_schema_once(Route::PgBouncer).await;
+}
+
+async fn migrate_applies_the_schema_once(route: Route) {
     let db = TestDb::create().await;
+    let (database_url, _) = route.urls(&db);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(
@@ -397,7 +505,7 @@ async fn migrate_applies_the_schema_once_and_refuses_a_config_without_a_store() 
             .arg("migrate")
             .arg("--config")
             .arg(&config)
-            .env("TB_DATABASE_URL", &db.url)
+            .env("TB_DATABASE_URL", &database_url)
             .output()
             .unwrap()
     };
@@ -424,7 +532,17 @@ async fn migrate_applies_the_schema_once_and_refuses_a_config_without_a_store() 
 
 #[tokio::test]
 async fn migrate_reads_only_the_store_section() {
+    migrate_reads_only_the_store(Route::Direct).await;
+}
+
+#[tokio::test]
+async fn migrate_reads_only_the_store_section_through_pgbouncer() {
+    migrate_reads_only_the_store(Route::PgBouncer).await;
+}
+
+async fn migrate_reads_only_the_store(route: Route) {
     let db = TestDb::create().await;
+    let (database_url, _) = route.urls(&db);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     let unset = "TB_MIGRATE_TEST_UNSET_CLIENT_SECRET";
@@ -437,7 +555,7 @@ async fn migrate_reads_only_the_store_section() {
         Command::new(BIN)
             .args(args)
             .arg(&config)
-            .env("TB_DATABASE_URL", &db.url)
+            .env("TB_DATABASE_URL", &database_url)
             .env_remove(unset)
             .output()
             .unwrap()
@@ -484,8 +602,18 @@ async fn migrate_reads_only_the_store_section() {
 
 #[tokio::test]
 async fn a_database_that_refuses_stops_the_start_before_anything_binds() {
+    a_database_that_refuses(Route::Direct).await;
+}
+
+#[tokio::test]
+async fn a_database_that_refuses_stops_the_start_before_anything_binds_through_pgbouncer() {
+    a_database_that_refuses(Route::PgBouncer).await;
+}
+
+async fn a_database_that_refuses(route: Route) {
     let db = TestDb::create().await;
-    let missing = db.url.replace(&db.name, "tb_no_such_database");
+    let (database_url, _) = route.urls(&db);
+    let missing = database_url.replace(&db.name, "tb_no_such_database");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(&config, fleet_config("http://127.0.0.1:9/token", "")).unwrap();
@@ -514,8 +642,17 @@ async fn a_database_that_refuses_stops_the_start_before_anything_binds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_upstream_is_backed_off_fleet_wide() {
+    a_failing_upstream_is_backed_off(Route::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_upstream_is_backed_off_fleet_wide_through_pgbouncer() {
+    a_failing_upstream_is_backed_off(Route::PgBouncer).await;
+}
+
+async fn a_failing_upstream_is_backed_off(route: Route) {
     let db = TestDb::create().await;
-    let env = FleetEnv::new(db.url.clone());
+    let env = FleetEnv::routed(&db, route);
     let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
     oauth.script((0..100).map(|_| crate::upstream::Reply::empty(503)));
     let config = fleet_config(&oauth.token_url(), ", backoff_max = \"2s\"");
@@ -578,10 +715,19 @@ async fn lease_attempts(sidecars: &[Sidecar]) -> (f64, f64) {
 /// once. Before: about one "found it held" per other sidecar per rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotation_costs_one_lease_attempt_not_one_per_sidecar() {
+    a_rotation_costs_one_lease_attempt(Route::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_costs_one_lease_attempt_not_one_per_sidecar_through_pgbouncer() {
+    a_rotation_costs_one_lease_attempt(Route::PgBouncer).await;
+}
+
+async fn a_rotation_costs_one_lease_attempt(route: Route) {
     const SIDECARS: usize = 4;
     const ROTATIONS: u64 = 5;
     let db = TestDb::create().await;
-    let env = FleetEnv::new(db.url.clone());
+    let env = FleetEnv::routed(&db, route);
     // 6 s tokens refreshed at half-life: 3 s of room, enough to stand by with
     // a 500 ms lease (the standby waits only when the room holds four).
     let oauth = OAuthServer::start(OAuthConfig {

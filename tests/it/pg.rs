@@ -13,6 +13,11 @@
 //! Each database is commented with its creation time; the first `create()` in a
 //! process drops `tb_test_` databases created more than an hour ago that nobody
 //! is connected to: those of test processes killed before their `Drop` ran.
+//!
+//! PgBouncer: `pgbouncer_url()` is `TOKEN_BROKER_TEST_PGBOUNCER_URL` (set by
+//! `scripts/pgbouncer-env`: a transaction-mode PgBouncer in front of the same
+//! server that routes every database name to it); `TestDb::url_through_pgbouncer()`
+//! reaches the test's database through it. They panic, naming the script, when it is unset.
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -99,19 +104,35 @@ impl TestDb {
     /// The server's address, parsed from the url (names resolved, IPv4
     /// preferred; port 5432 if none), e.g. as a `FaultProxy` target.
     pub fn server_addr(&self) -> SocketAddr {
-        let url = parse(&self.url);
-        let port = url.port().unwrap_or(5432);
-        match url.host() {
-            Some(Host::Ipv4(ip)) => (ip, port).into(),
-            Some(Host::Ipv6(ip)) => (ip, port).into(),
-            Some(Host::Domain(name)) => (name, port)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|addrs| addrs.min_by_key(SocketAddr::is_ipv6))
-                .unwrap_or_else(|| panic!("cannot resolve {name}:{port}")),
-            None => panic!("{} names no TCP host", redacted(&self.url)),
-        }
+        addr_of(&self.url)
     }
+
+    /// This database through the PgBouncer of `scripts/pgbouncer-env`
+    /// (transaction pooling; its `*` entry routes the name to this server).
+    pub fn url_through_pgbouncer(&self) -> String {
+        with_path(&pgbouncer_url(), &format!("/{}", self.name))
+    }
+}
+
+/// `TOKEN_BROKER_TEST_PGBOUNCER_URL`: an admin URL (database `postgres`)
+/// through a transaction-mode PgBouncer in front of the `admin_url()` server.
+/// Panics when it is unset.
+pub fn pgbouncer_url() -> String {
+    std::env::var("TOKEN_BROKER_TEST_PGBOUNCER_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| {
+            panic!(
+                "TOKEN_BROKER_TEST_PGBOUNCER_URL is not set: the PgBouncer tests need the \
+                 PgBouncer that scripts/pgbouncer-env starts (run the tests with scripts/test, \
+                 or `source scripts/pg-env && source scripts/pgbouncer-env` first)"
+            )
+        })
+}
+
+/// PgBouncer's listening address (e.g. as a `FaultProxy` target).
+pub fn pgbouncer_addr() -> SocketAddr {
+    addr_of(&pgbouncer_url())
 }
 
 impl Drop for TestDb {
@@ -254,6 +275,22 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The address in `url` (names resolved, IPv4 preferred; port 5432 if none).
+fn addr_of(url: &str) -> SocketAddr {
+    let parsed = parse(url);
+    let port = parsed.port().unwrap_or(5432);
+    match parsed.host() {
+        Some(Host::Ipv4(ip)) => (ip, port).into(),
+        Some(Host::Ipv6(ip)) => (ip, port).into(),
+        Some(Host::Domain(name)) => (name, port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|addrs| addrs.min_by_key(SocketAddr::is_ipv6))
+            .unwrap_or_else(|| panic!("cannot resolve {name}:{port}")),
+        None => panic!("{} names no TCP host", redacted(url)),
+    }
 }
 
 fn parse(url: &str) -> Url {
