@@ -8,6 +8,8 @@
 //! with the pool through the transaction-mode PgBouncer of
 //! `scripts/pgbouncer-env` while each sidecar's one `LISTEN` connection goes
 //! straight to Postgres (`listener_url_env`); the assertions are the same.
+//! One more test checks that connection claim through PgBouncer in
+//! `pg_stat_activity`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
@@ -18,7 +20,7 @@ use std::time::Duration;
 use token_broker::grpc::pb::WatchTokenRequest;
 use tokio::time::Instant;
 
-use crate::pg::{TestDb, pgbouncer_addr};
+use crate::pg::{PgBouncerServer, TestDb, admin_url, pgbouncer_addr, pgbouncer_servers};
 use crate::support::random_secret;
 use crate::upstream::{OAuthConfig, OAuthServer};
 
@@ -783,5 +785,169 @@ async fn a_rotation_costs_one_lease_attempt(route: Route) {
     assert!(
         held + granted <= 1.5 * versions as f64,
         "{granted} granted + {held} held for {versions} rotations: a herd at every rotation"
+    );
+}
+
+/// Waits (60 s at most) until every watcher has seen `version`.
+async fn all_at_least(sidecars: &[Sidecar], watchers: &[Watched], version: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lowest = watchers
+            .iter()
+            .map(|(_, w)| w.lock().unwrap().last().map_or(0, |s| s.version))
+            .min()
+            .unwrap();
+        if lowest >= version {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every sidecar reached version {version} ({what}) within 60 s; sidecar 0's log:\n{}",
+            sidecars[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The connection claim of `listener_url_*`: through a transaction-mode
+/// PgBouncer, each sidecar holds exactly one connection of its own to
+/// Postgres (its listener) and every other connection to the database is
+/// PgBouncer's, while the fleet rotates (and is forced to by an
+/// `InvalidateToken`) with one upstream call per version, every version
+/// served by every sidecar (so it fails if prepared statements break through
+/// PgBouncer: the store errors, sidecars fetch on their own, versions skip).
+///
+/// Whose connection is whose: PgBouncer's console (`SHOW SERVERS`) names each
+/// server connection's backend pid (`remote_pid`, from the cancel key
+/// Postgres sent it) and PgBouncer's own port (`local_port`); a backend in
+/// `pg_stat_activity` is PgBouncer's when both its `pid` and its
+/// `client_port` match one of them. Names are no proof: PgBouncer sets each
+/// server connection's `application_name` to its current client's. The
+/// activity is read first and the console second: PgBouncer closes a server
+/// connection only after `server_idle_timeout` (10 minutes), so none of its
+/// connections seen in the first read can be missing from the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_pgbouncer_each_sidecar_holds_one_direct_connection_its_listener() {
+    const SIDECARS: usize = 4;
+    const ROTATIONS: u64 = 3;
+    let db = TestDb::create().await;
+    let env = FleetEnv::routed(&db, Route::PgBouncer);
+    let oauth = OAuthServer::start(OAuthConfig {
+        expires_in: Some(2),
+        ..OAuthConfig::new("fleet", &env.client_secret)
+    })
+    .await;
+    let config = fleet_config(&oauth.token_url(), "");
+    let sidecars = env.start_fleet(&config, SIDECARS).await;
+    let watchers = watch_each(&sidecars, 1).await;
+    all_at_least(&sidecars, &watchers, 1 + ROTATIONS, "rotations").await;
+
+    // A forced rotation on the last sidecar: the current token is rejected.
+    let current = sidecars[SIDECARS - 1].get("api").await;
+    let mut client = sidecars[SIDECARS - 1].client().await;
+    let mut req = tonic::Request::new(token_broker::grpc::pb::InvalidateTokenRequest {
+        collection: "api".to_owned(),
+        version: 0,
+        value: current,
+        reason: "pgbouncer fleet test".to_owned(),
+    });
+    req.set_timeout(Duration::from_secs(10));
+    let forced = client.invalidate_token(req).await.unwrap().into_inner();
+    let forced = forced
+        .token
+        .expect("InvalidateToken returns a token")
+        .version;
+    // And one natural rotation after it.
+    all_at_least(&sidecars, &watchers, forced + 1, "after InvalidateToken").await;
+
+    // Every sidecar served every version, and the upstream was asked once per
+    // version: wait for a moment when no rotation is half-way (all watchers
+    // at the same version, as many grants as versions).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let last = loop {
+        let lasts: Vec<u64> = watchers
+            .iter()
+            .map(|(_, w)| w.lock().unwrap().last().map_or(0, |s| s.version))
+            .collect();
+        let grants = oauth.grants("client_credentials") as u64;
+        if lasts.iter().all(|v| *v == lasts[0]) && grants == lasts[0] {
+            break lasts[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never one upstream call per version: watchers at {lasts:?}, {grants} grants; \
+             sidecar 0's log:\n{}",
+            sidecars[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(oauth.calls(), oauth.grants("client_credentials"));
+    for (i, w) in &watchers {
+        let w = w.lock().unwrap();
+        let versions: Vec<u64> = w.iter().map(|s| s.version).collect();
+        assert_eq!(
+            versions,
+            (1..=last).collect::<Vec<_>>(),
+            "sidecar {i} did not serve every version"
+        );
+    }
+
+    // The connections to the test database, from Postgres's side.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url())
+        .await
+        .unwrap();
+    let activity: Vec<(i32, String, Option<String>, Option<i32>)> = sqlx::query_as(
+        "SELECT pid, coalesce(application_name, ''), host(client_addr), client_port
+           FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(&db.name)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    let servers: Vec<PgBouncerServer> = pgbouncer_servers(&db.name).await;
+    let is_pgbouncers = |pid: i32, port: Option<i32>| {
+        servers
+            .iter()
+            .any(|s| s.remote_pid == pid && Some(s.local_port) == port)
+    };
+    let (listeners, others): (Vec<_>, Vec<_>) = activity
+        .iter()
+        .partition(|(_, name, _, _)| name.starts_with("token-broker listener "));
+    eprintln!(
+        "{SIDECARS} sidecars through PgBouncer, {last} versions: {} listener connections, \
+         {} PgBouncer server connections ({} in its SHOW SERVERS, {} prepared statements)",
+        listeners.len(),
+        others.len(),
+        servers.len(),
+        servers.iter().map(|s| s.prepared_statements).sum::<i32>()
+    );
+    assert_eq!(
+        listeners.len(),
+        SIDECARS,
+        "one listener per sidecar: {activity:?}"
+    );
+    let names: std::collections::HashSet<_> = listeners.iter().map(|(_, n, _, _)| n).collect();
+    assert_eq!(
+        names.len(),
+        SIDECARS,
+        "each listener its own: {listeners:?}"
+    );
+    for (pid, name, addr, port) in &listeners {
+        assert!(
+            !is_pgbouncers(*pid, *port),
+            "listener {name} ({addr:?}:{port:?}) is a PgBouncer server connection: {servers:?}"
+        );
+    }
+    assert!(!others.is_empty(), "the pool did not reach Postgres at all");
+    for (pid, name, addr, port) in &others {
+        assert!(
+            is_pgbouncers(*pid, *port),
+            "a connection that is neither a listener nor PgBouncer's: pid {pid} {name:?} \
+             {addr:?}:{port:?}; PgBouncer's: {servers:?}"
+        );
+    }
+    assert!(
+        servers.iter().any(|s| s.prepared_statements > 0),
+        "the pool's prepared statements went through PgBouncer's tracking: {servers:?}"
     );
 }

@@ -17,7 +17,8 @@
 //! PgBouncer: `pgbouncer_url()` is `TOKEN_BROKER_TEST_PGBOUNCER_URL` (set by
 //! `scripts/pgbouncer-env`: a transaction-mode PgBouncer in front of the same
 //! server that routes every database name to it); `TestDb::url_through_pgbouncer()`
-//! reaches the test's database through it. They panic, naming the script, when it is unset.
+//! reaches the test's database through it, and `pgbouncer_servers()` reads its
+//! console's `SHOW SERVERS`. They panic, naming the script, when it is unset.
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -133,6 +134,40 @@ pub fn pgbouncer_url() -> String {
 /// PgBouncer's listening address (e.g. as a `FaultProxy` target).
 pub fn pgbouncer_addr() -> SocketAddr {
     addr_of(&pgbouncer_url())
+}
+
+/// One server connection in PgBouncer's `SHOW SERVERS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgBouncerServer {
+    /// The Postgres backend's pid (`pg_stat_activity.pid`).
+    pub remote_pid: i32,
+    /// PgBouncer's end of the connection (`pg_stat_activity.client_port`).
+    pub local_port: i32,
+    /// Statements PgBouncer has prepared on this connection.
+    pub prepared_statements: i32,
+}
+
+/// PgBouncer's server connections to `database`, from its admin console
+/// (database `pgbouncer`, simple query protocol only, hence `raw_sql`).
+pub async fn pgbouncer_servers(database: &str) -> Vec<PgBouncerServer> {
+    use sqlx::Row as _;
+    let console = with_path(&pgbouncer_url(), "/pgbouncer");
+    let mut conn = PgConnection::connect(&console)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", redacted(&console)));
+    let rows = sqlx::raw_sql(AssertSqlSafe("SHOW SERVERS"))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("SHOW SERVERS on PgBouncer's console: {e}"));
+    let _ = conn.close().await;
+    rows.iter()
+        .filter(|row| row.get::<String, _>("database") == database)
+        .map(|row| PgBouncerServer {
+            remote_pid: row.get("remote_pid"),
+            local_port: row.get("local_port"),
+            prepared_statements: row.get("prepared_statements"),
+        })
+        .collect()
 }
 
 impl Drop for TestDb {
