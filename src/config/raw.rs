@@ -19,8 +19,8 @@ use super::checks::{check_fraction, check_positive, check_range};
 use super::secrets::{required_secret, secret_ref};
 use super::sources::{RawDemo, RawHttpJson, RawOAuth, RawOverDrive, SOURCE_KINDS};
 use super::{
-    AdminConfig, CollectionConfig, Config, ConfigError, ServerConfig, SourceConfig,
-    check_shutdown_delay, check_worker_threads, parse_admin_listen, validate_name,
+    AdminConfig, CollectionConfig, Config, ConfigError, ServerConfig, SourceConfig, WORKER_THREADS,
+    check_shutdown_delay, parse_admin_listen, validate_name,
 };
 
 /// toml errors are multi-line with a source excerpt; keep logs and exit messages
@@ -32,6 +32,122 @@ pub(super) fn one_line(e: &impl std::fmt::Display) -> String {
         .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.contains(" | "))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Declares a section's settings once: each line is a field as written in
+/// the file and its bound (`duration`, `duration(min)`, `count(lo, hi)`,
+/// `count32(lo, hi)`, `fraction(lo, hi)`, `flag`); its default is the typed
+/// section's `Default`, its documentation the README's table. Generates the
+/// raw (serde) struct, with `extra` fields that need more than a bound
+/// (addresses, secrets, files), and `apply`, which writes each setting that
+/// is present into the typed section and checks every declared one against
+/// its bound under `prefix.field`.
+macro_rules! section {
+    (
+        $raw:ident => $typed:ty {
+            $( $field:ident : $kind:ident $( ( $($arg:expr),* ) )? ),* $(,)?
+        }
+        $( extra { $( $xfield:ident : $xty:ty ),* $(,)? } )?
+    ) => {
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub(super) struct $raw {
+            $( $field: Option<section!(@raw $kind)>, )*
+            $( $( $xfield: $xty, )* )?
+        }
+
+        impl $raw {
+            /// Writes each declared setting that is present into `out` and
+            /// checks every declared setting against its bound.
+            fn apply(&self, prefix: &str, out: &mut $typed) -> Result<(), ConfigError> {
+                $(
+                    if let Some(v) = self.$field {
+                        out.$field = section!(@value $kind v);
+                    }
+                    section!(@check $kind, &format!("{prefix}.{}", stringify!($field)), out.$field $(, $($arg),*)?)?;
+                )*
+                Ok(())
+            }
+        }
+    };
+    (@raw duration) => { HumanDuration };
+    (@raw count) => { usize };
+    (@raw count32) => { u32 };
+    (@raw fraction) => { f64 };
+    (@raw flag) => { bool };
+    (@value duration $v:ident) => { $v.0 };
+    (@value $kind:ident $v:ident) => { $v };
+    (@check duration, $f:expr, $v:expr) => { Ok::<(), ConfigError>(()) };
+    (@check duration, $f:expr, $v:expr, $min:expr) => { check_positive($f, $v, $min) };
+    (@check count, $f:expr, $v:expr, $lo:expr, $hi:expr) => { check_range($f, $v, $lo, $hi) };
+    (@check count32, $f:expr, $v:expr, $lo:expr, $hi:expr) => { check_range($f, $v as usize, $lo, $hi) };
+    (@check fraction, $f:expr, $v:expr, $lo:expr, $hi:expr) => { check_fraction($f, $v, $lo, $hi) };
+    (@check flag, $f:expr, $v:expr) => { Ok::<(), ConfigError>(()) };
+}
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+section! {
+    RawServer => ServerConfig {
+        request_timeout: duration(ms(1)),
+        max_concurrent_requests: count(1, 1 << 20),
+        max_streams: count(1, 1 << 20),
+        max_message_bytes: count(1024, 64 << 20),
+        http2_keepalive_interval: duration(ms(1000)),
+        http2_keepalive_timeout: duration(ms(1000)),
+        shutdown_grace: duration,
+        worker_threads: count(*WORKER_THREADS.start(), *WORKER_THREADS.end()),
+        shutdown_delay: duration,
+    }
+    extra { listen: Option<String> }
+}
+
+section! {
+    RawHttp => HttpSettings {
+        connect_timeout: duration(ms(10)),
+        timeout: duration(ms(10)),
+        max_response_bytes: count(1024, 64 << 20),
+    }
+    extra { ca_file: Option<PathBuf> }
+}
+
+section! {
+    RawStore => PgSettings {
+        pool_size: count32(1, 64),
+        migrate: flag,
+        connect_timeout: duration(ms(100)),
+        startup_timeout: duration,
+        query_timeout: duration(ms(100)),
+        heartbeat_interval: duration(ms(100)),
+        poll_interval: duration(ms(500)),
+    }
+    extra {
+        database_url_env: Option<String>,
+        database_url_file: Option<PathBuf>,
+        listener_url_env: Option<String>,
+        listener_url_file: Option<PathBuf>,
+        encryption_key_env: Option<String>,
+        encryption_key_file: Option<PathBuf>,
+    }
+}
+
+section! {
+    RawPolicy => Policy {
+        refresh_fraction: fraction(0.1, 0.95),
+        refresh_jitter: fraction(0.0, 0.3),
+        expiry_skew: duration,
+        expiry_skew_fraction: fraction(0.0, 0.5),
+        max_age: duration(ms(1000)),
+        max_stale: duration,
+        min_refresh_interval: duration,
+        backoff_initial: duration(ms(10)),
+        backoff_max: duration,
+        fetch_timeout: duration(ms(10)),
+        lease_ttl: duration(ms(500)),
+        max_lifetime: duration(ms(1000)),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,48 +184,6 @@ impl RawAdmin {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawStore {
-    database_url_env: Option<String>,
-    database_url_file: Option<PathBuf>,
-    listener_url_env: Option<String>,
-    listener_url_file: Option<PathBuf>,
-    pool_size: Option<u32>,
-    migrate: Option<bool>,
-    encryption_key_env: Option<String>,
-    encryption_key_file: Option<PathBuf>,
-    connect_timeout: Option<HumanDuration>,
-    startup_timeout: Option<HumanDuration>,
-    query_timeout: Option<HumanDuration>,
-    heartbeat_interval: Option<HumanDuration>,
-    poll_interval: Option<HumanDuration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawServer {
-    listen: Option<String>,
-    request_timeout: Option<HumanDuration>,
-    max_concurrent_requests: Option<usize>,
-    max_streams: Option<usize>,
-    max_message_bytes: Option<usize>,
-    http2_keepalive_interval: Option<HumanDuration>,
-    http2_keepalive_timeout: Option<HumanDuration>,
-    shutdown_grace: Option<HumanDuration>,
-    worker_threads: Option<usize>,
-    shutdown_delay: Option<HumanDuration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawHttp {
-    connect_timeout: Option<HumanDuration>,
-    timeout: Option<HumanDuration>,
-    max_response_bytes: Option<usize>,
-    ca_file: Option<PathBuf>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCollection {
@@ -144,32 +218,9 @@ pub(super) fn deserialize_at<T: serde::de::DeserializeOwned>(
     })
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawPolicy {
-    refresh_fraction: Option<f64>,
-    refresh_jitter: Option<f64>,
-    expiry_skew: Option<HumanDuration>,
-    expiry_skew_fraction: Option<f64>,
-    max_age: Option<HumanDuration>,
-    max_stale: Option<HumanDuration>,
-    min_refresh_interval: Option<HumanDuration>,
-    backoff_initial: Option<HumanDuration>,
-    backoff_max: Option<HumanDuration>,
-    fetch_timeout: Option<HumanDuration>,
-    lease_ttl: Option<HumanDuration>,
-    max_lifetime: Option<HumanDuration>,
-}
-
 /// A duration written like `30s`, `5m`, `1h 30m`, `7d`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct HumanDuration(pub(super) Duration);
-
-/// A duration setting as written, or its default: the one place a default
-/// is picked for a duration.
-pub(super) fn pick(v: Option<HumanDuration>, default: Duration) -> Duration {
-    v.map_or(default, |h| h.0)
-}
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -260,56 +311,13 @@ pub(super) fn check_dependencies(collections: &[CollectionConfig]) -> Result<(),
 
 impl RawServer {
     pub(super) fn validate(self) -> Result<ServerConfig, ConfigError> {
-        let d = ServerConfig::default();
-        let listen = match self.listen {
-            Some(s) => s
+        let mut server = ServerConfig::default();
+        if let Some(listen) = &self.listen {
+            server.listen = listen
                 .parse::<ListenAddr>()
-                .map_err(|e| ConfigError::new("server.listen", e))?,
-            None => d.listen,
-        };
-        let server = ServerConfig {
-            listen,
-            request_timeout: pick(self.request_timeout, d.request_timeout),
-            max_concurrent_requests: self
-                .max_concurrent_requests
-                .unwrap_or(d.max_concurrent_requests),
-            max_streams: self.max_streams.unwrap_or(d.max_streams),
-            max_message_bytes: self.max_message_bytes.unwrap_or(d.max_message_bytes),
-            http2_keepalive_interval: pick(
-                self.http2_keepalive_interval,
-                d.http2_keepalive_interval,
-            ),
-            http2_keepalive_timeout: pick(self.http2_keepalive_timeout, d.http2_keepalive_timeout),
-            shutdown_grace: pick(self.shutdown_grace, d.shutdown_grace),
-            worker_threads: self.worker_threads.unwrap_or(d.worker_threads),
-            shutdown_delay: pick(self.shutdown_delay, d.shutdown_delay),
-        };
-        let ms = Duration::from_millis;
-        check_positive("server.request_timeout", server.request_timeout, ms(1))?;
-        check_range(
-            "server.max_concurrent_requests",
-            server.max_concurrent_requests,
-            1,
-            1 << 20,
-        )?;
-        check_range("server.max_streams", server.max_streams, 1, 1 << 20)?;
-        check_range(
-            "server.max_message_bytes",
-            server.max_message_bytes,
-            1024,
-            64 << 20,
-        )?;
-        check_positive(
-            "server.http2_keepalive_interval",
-            server.http2_keepalive_interval,
-            ms(1000),
-        )?;
-        check_positive(
-            "server.http2_keepalive_timeout",
-            server.http2_keepalive_timeout,
-            ms(1000),
-        )?;
-        check_worker_threads("server.worker_threads", server.worker_threads)?;
+                .map_err(|e| ConfigError::new("server.listen", e))?;
+        }
+        self.apply("server", &mut server)?;
         check_shutdown_delay("server.shutdown_delay", server.shutdown_delay)?;
         Ok(server)
     }
@@ -386,37 +394,19 @@ impl RawCollection {
 
 impl RawHttp {
     pub(super) fn validate(self) -> Result<HttpSettings, ConfigError> {
-        let d = HttpSettings::default();
-        let ca_pem = match self.ca_file {
-            None => None,
-            Some(path) => {
-                let pem = std::fs::read(&path).map_err(|e| {
-                    ConfigError::new(
-                        "http.ca_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                parse_ca_bundle(&pem).map_err(|e| {
-                    ConfigError::new("http.ca_file", format!("{} {e}", path.display()))
-                })?;
-                Some(pem)
-            }
-        };
-        let http = HttpSettings {
-            connect_timeout: pick(self.connect_timeout, d.connect_timeout),
-            timeout: pick(self.timeout, d.timeout),
-            max_response_bytes: self.max_response_bytes.unwrap_or(d.max_response_bytes),
-            ca_pem,
-        };
-        let ms = Duration::from_millis;
-        check_positive("http.connect_timeout", http.connect_timeout, ms(10))?;
-        check_positive("http.timeout", http.timeout, ms(10))?;
-        check_range(
-            "http.max_response_bytes",
-            http.max_response_bytes,
-            1024,
-            64 << 20,
-        )?;
+        let mut http = HttpSettings::default();
+        self.apply("http", &mut http)?;
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                ConfigError::new(
+                    "http.ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            parse_ca_bundle(&pem)
+                .map_err(|e| ConfigError::new("http.ca_file", format!("{} {e}", path.display())))?;
+            http.ca_pem = Some(pem);
+        }
         Ok(http)
     }
 }
@@ -446,12 +436,11 @@ pub(super) fn deserialize<T: serde::de::DeserializeOwned>(text: &str) -> Result<
 
 impl RawStore {
     pub(super) fn validate(self) -> Result<PgSettings, ConfigError> {
-        let d = PgSettings::default();
         let url = required_secret(
             "store",
             "database_url",
-            self.database_url_env,
-            self.database_url_file,
+            self.database_url_env.clone(),
+            self.database_url_file.clone(),
         )?;
         let url_field = "store.database_url";
         crate::store::postgres::connect_options(&url)
@@ -459,8 +448,8 @@ impl RawStore {
         let listener_url = secret_ref(
             "store",
             "listener_url",
-            self.listener_url_env,
-            self.listener_url_file,
+            self.listener_url_env.clone(),
+            self.listener_url_file.clone(),
         )?;
         if let Some(listener) = &listener_url {
             crate::store::postgres::connect_options(listener)
@@ -474,66 +463,36 @@ impl RawStore {
         let keyring = match secret_ref(
             "store",
             "encryption_key",
-            self.encryption_key_env,
-            self.encryption_key_file,
+            self.encryption_key_env.clone(),
+            self.encryption_key_file.clone(),
         )? {
             None => Keyring::plaintext(),
             Some(material) => {
                 Keyring::parse(material.expose()).map_err(|e| ConfigError::new(key_field, e))?
             }
         };
-        let settings = PgSettings {
+        let mut settings = PgSettings {
             url,
             listener_url,
-            pool_size: self.pool_size.unwrap_or(d.pool_size),
-            migrate: self.migrate.unwrap_or(d.migrate),
             keyring,
-            connect_timeout: pick(self.connect_timeout, d.connect_timeout),
-            startup_timeout: pick(self.startup_timeout, d.startup_timeout),
-            query_timeout: pick(self.query_timeout, d.query_timeout),
-            heartbeat_interval: pick(self.heartbeat_interval, d.heartbeat_interval),
-            poll_interval: pick(self.poll_interval, d.poll_interval),
+            ..PgSettings::default()
         };
-        check_range("store.pool_size", settings.pool_size as usize, 1, 64)?;
-        let ms = Duration::from_millis;
-        check_positive("store.connect_timeout", settings.connect_timeout, ms(100))?;
+        self.apply("store", &mut settings)?;
         if settings.startup_timeout < settings.connect_timeout {
             return Err(ConfigError::new(
                 "store.startup_timeout",
                 "must be at least store.connect_timeout",
             ));
         }
-        check_positive("store.query_timeout", settings.query_timeout, ms(100))?;
-        check_positive(
-            "store.heartbeat_interval",
-            settings.heartbeat_interval,
-            ms(100),
-        )?;
-        check_positive("store.poll_interval", settings.poll_interval, ms(500))?;
         Ok(settings)
     }
 }
 
 impl RawPolicy {
-    pub(super) fn validate(self, prefix: &str) -> Result<Policy, ConfigError> {
-        let d = Policy::default();
-        let p = Policy {
-            refresh_fraction: self.refresh_fraction.unwrap_or(d.refresh_fraction),
-            refresh_jitter: self.refresh_jitter.unwrap_or(d.refresh_jitter),
-            expiry_skew: pick(self.expiry_skew, d.expiry_skew),
-            expiry_skew_fraction: self.expiry_skew_fraction.unwrap_or(d.expiry_skew_fraction),
-            max_age: pick(self.max_age, d.max_age),
-            max_stale: pick(self.max_stale, d.max_stale),
-            min_refresh_interval: pick(self.min_refresh_interval, d.min_refresh_interval),
-            backoff_initial: pick(self.backoff_initial, d.backoff_initial),
-            backoff_max: pick(self.backoff_max, d.backoff_max),
-            fetch_timeout: pick(self.fetch_timeout, d.fetch_timeout),
-            lease_ttl: pick(self.lease_ttl, d.lease_ttl),
-            max_lifetime: pick(self.max_lifetime, d.max_lifetime),
-        };
+    pub(super) fn validate(&self, prefix: &str) -> Result<Policy, ConfigError> {
+        let mut p = Policy::default();
+        self.apply(prefix, &mut p)?;
         let f = |name: &str| format!("{prefix}.{name}");
-        check_fraction(&f("refresh_fraction"), p.refresh_fraction, 0.1, 0.95)?;
-        check_fraction(&f("refresh_jitter"), p.refresh_jitter, 0.0, 0.3)?;
         if p.refresh_fraction + p.refresh_jitter > 0.99
             || p.refresh_fraction - p.refresh_jitter < 0.05
         {
@@ -542,19 +501,12 @@ impl RawPolicy {
                 "refresh_fraction plus or minus refresh_jitter must stay between 0.05 and 0.99",
             ));
         }
-        check_fraction(&f("expiry_skew_fraction"), p.expiry_skew_fraction, 0.0, 0.5)?;
-        let ms = Duration::from_millis;
-        check_positive(&f("max_age"), p.max_age, ms(1000))?;
-        check_positive(&f("backoff_initial"), p.backoff_initial, ms(10))?;
-        check_positive(&f("fetch_timeout"), p.fetch_timeout, ms(10))?;
-        check_positive(&f("lease_ttl"), p.lease_ttl, ms(500))?;
         if p.lease_ttl > Duration::from_secs(60) {
             return Err(ConfigError::new(
                 f("lease_ttl"),
                 "must be at most 60s: a dead holder blocks refreshes for this long",
             ));
         }
-        check_positive(&f("max_lifetime"), p.max_lifetime, Duration::from_secs(1))?;
         if p.max_lifetime > Duration::from_secs(10 * 365 * 24 * 3600) {
             return Err(ConfigError::new(f("max_lifetime"), "must be at most 3650d"));
         }
