@@ -226,6 +226,39 @@ one per line. */}}
 {{- end -}}
 {{- end }}
 
+{{/* The `[store]` section (as JSON) from the `store` values, which use the config's own field
+names: every key but `enabled` (the chart's switch) verbatim, so a field the config gains needs no
+change here. A key set to "" or null is left out (how a default such as `database_url_env` is
+unset for `database_url_file`). `migrate` defaults to the opposite of `migration.enabled` (the Job
+migrates, the sidecars only check the schema). Fails on the chart's old camelCase names (the
+schema refuses them too; this also covers --skip-schema-validation) and on a reference given both
+as `X_env` and `X_file`. Evaluated whether or not `store.enabled`, so old names fail either way. */}}
+{{- define "token-broker.storeSection" -}}
+{{- $values := .Values.store | default dict -}}
+{{- $renamed := dict "databaseUrlEnv" "was renamed to store.database_url_env" "encryptionKeyEnv" "was renamed to store.encryption_key_env" "poolSize" "was renamed to store.pool_size" "extra" "was removed: put its fields directly under store (store.query_timeout, ...)" -}}
+{{- range $old := keys $renamed | sortAlpha -}}
+{{- if hasKey $values $old -}}
+{{- fail (printf "token-broker: store.%s %s (the store values use the config's [store] field names)" $old (index $renamed $old)) -}}
+{{- end -}}
+{{- end -}}
+{{- $store := dict -}}
+{{- range $key := keys $values | sortAlpha -}}
+{{- $v := index $values $key -}}
+{{- if not (or (eq $key "enabled") (eq (kindOf $v) "invalid") (and (eq (kindOf $v) "string") (eq $v ""))) -}}
+{{- $_ := set $store $key $v -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := keys $store | sortAlpha -}}
+{{- if and (hasSuffix "_env" $key) (hasKey $store (printf "%s_file" (trimSuffix "_env" $key))) -}}
+{{- fail (printf "token-broker: store.%s and store.%s_file are both set: give one (set the other to \"\")" $key (trimSuffix "_env" $key)) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (hasKey $store "migrate") -}}
+{{- $_ := set $store "migrate" (not .Values.migration.enabled) -}}
+{{- end -}}
+{{- toJson $store -}}
+{{- end }}
+
 {{/* The config as a map: the user's `config` plus what the chart manages. Fails on values the
 schema cannot check: every referenced variable must be provided by secrets.env or extraEnv. */}}
 {{- define "token-broker.configMap" -}}
@@ -243,14 +276,8 @@ sets to null.) */ -}}
 {{- end -}}
 {{- $_ := set $cfg "server" $server -}}
 {{- $_ := set $cfg "admin" (dict "enabled" true "listen" (printf "%s:%d" (toString .Values.admin.bindAddress) (int .Values.admin.port))) -}}
+{{- $store := include "token-broker.storeSection" . | fromJson -}}
 {{- if .Values.store.enabled -}}
-{{- $store := deepCopy (.Values.store.extra | default dict) -}}
-{{- $_ := set $store "database_url_env" .Values.store.databaseUrlEnv -}}
-{{- if .Values.store.encryptionKeyEnv -}}
-{{- $_ := set $store "encryption_key_env" .Values.store.encryptionKeyEnv -}}
-{{- end -}}
-{{- $_ := set $store "pool_size" (int .Values.store.poolSize) -}}
-{{- $_ := set $store "migrate" (not .Values.migration.enabled) -}}
 {{- $_ := set $cfg "store" $store -}}
 {{- end -}}
 {{- $provided := list -}}
@@ -274,23 +301,36 @@ sets to null.) */ -}}
 {{ include "token-broker.toml.table" (dict "prefix" "" "table" (include "token-broker.configMap" . | fromJson)) -}}
 {{- end }}
 
-{{/* The migration Job's config file: `[store]` only (`token-broker migrate` reads nothing else),
-with the database URL variable and the connection timings; no collections, no encryption key
-variable, so the Job needs no upstream secret and no key. */}}
+{{/* The migration Job's config file: `[store]` only (`token-broker migrate` reads nothing else):
+the sidecar's `[store]` without its other secret references (every `*_env` and `*_file` but the
+database URL's: no listener URL, no encryption key) and without `pool_size` and `migrate`; so the
+Job needs no upstream secret and no key. */}}
 {{- define "token-broker.migrationConfigToml" -}}
-{{- $store := deepCopy (.Values.store.extra | default dict) -}}
-{{- $_ := set $store "database_url_env" .Values.store.databaseUrlEnv -}}
+{{- $store := dict -}}
+{{- range $key, $v := include "token-broker.storeSection" . | fromJson -}}
+{{- $ref := or (hasSuffix "_env" $key) (hasSuffix "_file" $key) -}}
+{{- if not (or (has $key (list "pool_size" "migrate")) (and $ref (not (hasPrefix "database_url_" $key)))) -}}
+{{- $_ := set $store $key $v -}}
+{{- end -}}
+{{- end -}}
 # Rendered by the token-broker Helm chart for `token-broker migrate`: [store] only.
 {{ include "token-broker.toml.table" (dict "prefix" "" "table" (dict "store" $store)) -}}
 {{- end }}
 
 {{/* The migration Job's environment: the database URL variable only (from
 migration.databaseUrlSecretKey, else the sidecar's own secrets.env or extraEnv entry), plus
-migration.extraEnv. */}}
+migration.extraEnv. With `store.database_url_file` instead of `store.database_url_env`, no
+variable: the file comes from migration.extraVolumes. */}}
 {{- define "token-broker.migrationEnv" -}}
 {{- $v := .Values -}}
-{{- $dbEnv := $v.store.databaseUrlEnv -}}
+{{- $dbEnv := $v.store.database_url_env | default "" -}}
 {{- $entry := dict -}}
+{{- if not $dbEnv -}}
+{{- if $v.migration.databaseUrlSecretKey -}}
+{{- fail "token-broker: migration.databaseUrlSecretKey is given to the Job as store.database_url_env, which is empty: name the variable" -}}
+{{- end -}}
+{{- toYaml ($v.migration.extraEnv | default list) -}}
+{{- else -}}
 {{- if $v.migration.databaseUrlSecretKey -}}
 {{- if not $v.secrets.existingSecret -}}
 {{- fail "token-broker: migration.databaseUrlSecretKey is a key of secrets.existingSecret, which is empty: name the Secret" -}}
@@ -311,9 +351,10 @@ migration.extraEnv. */}}
 {{- end -}}
 {{- end -}}
 {{- if not $entry -}}
-{{- fail (printf "token-broker: the migration Job needs %s (store.databaseUrlEnv): list it in secrets.env or extraEnv, or set migration.databaseUrlSecretKey" $dbEnv) -}}
+{{- fail (printf "token-broker: the migration Job needs %s (store.database_url_env): list it in secrets.env or extraEnv, or set migration.databaseUrlSecretKey" $dbEnv) -}}
 {{- end -}}
 {{- toYaml (prepend ($v.migration.extraEnv | default list) $entry) -}}
+{{- end -}}
 {{- end }}
 
 {{/* ---------------------------------------------------------------- Sidecar. */}}
