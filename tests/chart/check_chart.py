@@ -8,7 +8,9 @@ the two-alias parent, in native and plain modes) is validated with kubernetes-va
 against the schemas of Kubernetes 1.29 and 1.31, and checked for what the API server refuses
 beyond the schemas (restartPolicy on a regular container, probes on a plain init container,
 duplicate container names and ports, mounts of missing volumes, duplicate object names...).
-CRDs (PodMonitor) are checked structurally. Exits 1 listing every failed check. Prints no secret
+CRDs (PodMonitor) are checked structurally. The `store` values (the config's own `[store]` field
+names) are checked to render verbatim into `[store]` and, minus the sidecar-only fields, into the
+migration Job's config; the chart's old camelCase names and unknown keys are refused. Exits 1 listing every failed check. Prints no secret
 values: the values used here hold only names of variables, Secrets and keys.
 
     python tests/chart/check_chart.py [REPO_ROOT] [--emit-configs DIR]
@@ -110,6 +112,15 @@ def lint_ok(path: Path, values: dict[str, Any] | None, label: str, **kw: Any) ->
     report = lint(path, values, label, **kw)
     bad = [m for m in report["messages"] if m["severity"] >= 2]
     check(not report["errors"] and not bad, f"{label}: lint is clean, got {report['errors'] or bad}")
+
+
+def without_schema(tmp: str) -> Path:
+    """A copy of the chart without values.schema.json: what `--skip-schema-validation` renders,
+    to reach the checks the templates make themselves."""
+    dst = Path(tmp) / "token-broker"
+    shutil.copytree(CHART, dst)
+    (dst / "values.schema.json").unlink()
+    return dst
 
 
 def render(path: Path, values: dict[str, Any] | None, kube: str = KUBE_VERSIONS[-1]) -> dict[str, str]:
@@ -483,7 +494,8 @@ def example() -> None:
     check(store.get("database_url_env") == "TOKEN_BROKER_DATABASE_URL" and store.get("encryption_key_env") == "TOKEN_BROKER_ENCRYPTION_KEY", f"example: [store] by reference, got {store}")
     check(store.get("pool_size") == 1 and type(store.get("pool_size")) is int, f"example: pool_size an integer, got {store.get('pool_size')!r}")
     check(store.get("migrate") is False, "example: migrate = false with the migration Job")
-    check(store.get("query_timeout") == "2s", "example: store.extra merged")
+    check(store.get("query_timeout") == "2s" and store.get("poll_interval") == "30s", f"example: further store fields rendered under their own names, got {store}")
+    check(set(store) == {"database_url_env", "encryption_key_env", "pool_size", "migrate", "query_timeout", "poll_interval"}, f"example: [store] holds the store values but enabled, plus migrate, got {sorted(store)}")
     check_no_inline_secrets(cfg, "example")
 
     dep = one(objs, "Deployment", "example")
@@ -596,6 +608,8 @@ def example() -> None:
     oref = secret_env(container(one(own, "Job", "own key")["spec"]["template"]["spec"], "migrate")).get("TOKEN_BROKER_DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef")
     check(oref == {"name": "token-broker-secrets", "key": "database-url"}, f"job: without databaseUrlSecretKey, the sidecar's key, got {oref}")
 
+    store_variants(values)
+
     nomig = objects(render(CHART, merge(values, {"migration": {"enabled": False}})))
     check(not find(nomig, "Job"), "migration.enabled false: no Job")
     check(parse_toml(regular_configmap(nomig, "no migration"), "no migration").get("store", {}).get("migrate") is True, "migration.enabled false: sidecars migrate")
@@ -611,6 +625,62 @@ def example() -> None:
     ep = ((pm.get("spec") or {}).get("podMetricsEndpoints") or [{}])[0]
     check(ep == {"port": "broker-admin", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}, f"podMonitor: endpoint on the admin port name, got {ep}")
     check_api(pm_objs, KUBE_VERSIONS[-1], "podMonitor")
+
+
+def job_parts(objs: list[dict[str, Any]], what: str) -> tuple[dict[str, Any], list[str]]:
+    """The migration Job's config (from its hook ConfigMap) and the names of its env entries."""
+    job = one(objs, "Job", what)
+    jpod = job["spec"]["template"]["spec"]
+    cm_name = next((v.get("configMap", {}).get("name") for v in jpod.get("volumes") or [] if v.get("name") == "config"), None)
+    cfg = parse_toml(one(objs, "ConfigMap", f"{what} job", lambda o: o["metadata"]["name"] == cm_name), f"{what} job")
+    return cfg, [e.get("name") for e in container(jpod, "migrate").get("env") or []]
+
+
+def store_variants(values: dict[str, Any]) -> None:
+    """`store` values are the config's `[store]` fields under their own names, rendered as given."""
+    # Every field the config has, set to something other than its default.
+    full = {"database_url_env": "TOKEN_BROKER_DATABASE_URL", "listener_url_env": "TOKEN_BROKER_LISTENER_URL", "encryption_key_env": "TOKEN_BROKER_ENCRYPTION_KEY", "pool_size": 3, "migrate": True,
+            "connect_timeout": "3s", "startup_timeout": "30s", "query_timeout": "2s", "heartbeat_interval": "4s", "poll_interval": "45s"}
+    all_values = merge(values, {"store": full})
+    all_values["secrets"]["env"] = all_values["secrets"]["env"] + [{"name": "TOKEN_BROKER_LISTENER_URL", "key": "listener-url"}]
+    lint_ok(CHART, all_values, "store, every field")
+    objs = objects(render(CHART, all_values))
+    cfg = parse_toml(regular_configmap(objs, "store, every field"), "store, every field")
+    check(cfg.get("store") == full, f"store, every field: [store] is store without enabled, verbatim, got {cfg.get('store')}")
+    check(type(cfg.get("store", {}).get("pool_size")) is int, "store, every field: pool_size stays an integer")
+    jcfg, jenv = job_parts(objs, "store, every field")
+    timings = {k: v for k, v in full.items() if k.endswith(("_timeout", "_interval"))}
+    check(jcfg == {"store": {"database_url_env": "TOKEN_BROKER_DATABASE_URL", **timings}}, f"store, every field: the Job's [store] is the URL and the timings (no listener URL, no key, no pool_size, no migrate), got {jcfg}")
+    check(jenv == ["TOKEN_BROKER_DATABASE_URL"], f"store, every field: the Job gets only the database URL, got {jenv}")
+    check_api(objs, KUBE_VERSIONS[-1], "store, every field")
+
+    # Only `enabled`: the same [store] as before the rename (URL variable, pool_size 2, migrate
+    # false with the Job, no encryption key).
+    env = {"secrets": {"existingSecret": "s", "env": [{"name": "TOKEN_BROKER_DATABASE_URL", "key": "u"}]}}
+    dobjs = objects(render(CHART, merge(env, {"store": {"enabled": True}})))
+    dstore = parse_toml(regular_configmap(dobjs, "store defaults"), "store defaults").get("store")
+    check(dstore == {"database_url_env": "TOKEN_BROKER_DATABASE_URL", "pool_size": 2, "migrate": False}, f"store defaults: [store] as before, got {dstore}")
+    djcfg, _ = job_parts(dobjs, "store defaults")
+    check(djcfg == {"store": {"database_url_env": "TOKEN_BROKER_DATABASE_URL"}}, f"store defaults: the Job's [store], got {djcfg}")
+
+    # The URL from a file: "" unsets the default variable; the Job gets no URL variable.
+    by_file = merge(values, {"store": {"database_url_env": "", "database_url_file": "/etc/db/url", "encryption_key_env": "", "encryption_key_file": "/etc/keys/keys"},
+                             "migration": {"databaseUrlSecretKey": "", "extraVolumes": [{"name": "db", "secret": {"secretName": "db"}}], "extraVolumeMounts": [{"name": "db", "mountPath": "/etc/db", "readOnly": True}]}})
+    lint_ok(CHART, by_file, "store by file")
+    fobjs = objects(render(CHART, by_file))
+    fstore = parse_toml(regular_configmap(fobjs, "store by file"), "store by file").get("store", {})
+    check(fstore.get("database_url_file") == "/etc/db/url" and "database_url_env" not in fstore and fstore.get("encryption_key_file") == "/etc/keys/keys" and "encryption_key_env" not in fstore, f"store by file: file references, empty variables left out, got {fstore}")
+    fjcfg, fjenv = job_parts(fobjs, "store by file")
+    check(fjcfg == {"store": {"database_url_file": "/etc/db/url", "query_timeout": "2s", "poll_interval": "30s"}}, f"store by file: the Job's [store] names the URL file only, got {fjcfg}")
+    check(fjenv == [], f"store by file: the Job gets no URL variable, got {fjenv}")
+    check_api(fobjs, KUBE_VERSIONS[-1], "store by file")
+
+    # A field the config gains later needs no template change (the schema lists it, not the
+    # templates): shown on a copy without the schema.
+    with tempfile.TemporaryDirectory() as tmp:
+        nobjs = objects(render(without_schema(tmp), merge(values, {"store": {"future_timeout": "7s"}})))
+        check(parse_toml(regular_configmap(nobjs, "future field"), "future field").get("store", {}).get("future_timeout") == "7s", "a new store field is rendered without a template change")
+        check(job_parts(nobjs, "future field")[0].get("store", {}).get("future_timeout") == "7s", "a new store field reaches the Job's config too")
 
 
 def with_charts(parent: Path, tmp: str) -> Path:
@@ -731,6 +801,9 @@ def two_aliases() -> None:
                 check(sidecar_placements([dep]) == {mode}, f"{what}: {app}'s sidecar is {mode}")
             orders = parse_toml(one(objs, "ConfigMap", "orders", lambda o: o["metadata"]["name"] == "rel-orders-broker"), "orders")
             check(set(orders.get("collections", {})) == {"orders"}, f"{what}: each alias has its own config, got {orders.get('collections')}")
+            check(orders.get("store") == {"database_url_env": "TOKEN_BROKER_DATABASE_URL", "pool_size": 4, "poll_interval": "45s", "migrate": False}, f"{what}: the parent's store values under their config names, got {orders.get('store')}")
+            reports = parse_toml(one(objs, "ConfigMap", "reports", lambda o: o["metadata"]["name"] == "rel-reports-broker"), "reports")
+            check(reports.get("store") == {"database_url_env": "TOKEN_BROKER_DATABASE_URL", "pool_size": 2, "migrate": False}, f"{what}: the other alias keeps the defaults, got {reports.get('store')}")
             jobs = find(objs, "Job")
             for j in jobs:
                 jenv = [e["name"] for e in container(j["spec"]["template"]["spec"], "migrate").get("env") or []]
@@ -753,7 +826,25 @@ def failures_expected() -> None:
     expect_error({"admin": {"port": 70000}}, ["/admin/port"], "admin.port 70000")
     expect_error({"admin": {"portName": "a-much-too-long-port-name"}}, ["/admin/portName"], "admin.portName over 15 characters")
     expect_error({"admin": {"portName": "9464"}}, ["/admin/portName"], "admin.portName without a letter")
-    expect_error({"store": {"poolSize": -1}}, ["/store/poolSize"], "store.poolSize negative")
+    expect_error({"store": {"pool_size": -1}}, ["/store/pool_size"], "store.pool_size negative")
+    expect_error({"store": {"query_timeout": 5}}, ["/store/query_timeout"], "store.query_timeout not a duration")
+    expect_error({"store": {"listener_url_env": "NOT-A-NAME"}}, ["/store/listener_url_env"], "store.listener_url_env not a variable name")
+    expect_error({"store": {"conect_timeout": "5s"}}, ["/store", "conect_timeout"], "an unknown store key")
+    expect_error({"store": {"enabled": True, "database_url_env": ""}}, ["/store", "database_url_file"], "store enabled without a database URL reference")
+    # The chart's old names: refused by the schema with the rename in its message, and by the
+    # templates too (for --skip-schema-validation).
+    renamed = {"databaseUrlEnv": ("TOKEN_BROKER_DATABASE_URL", "store.databaseUrlEnv was renamed to store.database_url_env"),
+               "encryptionKeyEnv": ("TOKEN_BROKER_ENCRYPTION_KEY", "store.encryptionKeyEnv was renamed to store.encryption_key_env"),
+               "poolSize": (2, "store.poolSize was renamed to store.pool_size"),
+               "extra": ({"query_timeout": "2s"}, "store.extra was removed: put its fields directly under store")}
+    with tempfile.TemporaryDirectory() as tmp:
+        unchecked = without_schema(tmp)
+        for old, (value, message) in renamed.items():
+            expect_error({"store": {"enabled": True, old: value}}, [f"/store/{old}", message], f"the old name store.{old}")
+            expect_error({"store": {old: value}}, [message], f"the old name store.{old}, schema skipped", path=unchecked, schema=False)
+        # The schema's message for an old name is a value it demands; given that value, the
+        # templates still refuse it.
+        expect_error({"store": {"poolSize": "store.poolSize was renamed to store.pool_size"}}, ["store.poolSize was renamed to store.pool_size"], "an old name set to the schema's message", schema=False)
     expect_error({"secrets": {"existingSecret": "", "env": [{"name": "X", "key": "k"}]}}, ["/secrets/existingSecret"], "secrets.env without existingSecret")
     expect_error({"config": {"server": {"listen": "0.0.0.0:50051"}}}, ["/config/server"], "config.server.listen (managed by tokenApi)")
     expect_error({"config": {"server": {"shutdown_delay": "5s"}}}, ["/config/server"], "config.server.shutdown_delay (managed by sidecar.shutdownDelay)")
@@ -773,6 +864,8 @@ def failures_expected() -> None:
     expect_error({"nativeSidecar": True, "sidecar": {"mode": "plain"}, "example": {"enabled": True}}, ["nativeSidecar: true (deprecated) contradicts sidecar.mode: plain"], "nativeSidecar true with sidecar.mode plain", schema=False)
     expect_error({"sidecar": {"mode": "native"}, "example": {"enabled": True}}, ["sidecar.mode native needs Kubernetes 1.29+"], "native mode on Kubernetes 1.28", schema=False, kube=OLD_KUBE)
     expect_error({"store": {"enabled": True}, "extraEnv": [{"name": "TOKEN_BROKER_DATABASE_URL", "value": "postgres://h/db"}], "migration": {"databaseUrlSecretKey": "admin-url"}}, ["migration.databaseUrlSecretKey", "secrets.existingSecret"], "databaseUrlSecretKey without existingSecret", schema=False)
+    expect_error({"store": {"enabled": True, "database_url_file": "/etc/db/url"}}, ["store.database_url_env and store.database_url_file are both set"], "the database URL as variable and file", schema=False)
+    expect_error({"store": {"enabled": True, "database_url_env": "", "database_url_file": "/etc/db/url"}, "secrets": {"existingSecret": "s"}, "migration": {"databaseUrlSecretKey": "admin-url"}}, ["migration.databaseUrlSecretKey", "store.database_url_env"], "databaseUrlSecretKey with the URL from a file", schema=False)
     lint_ok(CHART, merge(env, oauth), "the same variable provided")
 
 
