@@ -16,7 +16,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::served::Served;
+use crate::support::binary::Served;
 
 /// The samples of a Prometheus text exposition: `name{labels}` -> value.
 fn samples(text: &str) -> HashMap<String, f64> {
@@ -286,10 +286,10 @@ async fn wait_metric(served: &Served, series: &str, ok: impl Fn(f64) -> bool) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_metrics_show_notification_lag_lease_grants_and_a_degraded_database() {
-    use crate::fault::FaultProxy;
     use crate::fleet::{FleetEnv, fleet_config};
-    use crate::pg::TestDb;
-    use crate::upstream::{OAuthConfig, OAuthServer};
+    use crate::support::fault_proxy::FaultProxy;
+    use crate::support::postgres::TestDb;
+    use crate::support::upstream::{OAuthConfig, OAuthServer};
 
     let db = TestDb::create().await;
     let proxy = FaultProxy::start(db.server_addr()).await;
@@ -370,8 +370,8 @@ async fn fleet_metrics_show_notification_lag_lease_grants_and_a_degraded_databas
 #[tokio::test]
 async fn a_slow_commit_is_not_notification_lag() {
     use crate::fleet::{FleetEnv, fleet_config};
-    use crate::pg::TestDb;
-    use crate::upstream::{OAuthConfig, OAuthServer};
+    use crate::support::postgres::TestDb;
+    use crate::support::upstream::{OAuthConfig, OAuthServer};
 
     let db = TestDb::create().await;
     let env = FleetEnv::new(db.url.clone());

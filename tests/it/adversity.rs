@@ -37,7 +37,7 @@ use crate::chaos::clients::{Recorder, caller, watcher};
 use crate::chaos::history::{self, Call, History, Kill, Ms, Via, Window, now_ms};
 use crate::chaos::proc::Proc;
 use crate::chaos::upstream::{Endpoint, Faults, Kind, Upstream};
-use crate::pg::TestDb;
+use crate::support::postgres::TestDb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
@@ -720,8 +720,8 @@ async fn a_peer_waits_for_a_cut_off_spender_of_the_rotating_refresh_token() {
     )
     .await;
     let proxies = [
-        crate::fault::FaultProxy::start(db.server_addr()).await,
-        crate::fault::FaultProxy::start(db.server_addr()).await,
+        crate::support::fault_proxy::FaultProxy::start(db.server_addr()).await,
+        crate::support::fault_proxy::FaultProxy::start(db.server_addr()).await,
     ];
     let envs: Vec<Vec<(String, String)>> = proxies
         .iter()

@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use token_broker::grpc::pb::WatchTokenRequest;
 use tokio::sync::mpsc;
 
-use crate::served::Served;
+use crate::support::binary::Served;
 use crate::walkthrough::blocks;
 
 /// The address the READMEs' commands use; replaced by the Unix socket.

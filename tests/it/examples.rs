@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::served::Served;
+use crate::support::binary::Served;
 use crate::support::random_secret;
-use crate::upstream::{FakeHttp, OAuthConfig, OAuthServer, OverDriveServer, Reply};
+use crate::support::upstream::{FakeHttp, OAuthConfig, OAuthServer, OverDriveServer, Reply};
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 

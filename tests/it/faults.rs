@@ -20,13 +20,13 @@ use token_broker::grpc::pb::{self, InvalidateTokenRequest};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::fault::FaultProxy;
 use crate::fleet::{
     FleetEnv, Seen, Sidecar, assert_one_value_per_version, fleet_config, watch_each,
 };
-use crate::pg::TestDb;
+use crate::support::fault_proxy::FaultProxy;
+use crate::support::postgres::TestDb;
+use crate::support::upstream::{OAuthConfig, OAuthServer, Reply};
 use crate::support::{get, ts};
-use crate::upstream::{OAuthConfig, OAuthServer, Reply};
 
 type Client = pb::token_broker_client::TokenBrokerClient<Channel>;
 type Record = Arc<Mutex<Vec<Seen>>>;

@@ -20,9 +20,11 @@ use std::time::Duration;
 use token_broker::grpc::pb::WatchTokenRequest;
 use tokio::time::Instant;
 
-use crate::pg::{PgBouncerServer, TestDb, admin_url, pgbouncer_addr, pgbouncer_servers};
+use crate::support::postgres::{
+    PgBouncerServer, TestDb, admin_url, pgbouncer_addr, pgbouncer_servers,
+};
 use crate::support::random_secret;
-use crate::upstream::{OAuthConfig, OAuthServer};
+use crate::support::upstream::{OAuthConfig, OAuthServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
@@ -106,7 +108,7 @@ impl Route {
 }
 
 /// A fleet member: the real binary (see [`Served`]).
-pub use crate::served::Served as Sidecar;
+pub use crate::support::binary::Served as Sidecar;
 
 impl FleetEnv {
     /// Starts one sidecar of this fleet serving `config`.
@@ -411,7 +413,7 @@ async fn a_sidecar_starts_without_its_database_and_shares_its_token_once_it_answ
 /// first: through PgBouncer, one proxy in front of PgBouncer for the pool
 /// and one in front of Postgres for the listener, cut and restored together.
 async fn starts_without_its_database(route: Route) {
-    use crate::fault::FaultProxy;
+    use crate::support::fault_proxy::FaultProxy;
     let db = TestDb::create().await;
     let to_postgres = FaultProxy::start(db.server_addr()).await;
     let (env, to_pgbouncer) = match route {
@@ -470,15 +472,19 @@ async fn starts_without_its_database(route: Route) {
 }
 
 /// Fault proxies cut and restored together.
-struct Proxies(Vec<crate::fault::FaultProxy>);
+struct Proxies(Vec<crate::support::fault_proxy::FaultProxy>);
 
 impl Proxies {
     fn cut(&self) {
-        self.0.iter().for_each(crate::fault::FaultProxy::cut);
+        self.0
+            .iter()
+            .for_each(crate::support::fault_proxy::FaultProxy::cut);
     }
 
     fn restore(&self) {
-        self.0.iter().for_each(crate::fault::FaultProxy::restore);
+        self.0
+            .iter()
+            .for_each(crate::support::fault_proxy::FaultProxy::restore);
     }
 }
 
@@ -656,7 +662,7 @@ async fn a_failing_upstream_is_backed_off(route: Route) {
     let db = TestDb::create().await;
     let env = FleetEnv::routed(&db, route);
     let oauth = OAuthServer::start(OAuthConfig::new("fleet", &env.client_secret)).await;
-    oauth.script((0..100).map(|_| crate::upstream::Reply::empty(503)));
+    oauth.script((0..100).map(|_| crate::support::upstream::Reply::empty(503)));
     let config = fleet_config(&oauth.token_url(), ", backoff_max = \"2s\"");
     let sidecars = env.start_fleet(&config, 3).await;
     // A caller without a token gets the shared failure, not a timeout.

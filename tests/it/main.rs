@@ -2,8 +2,10 @@
 //! socket in a temp dir), called through the generated client, with scripted
 //! upstream sources that count calls. Time-dependent tests pause tokio's clock;
 //! the broker's wall clock follows it. Store tests get a fresh Postgres
-//! database each (`pg`), fleet tests run the real binary several times over
-//! one database, and fault tests cut it through a TCP proxy (`fault`).
+//! database each (`support::postgres`), fleet tests run the real binary
+//! several times over one database (`support::binary`), and fault tests cut it
+//! through a TCP proxy (`support::fault_proxy`). The shared harness is all in
+//! `support/`; every other module holds tests.
 #![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod admin;
@@ -14,19 +16,15 @@ mod chart;
 mod cli;
 mod client_example;
 mod examples;
-mod fault;
 mod faults;
 mod fleet;
 mod node_client;
-mod pg;
-mod pgstore;
+mod postgres_store;
 mod python_client;
 mod refresh;
-mod served;
-mod server;
 mod sources;
 mod support;
 mod telemetry;
-mod upstream;
+mod unix_socket_and_shutdown;
 mod walkthrough;
 mod watch;

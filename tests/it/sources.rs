@@ -15,10 +15,12 @@ use token_broker::store::MemoryStore;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::support::upstream::{
+    ClientAuth, FakeHttp, OAuthConfig, OAuthServer, OverDriveServer, Reply,
+};
 use crate::support::{
     TestServer, assert_no_secret_logged, capture_logs, get, random_secret, secret_file, ts,
 };
-use crate::upstream::{ClientAuth, FakeHttp, OAuthConfig, OAuthServer, OverDriveServer, Reply};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -560,7 +562,7 @@ async fn overdrive_children_share_one_oauth_token_and_a_401_refreshes_it_once() 
     let tokens = futures_join(&server, &children).await;
     assert_eq!(oauth.grants("client_credentials"), 1);
     let collection_token =
-        |r: &crate::upstream::Recorded| r.header("authorization").map(str::to_owned);
+        |r: &crate::support::upstream::Recorded| r.header("authorization").map(str::to_owned);
     let bearer = format!("Bearer {}", oauth.issued()[0]);
     assert!(
         od.requests()

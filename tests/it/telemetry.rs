@@ -18,8 +18,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use token_broker::grpc::pb::GetCollectionTokenRequest;
 
-use crate::served::Served;
-use crate::upstream::{OAuthConfig, OAuthServer};
+use crate::support::binary::Served;
+use crate::support::upstream::{OAuthConfig, OAuthServer};
 
 /// An OTLP trace receiver that keeps every span with its resource's service name.
 #[derive(Default, Clone)]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use crate::served::Served;
+use crate::support::binary::Served;
 
 /// The address every command in the README uses; replaced by the socket.
 const README_ADDR: &str = "127.0.0.1:50051";

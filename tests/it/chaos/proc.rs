@@ -115,7 +115,7 @@ impl Proc {
             .arg(&self.config)
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
-            .args(crate::served::SERVE_EXTRA_ARGS)
+            .args(crate::support::binary::SERVE_EXTRA_ARGS)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

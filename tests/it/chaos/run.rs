@@ -27,8 +27,8 @@ use super::clients::{Recorder, caller, watcher};
 use super::history::{self, History, Kill, Ms, Window, now_ms};
 use super::proc::{self, Proc};
 use super::upstream::{Endpoint, Faults, Kind, Upstream};
-use crate::fault::FaultProxy;
-use crate::pg::TestDb;
+use crate::support::fault_proxy::FaultProxy;
+use crate::support::postgres::TestDb;
 
 /// The collections every chaos sidecar serves: one per upstream kind, with
 /// short tokens (lifetimes drawn per call from the range, in seconds).

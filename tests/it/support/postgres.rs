@@ -361,7 +361,7 @@ mod selftest {
     use tokio::time::timeout;
 
     use super::{TestDb, admin_url};
-    use crate::fault::FaultProxy;
+    use crate::support::fault_proxy::FaultProxy;
 
     const T: Duration = Duration::from_secs(10);
 

@@ -17,7 +17,7 @@ use token_broker::token::Secret;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::pg::TestDb;
+use crate::support::postgres::TestDb;
 
 struct Opened {
     store: Arc<PgStore>,
@@ -852,7 +852,7 @@ async fn a_current_schema_is_checked_without_the_migration_lock() {
 #[tokio::test]
 async fn the_listener_connects_to_its_own_url() {
     let db = TestDb::create().await;
-    let proxy = crate::fault::FaultProxy::start(db.server_addr()).await;
+    let proxy = crate::support::fault_proxy::FaultProxy::start(db.server_addr()).await;
     let shutdown = CancellationToken::new();
     let store = PgStore::start(
         PgSettings {

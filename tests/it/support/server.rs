@@ -1,0 +1,113 @@
+//! [`TestServer`]: a real broker (on a `MemoryStore`) and its gRPC API
+//! (`token_broker::app::serve_api`) on 127.0.0.1:0 or a given listener, in this
+//! process, driven through the generated client. Dropping it starts shutdown;
+//! `stop` waits for the server to return.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use token_broker::broker::{Broker, CollectionSpec};
+use token_broker::clock::Clock;
+use token_broker::config::{Config, ServerConfig};
+use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
+use token_broker::listen::{ListenAddr, Listener};
+use token_broker::store::MemoryStore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// A running broker with its gRPC server on 127.0.0.1:0.
+pub struct TestServer {
+    pub addr: ListenAddr,
+    pub clock: Clock,
+    pub shutdown: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(specs: Vec<CollectionSpec>) -> Self {
+        Self::start_with(specs, ServerConfig::default()).await
+    }
+
+    pub async fn start_with(specs: Vec<CollectionSpec>, cfg: ServerConfig) -> Self {
+        let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        Self::start_on(specs, cfg, listener).await
+    }
+
+    pub async fn start_on(
+        specs: Vec<CollectionSpec>,
+        cfg: ServerConfig,
+        listener: Listener,
+    ) -> Self {
+        Self::start_full(specs, cfg, listener, Arc::new(MemoryStore::new())).await
+    }
+
+    /// A server built from config text (as `serve --config` would), on a
+    /// given store, so that a test can restart the broker on the same store.
+    pub async fn from_toml(text: &str, store: Arc<MemoryStore>) -> Self {
+        let config = Config::parse(text).unwrap_or_else(|e| panic!("config: {e}\n{text}"));
+        let specs = token_broker::app::sources(&config).unwrap();
+        let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        Self::start_full(specs, config.server, listener, store).await
+    }
+
+    async fn start_full(
+        specs: Vec<CollectionSpec>,
+        cfg: ServerConfig,
+        listener: Listener,
+        store: Arc<MemoryStore>,
+    ) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let clock = Clock::tokio_anchored(SystemTime::now());
+        let shutdown = CancellationToken::new();
+        let broker = Broker::start(specs, store, clock.clone(), shutdown.clone());
+        let stop = shutdown.clone();
+        let handle = tokio::spawn(async move {
+            token_broker::app::serve_api(broker, &cfg, listener, stop)
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            clock,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    /// Starts shutdown and waits (at most `within`) for the server to return.
+    pub async fn stop(mut self, within: Duration) {
+        self.shutdown.cancel();
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(within, handle)
+            .await
+            .expect("server did not stop in time")
+            .expect("server task failed");
+    }
+
+    /// A client on a new connection.
+    pub async fn client(&self) -> TokenBrokerClient<Channel> {
+        token_broker::client::connect(&self.addr).await.unwrap()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        match &self.addr {
+            ListenAddr::Tcp(a) => tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+            ListenAddr::Unix(_) => panic!("tcp only"),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
