@@ -286,8 +286,8 @@ async fn wait_metric(served: &Served, series: &str, ok: impl Fn(f64) -> bool) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_metrics_show_notification_lag_lease_grants_and_a_degraded_database() {
-    use crate::fleet::{FleetEnv, fleet_config};
     use crate::support::fault_proxy::FaultProxy;
+    use crate::support::fleet::{FleetEnv, fleet_config};
     use crate::support::postgres::TestDb;
     use crate::support::upstream::{OAuthConfig, OAuthServer};
 
@@ -369,7 +369,7 @@ async fn fleet_metrics_show_notification_lag_lease_grants_and_a_degraded_databas
 /// so it stays well under the sleep; stamped from the payload it would not.
 #[tokio::test]
 async fn a_slow_commit_is_not_notification_lag() {
-    use crate::fleet::{FleetEnv, fleet_config};
+    use crate::support::fleet::{FleetEnv, fleet_config};
     use crate::support::postgres::TestDb;
     use crate::support::upstream::{OAuthConfig, OAuthServer};
 

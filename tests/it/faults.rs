@@ -10,7 +10,6 @@
 //! fetched (not when the store call that failed before it began).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -20,13 +19,14 @@ use token_broker::grpc::pb::{self, InvalidateTokenRequest};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::fleet::{
-    FleetEnv, Seen, Sidecar, assert_one_value_per_version, fleet_config, watch_each,
-};
 use crate::support::fault_proxy::FaultProxy;
+use crate::support::fleet::{FleetEnv, Sidecar, fleet_config};
+use crate::support::get;
+use crate::support::load::{
+    Readers, Seen, assert_in_order, assert_one_value_per_version, watch_each,
+};
 use crate::support::postgres::TestDb;
 use crate::support::upstream::{OAuthConfig, OAuthServer, Reply};
-use crate::support::{get, ts};
 
 type Client = pb::token_broker_client::TokenBrokerClient<Channel>;
 type Record = Arc<Mutex<Vec<Seen>>>;
@@ -262,17 +262,6 @@ async fn killing_the_lease_holder_mid_call_costs_at_most_one_extra_upstream_call
     }
 }
 
-/// One client read.
-struct Read {
-    sidecar: usize,
-    seen: Seen,
-    latency: Duration,
-    /// Wall clock, when the answer arrived.
-    received: SystemTime,
-    /// The token's `fetched_at`: when the broker saw the upstream issue it.
-    fetched_at: SystemTime,
-}
-
 /// One outage: what the clients saw is checked at the end; this is what the
 /// phase itself measured.
 struct Outage {
@@ -361,46 +350,7 @@ async fn database_outage_during_traffic_loses_no_read_and_converges() {
 
     // Clients, each on its own connection, reading in a loop; every read
     // is recorded with the sidecar it came from.
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let reads = Arc::new(Mutex::new(Vec::<Read>::new()));
-    let mut clients = Vec::new();
-    for n in 0..CLIENTS {
-        let (sidecars, stop, failures, reads) = (
-            sidecars.clone(),
-            stop.clone(),
-            failures.clone(),
-            reads.clone(),
-        );
-        clients.push(tokio::spawn(async move {
-            let i = n % SIDECARS;
-            let mut client = sidecars[i].client().await;
-            let mut mine = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                match get(&mut client, "api", Duration::from_secs(5)).await {
-                    Ok(t) => mine.push(Read {
-                        sidecar: i,
-                        latency: started.elapsed(),
-                        received: SystemTime::now(),
-                        fetched_at: ts(&t.fetched_at),
-                        seen: Seen {
-                            version: t.version,
-                            value: t.value,
-                            at: Instant::now(),
-                        },
-                    }),
-                    Err(e) => {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("client {n} on sidecar {i}: {e:?}");
-                    }
-                }
-                let pause = 50 + rand::random::<u64>() % 100;
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
-            reads.lock().unwrap().extend(mine);
-        }));
-    }
+    let readers = Readers::start(&sidecars, CLIENTS);
     let mut probes = Vec::new();
     for s in sidecars.iter() {
         probes.push(s.client().await);
@@ -439,12 +389,8 @@ async fn database_outage_during_traffic_loses_no_read_and_converges() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
+    let (reads, failures) = readers.stop().await;
 
-    let reads = reads.lock().unwrap();
     for (name, o) in [("cut", &cut), ("blackhole", &blackhole)] {
         let during: Vec<Duration> = reads
             .iter()
@@ -476,7 +422,7 @@ async fn database_outage_during_traffic_loses_no_read_and_converges() {
     eprintln!(
         "{} reads in all, {} failed; latency p50 {:?}, max {:?}, {slow} over 200 ms",
         reads.len(),
-        failures.load(Ordering::Relaxed),
+        failures,
         latencies[latencies.len() / 2],
         latencies.last().unwrap()
     );
@@ -524,7 +470,7 @@ async fn database_outage_during_traffic_loses_no_read_and_converges() {
             o.local_rotations
         );
     }
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed reads");
+    assert_eq!(failures, 0, "failed reads");
     assert!(reads.len() > CLIENTS * 50, "too few reads: {}", reads.len());
 
     // Per stream: strictly increasing versions. Across the fleet (watchers and
@@ -682,7 +628,7 @@ async fn killing_the_listener_backend_before_a_rotation_still_reaches_every_side
     let mut all = Vec::new();
     for (i, w) in watchers.iter().enumerate() {
         let w = w.lock().unwrap();
-        crate::fleet::assert_in_order(&w, &format!("watcher on sidecar {i}"));
+        assert_in_order(&w, &format!("watcher on sidecar {i}"));
         all.extend(w.iter().cloned());
     }
     assert_one_value_per_version(&all);
@@ -814,7 +760,7 @@ policy = {{ min_refresh_interval = "1s" }}
         oauth.token_url()
     );
     let url = db.url_via(proxy.addr());
-    let sidecar = crate::fleet::Sidecar::start_logging(
+    let sidecar = Sidecar::start_logging(
         &config,
         &[("TB_DATABASE_URL", &url), ("TB_CLIENT_SECRET", &secret)],
         "info,token_broker=debug",

@@ -2,7 +2,8 @@
 //! OAuth2 upstream: the upstream is asked once per rotation, every sidecar's
 //! watchers see every version in order with one value per version, and the
 //! delay from the lease holder's publish to the other sidecars' watchers is
-//! measured. [`Sidecar`] and [`fleet_config`] are shared with the fault tests.
+//! measured. The harness (`support::fleet`, `support::load`) is shared with
+//! the fault and admin tests.
 //!
 //! Each fleet test runs twice, once per [`Route`]: straight to Postgres, and
 //! with the pool through the transaction-mode PgBouncer of
@@ -11,209 +12,23 @@
 //! One more test checks that connection claim through PgBouncer in
 //! `pg_stat_activity`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use token_broker::grpc::pb::WatchTokenRequest;
 use tokio::time::Instant;
 
+use crate::support::fleet::{FleetEnv, Route, Sidecar, fleet_config};
+use crate::support::load::{
+    Readers, Seen, Watched, assert_in_order, assert_one_value_per_version, watch_each,
+};
 use crate::support::postgres::{
     PgBouncerServer, TestDb, admin_url, pgbouncer_addr, pgbouncer_servers,
 };
-use crate::support::random_secret;
 use crate::support::upstream::{OAuthConfig, OAuthServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
-
-/// The config every fleet test uses: one OAuth client-credentials collection
-/// `api` on the shared store, with short test-friendly timings.
-pub fn fleet_config(token_url: &str, extra_policy: &str) -> String {
-    format!(
-        r#"
-[store]
-database_url_env = "TB_DATABASE_URL"
-encryption_key_env = "TB_ENCRYPTION_KEY"
-heartbeat_interval = "1s"
-query_timeout = "1s"
-connect_timeout = "1s"
-poll_interval = "5s"
-
-[collections.api]
-prefetch = true
-source = {{ kind = "oauth2_client_credentials", token_url = "{token_url}", client_id = "fleet", client_secret_env = "TB_CLIENT_SECRET" }}
-policy = {{ min_refresh_interval = "1s", refresh_jitter = 0.0 {extra_policy} }}
-"#
-    )
-}
-
-/// What every sidecar of one fleet shares: database, key and client secret.
-#[derive(Clone)]
-pub struct FleetEnv {
-    /// The pool's URL (`TB_DATABASE_URL`).
-    pub database_url: String,
-    /// Where the listener connects instead, when set: `start` then adds
-    /// `listener_url_env = "TB_LISTENER_URL"` to the config's `[store]`.
-    pub listener_url: Option<String>,
-    pub encryption_key: String,
-    pub client_secret: String,
-}
-
-impl FleetEnv {
-    pub fn new(database_url: String) -> Self {
-        use base64::Engine as _;
-        let key: [u8; 32] = rand::random();
-        Self {
-            database_url,
-            listener_url: None,
-            encryption_key: format!(
-                "k1:{}",
-                base64::engine::general_purpose::STANDARD.encode(key)
-            ),
-            client_secret: random_secret("fleet-secret"),
-        }
-    }
-
-    /// A fleet on `db` by `route`.
-    pub fn routed(db: &TestDb, route: Route) -> Self {
-        let (pool, listener) = route.urls(db);
-        Self {
-            listener_url: listener,
-            ..Self::new(pool)
-        }
-    }
-}
-
-/// How a fleet's sidecars reach the database.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// Pool and listener straight to Postgres (`database_url` only).
-    Direct,
-    /// The pool through the transaction-mode PgBouncer of
-    /// `scripts/pgbouncer-env`, the listener straight to Postgres
-    /// (`listener_url_env`).
-    PgBouncer,
-}
-
-impl Route {
-    /// The pool's URL and, when it differs, the listener's.
-    pub fn urls(self, db: &TestDb) -> (String, Option<String>) {
-        match self {
-            Route::Direct => (db.url.clone(), None),
-            Route::PgBouncer => (db.url_through_pgbouncer(), Some(db.url.clone())),
-        }
-    }
-}
-
-/// A fleet member: the real binary (see [`Served`]).
-pub use crate::support::binary::Served as Sidecar;
-
-impl FleetEnv {
-    /// Starts one sidecar of this fleet serving `config`.
-    pub async fn start(&self, config: &str) -> Sidecar {
-        let mut env = vec![
-            ("TB_DATABASE_URL", self.database_url.as_str()),
-            ("TB_ENCRYPTION_KEY", self.encryption_key.as_str()),
-            ("TB_CLIENT_SECRET", self.client_secret.as_str()),
-        ];
-        let mut config = config.to_owned();
-        if let Some(listener) = &self.listener_url {
-            assert!(config.contains("[store]\n"), "no [store] in {config}");
-            config = config.replacen(
-                "[store]\n",
-                "[store]\nlistener_url_env = \"TB_LISTENER_URL\"\n",
-                1,
-            );
-            env.push(("TB_LISTENER_URL", listener.as_str()));
-        }
-        Sidecar::start_logging(&config, &env, "info,token_broker=debug").await
-    }
-
-    /// Starts `n` sidecars serving `config`.
-    pub async fn start_fleet(&self, config: &str, n: usize) -> Vec<Sidecar> {
-        let mut sidecars = Vec::new();
-        for _ in 0..n {
-            sidecars.push(self.start(config).await);
-        }
-        sidecars
-    }
-}
-
-/// One token as a watcher received it.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub version: u64,
-    pub value: String,
-    pub at: Instant,
-}
-
-/// A `WatchToken` stream from the start, recording every token it gets.
-async fn watcher(sidecar: &Sidecar, collection: &str) -> Arc<Mutex<Vec<Seen>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let mut client = sidecar.client().await;
-    let mut stream = client
-        .watch_token(WatchTokenRequest {
-            collection: collection.to_owned(),
-            after_version: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let out = seen.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(msg)) = stream.message().await {
-            let t = msg.token.unwrap();
-            out.lock().unwrap().push(Seen {
-                version: t.version,
-                value: t.value,
-                at: Instant::now(),
-            });
-        }
-    });
-    seen
-}
-
-/// A watched sidecar's record of tokens, tagged with the sidecar's index.
-pub type Watched = (usize, Arc<Mutex<Vec<Seen>>>);
-
-/// `per` watchers from the start on each sidecar.
-pub async fn watch_each(sidecars: &[Sidecar], per: usize) -> Vec<Watched> {
-    let mut watchers = Vec::new();
-    for (i, s) in sidecars.iter().enumerate() {
-        for _ in 0..per {
-            watchers.push((i, watcher(s, "api").await));
-        }
-    }
-    watchers
-}
-
-/// Checks one watcher's record: strictly increasing versions with no gap after
-/// the first, and returns them.
-pub fn assert_in_order(seen: &[Seen], label: &str) {
-    for pair in seen.windows(2) {
-        assert_eq!(
-            pair[1].version,
-            pair[0].version + 1,
-            "{label}: versions out of order or skipped: {:?}",
-            seen.iter().map(|s| s.version).collect::<Vec<_>>()
-        );
-    }
-}
-
-/// Every (version, value) pair across all records names one value per version.
-pub fn assert_one_value_per_version<'a>(records: impl IntoIterator<Item = &'a Seen>) {
-    let mut by_version: HashMap<u64, &str> = HashMap::new();
-    for s in records {
-        let v = by_version.entry(s.version).or_insert(&s.value);
-        assert!(
-            *v == s.value,
-            "two different tokens were handed out under version {}",
-            s.version
-        );
-    }
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -248,38 +63,7 @@ async fn four_sidecars_400_clients(route: Route) {
     let watchers = watch_each(&sidecars, WATCHERS_PER_SIDECAR).await;
 
     // 400 clients, 100 per sidecar, each on its own connection, reading in a loop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let reads = Arc::new(Mutex::new(Vec::<Seen>::new()));
-    let mut clients = Vec::new();
-    for n in 0..CLIENTS {
-        let (sidecars, stop, failures, reads) = (
-            sidecars.clone(),
-            stop.clone(),
-            failures.clone(),
-            reads.clone(),
-        );
-        clients.push(tokio::spawn(async move {
-            let mut client = sidecars[n % SIDECARS].client().await;
-            let mut mine = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match crate::support::get(&mut client, "api", Duration::from_secs(5)).await {
-                    Ok(t) => mine.push(Seen {
-                        version: t.version,
-                        value: t.value,
-                        at: Instant::now(),
-                    }),
-                    Err(e) => {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("client {n}: {e:?}");
-                    }
-                }
-                let pause = 50 + rand::random::<u64>() % 100;
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
-            reads.lock().unwrap().extend(mine);
-        }));
-    }
+    let readers = Readers::start(&sidecars, CLIENTS);
 
     // Run until every watcher has seen the first version and ROTATIONS more.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -300,10 +84,7 @@ async fn four_sidecars_400_clients(route: Route) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
+    let (reads, failures) = readers.stop().await;
     // The connection budget: at most pool_size (2) + 1 listener per sidecar.
     let pool = db.pool().await;
     let connections: i64 = sqlx::query_scalar(
@@ -335,14 +116,13 @@ async fn four_sidecars_400_clients(route: Route) {
     );
     assert_eq!(oauth.calls(), grants, "no failed or extra upstream calls");
 
-    let reads = std::mem::take(&mut *reads.lock().unwrap());
     assert!(
         reads.len() > CLIENTS * 5,
         "clients made too few reads: {}",
         reads.len()
     );
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed reads");
-    let mut all: Vec<Seen> = reads.clone();
+    assert_eq!(failures, 0, "failed reads");
+    let mut all: Vec<Seen> = reads.into_iter().map(|r| r.seen).collect();
     for (i, w) in &watchers {
         let w = w.lock().unwrap();
         assert_in_order(&w, &format!("watcher on sidecar {i}"));

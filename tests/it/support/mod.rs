@@ -9,9 +9,14 @@
 //! - `upstream`: fake HTTP upstreams (OAuth2, OverDrive, any JSON endpoint);
 //! - `postgres`: a fresh database per test, PgBouncer helpers;
 //! - `fault_proxy`: a TCP proxy that cuts, black-holes or delays connections;
+//! - `fleet`: several real sidecars on one database (`FleetEnv`, `Route`);
+//! - `load`: clients and watchers of a fleet that record every token they
+//!   see, and the checks on what they saw.
 
 pub mod binary;
 pub mod fault_proxy;
+pub mod fleet;
+pub mod load;
 pub mod postgres;
 pub mod scripted;
 pub mod server;
