@@ -5,7 +5,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
@@ -109,20 +109,11 @@ impl Proc {
         if let (Some(offset), Some(lib)) = (&self.clock_offset, libfaketime()) {
             cmd.env("LD_PRELOAD", lib).env("FAKETIME", offset);
         }
-        let child = cmd
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .args(crate::support::binary::SERVE_EXTRA_ARGS)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let args = ["--config".into(), self.config.as_os_str().to_owned()];
+        let child =
+            crate::support::binary::serve_command(&mut cmd, &args, &sock, &self.env, "info", log)
+                .spawn()
+                .unwrap();
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !sock.exists() {

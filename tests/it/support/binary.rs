@@ -16,6 +16,29 @@ const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 /// ([`Served::admin_addr`]).
 pub const SERVE_EXTRA_ARGS: &[&str] = &["--admin-listen", "127.0.0.1:0"];
 
+/// Sets `cmd` (the binary, maybe with more environment) up as
+/// `serve <args> --listen unix:<sock>` plus [`SERVE_EXTRA_ARGS`], with `env`
+/// and `RUST_LOG=rust_log`, no colour, stdout discarded and stderr to `log`.
+pub fn serve_command<'c>(
+    cmd: &'c mut Command,
+    args: &[std::ffi::OsString],
+    sock: &std::path::Path,
+    env: &[(String, String)],
+    rust_log: &str,
+    log: std::fs::File,
+) -> &'c mut Command {
+    cmd.arg("serve")
+        .args(args)
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .args(SERVE_EXTRA_ARGS)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", rust_log)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+}
+
 pub struct Served {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -77,19 +100,16 @@ impl Served {
     async fn run(&mut self) {
         let sock = self.dir.path().join("tb.sock");
         let log = std::fs::File::create(self.dir.path().join("server.log")).unwrap();
-        let child = Command::new(BIN)
-            .arg("serve")
-            .args(&self.args)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .args(SERVE_EXTRA_ARGS)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", &self.rust_log)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = serve_command(
+            &mut Command::new(BIN),
+            &self.args,
+            &sock,
+            &self.env,
+            &self.rust_log,
+            log,
+        )
+        .spawn()
+        .unwrap();
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
