@@ -193,24 +193,39 @@ impl SourceConfig {
 /// Longest collection name.
 pub const MAX_NAME_LEN: usize = 128;
 
-/// Checks a collection name: 1 to 128 characters of `[A-Za-z0-9._-]`.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("must not be empty".into());
+/// A collection name known to follow the rules (1 to [`MAX_NAME_LEN`]
+/// characters of `[A-Za-z0-9._-]`). [`CollectionName::parse`] is the only way
+/// to make one and the one place the rules are checked, for names in the
+/// config file and in requests alike; it borrows, so a request pays no
+/// allocation for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CollectionName<'a>(&'a str);
+
+impl<'a> CollectionName<'a> {
+    /// Checks `name`; the error says which rule it breaks (never echoing a
+    /// long name).
+    pub fn parse(name: &'a str) -> Result<Self, String> {
+        if name.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(format!(
+                "must be at most {MAX_NAME_LEN} characters, got {}",
+                name.len()
+            ));
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!("must contain only [A-Za-z0-9._-], found {bad:?}"));
+        }
+        Ok(Self(name))
     }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "must be at most {MAX_NAME_LEN} characters, got {}",
-            name.len()
-        ));
+
+    pub fn as_str(self) -> &'a str {
+        self.0
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!("must contain only [A-Za-z0-9._-], found {bad:?}"));
-    }
-    Ok(())
 }
 
 impl Config {

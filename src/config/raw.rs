@@ -19,8 +19,8 @@ use super::checks::{check_fraction, check_positive, check_range};
 use super::secrets::{required_secret, secret_ref};
 use super::sources::{RawDemo, RawHttpJson, RawOAuth, RawOverDrive, SOURCE_KINDS};
 use super::{
-    AdminConfig, CollectionConfig, Config, ConfigError, ServerConfig, SourceConfig, WORKER_THREADS,
-    check_shutdown_delay, parse_admin_listen, validate_name,
+    AdminConfig, CollectionConfig, CollectionName, Config, ConfigError, ServerConfig, SourceConfig, WORKER_THREADS,
+    check_shutdown_delay, parse_admin_listen,
 };
 
 /// toml errors are multi-line with a source excerpt; keep logs and exit messages
@@ -326,7 +326,7 @@ impl RawServer {
 impl RawCollection {
     pub(super) fn validate(self, name: String) -> Result<CollectionConfig, ConfigError> {
         let field = |f: &str| format!("collections.{name}.{f}");
-        validate_name(&name).map_err(|r| {
+        CollectionName::parse(&name).map_err(|r| {
             ConfigError::new(
                 format!("collections.{name:?}"),
                 format!("collection name {r}"),

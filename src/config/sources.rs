@@ -18,7 +18,7 @@ use crate::source::{
 use super::checks::check_positive;
 use super::raw::{HumanDuration, deserialize_at};
 use super::secrets::{inline_secret_ref, required_secret, secret_ref};
-use super::{ConfigError, validate_name};
+use super::{CollectionName, ConfigError};
 
 /// Source kinds, by the name used in `kind`.
 pub(super) const SOURCE_KINDS: &[&str] = &[
@@ -228,7 +228,7 @@ impl RawOverDrive {
         if let Some(id) = &advantage_account_id {
             non_empty(&f("advantage_account_id"), id)?;
         }
-        validate_name(&self.oauth)
+        CollectionName::parse(&self.oauth)
             .map_err(|r| ConfigError::new(f("oauth"), format!("collection name {r}")))?;
         Ok(OverDriveSpec {
             oauth: self.oauth,
@@ -327,7 +327,7 @@ impl RawHttpJson {
             headers.push((header, value));
         }
         if let Some(parent) = &self.bearer_from {
-            validate_name(parent)
+            CollectionName::parse(parent)
                 .map_err(|r| ConfigError::new(f("bearer_from"), format!("collection name {r}")))?;
         }
         let token_pointer = self

@@ -134,11 +134,11 @@ fn errors_name_the_field() {
 
 #[test]
 fn names_are_checked() {
-    assert!(validate_name("overdrive-main.v1_x").is_ok());
-    assert!(validate_name("").is_err());
-    assert!(validate_name("a/b").is_err());
-    assert!(validate_name(&"a".repeat(128)).is_ok());
-    assert!(validate_name(&"a".repeat(129)).is_err());
+    assert!(CollectionName::parse("overdrive-main.v1_x").is_ok());
+    assert!(CollectionName::parse("").is_err());
+    assert!(CollectionName::parse("a/b").is_err());
+    assert!(CollectionName::parse(&"a".repeat(128)).is_ok());
+    assert!(CollectionName::parse(&"a".repeat(129)).is_err());
 }
 
 /// A secret file in a temp dir, so no test touches the environment.

@@ -8,7 +8,7 @@ use tonic::metadata::MetadataMap;
 use super::pb;
 use super::status::ApiError;
 use crate::broker::Served;
-use crate::config::validate_name;
+use crate::config::CollectionName;
 
 /// Longest accepted `reason` in `InvalidateToken`.
 pub const MAX_REASON_BYTES: usize = 1024;
@@ -36,9 +36,8 @@ impl std::fmt::Display for Loggable<'_> {
     }
 }
 
-pub fn collection(name: &str) -> Result<&str, ApiError> {
-    validate_name(name).map_err(|reason| ApiError::invalid("collection", reason))?;
-    Ok(name)
+pub fn collection(name: &str) -> Result<CollectionName<'_>, ApiError> {
+    CollectionName::parse(name).map_err(|reason| ApiError::invalid("collection", reason))
 }
 
 pub fn min_remaining(d: Option<prost_types::Duration>) -> Result<Option<Duration>, ApiError> {

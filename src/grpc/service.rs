@@ -162,7 +162,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
                 &self.unary,
                 "too many requests in progress; retry with backoff",
             )?;
-            let name = convert::collection(&req.collection)?;
+            let name = convert::collection(&req.collection)?.as_str();
             let min_remaining = convert::min_remaining(req.min_remaining)?;
             let served = self.broker.get(name, min_remaining, deadline).await?;
             Ok(Response::new(pb::GetCollectionTokenResponse {
@@ -193,7 +193,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
                 &self.unary,
                 "too many requests in progress; retry with backoff",
             )?;
-            let name = convert::collection(&req.collection)?;
+            let name = convert::collection(&req.collection)?.as_str();
             let reason = convert::reason(&req.reason)?;
             let rejected = match (req.version, req.value.as_str()) {
                 (0, "") => {
@@ -244,7 +244,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
         );
         let opened = span.in_scope(|| {
             let permit = admit(&self.streams, "too many watch streams open")?;
-            let name = convert::collection(&req.collection)?.to_owned();
+            let name = convert::collection(&req.collection)?.as_str().to_owned();
             let watch = self.broker.watch(&name, req.after_version)?;
             Ok::<_, ApiError>((permit, name, watch))
         });
