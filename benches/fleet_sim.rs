@@ -1,0 +1,1607 @@
+//! Fleet simulation: N real `token-broker serve` processes on one throwaway
+//! Postgres cluster and one fake OAuth2 token endpoint, started at the same
+//! instant and measured. Run it through `scripts/fleet-sim` (which builds it,
+//! raises `ulimit -n` and kills the process group on exit); `--help` lists the
+//! options.
+//!
+//! Contract:
+//! - Everything it starts is its own and is removed at exit, also on Ctrl-C,
+//!   SIGTERM or an error: a Postgres cluster (initdb in a temp dir under
+//!   `/tmp`, run as user `postgres` when root, fsync off, `max_connections` =
+//!   3N + 50, a free loopback port, its Unix socket in the temp dir), the fake
+//!   upstream (`127.0.0.1:0`), and N sidecars (Unix sockets, admin on
+//!   `127.0.0.1:0`, logs in the temp dir). No fixed port is used. The temp
+//!   dir is kept when `--keep` is given or a violation was seen.
+//! - Sidecars are spawned held (`sh` waiting on its stdin) and then released
+//!   together; "ready" times count from the instant the last one was released
+//!   and end when every sidecar answered `GetCollectionToken` for every
+//!   collection.
+//! - The commit instant of a rotation is the receipt, on this process's clock,
+//!   of its `NOTIFY token_broker` by a probe connection that `LISTEN`s on
+//!   Postgres directly (a notification is delivered only after its commit).
+//!   A watcher's delay is the instant its `WatchToken` stream yielded the
+//!   version minus that receipt.
+//! - Counters: upstream calls (per collection, by the fake endpoint), lease
+//!   attempts (`token_broker_lease_acquisitions_total` +
+//!   `token_broker_lease_waits_total` summed over every sidecar's admin
+//!   `/metrics`), transactions (`pg_stat_database` xact_commit + xact_rollback
+//!   of the sidecars' database, sampled every second from another database so
+//!   that the sampling itself is not counted), connections
+//!   (`pg_stat_activity`), memory (`VmRSS` of every sidecar).
+//! - Token values are never printed or written: only 64-bit hashes are kept.
+//! - Output: a markdown table row (with its header) and a short summary on
+//!   stdout, progress on stderr, every number in `--json FILE`. Exit status 0
+//!   when the run completed without violations, 1 otherwise (2 on bad usage).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Parser;
+use serde_json::json;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
+use token_broker::grpc::pb::{GetCollectionTokenRequest, WatchTokenRequest};
+use token_broker::listen::ListenAddr;
+
+/// The database the sidecars use (the driver watches it from `postgres`).
+const FLEET_DB: &str = "fleet";
+/// Longest a backend's transaction counts wait before they reach
+/// `pg_stat_database` (Postgres 15 flushes an idle backend's pending stats
+/// after 10 s when it flushed less than 1 s before), plus a margin.
+const STATS_LAG: Duration = Duration::from_secs(12);
+/// Token lifetime the fake endpoint grants for the idle phase.
+const IDLE_TOKEN_SECS: u64 = 3600;
+/// Longest wait, after the window, for watchers and counters to settle.
+const SETTLE: Duration = Duration::from_secs(5);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleet-sim",
+    about = "N real token-broker sidecars on a throwaway Postgres and a fake OAuth2 endpoint, started at once and measured"
+)]
+struct Args {
+    /// Number of sidecar processes.
+    #[arg(long)]
+    sidecars: usize,
+    /// Collections per sidecar (each its own oauth2_client_credentials endpoint path).
+    #[arg(long, default_value_t = 2)]
+    collections: usize,
+    /// Measured window after every sidecar is ready and watched [default: 3.5 rotations].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Token lifetime the fake endpoint grants (`expires_in`, whole seconds).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    rotation: Duration,
+    /// Idle phase after the window: the endpoint then grants 1 h tokens, and
+    /// once every collection has rotated onto one (plus 12 s for Postgres'
+    /// statistics to catch up) transactions are counted this long with no
+    /// rotation at all. 0s skips it (then no per-rotation or idle
+    /// transaction figures).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    idle: Duration,
+    /// Path to a pgbouncer (>= 1.21) binary: the pools then go through a
+    /// transaction-mode PgBouncer this driver starts; listeners stay direct.
+    #[arg(long)]
+    pgbouncer: Option<PathBuf>,
+    /// The token-broker binary to run.
+    #[arg(
+        long,
+        env = "FLEET_SIM_BIN",
+        default_value = "target/release/token-broker"
+    )]
+    bin: PathBuf,
+    /// Write every number to this file as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep the temp dir (sidecar logs, Postgres log) even without a violation.
+    #[arg(long)]
+    keep: bool,
+    /// Give up when the fleet is not ready this long after the release.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    ready_timeout: Duration,
+    /// Ignored (`cargo bench` passes it).
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn hash_value(v: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+fn say(msg: impl std::fmt::Display) {
+    eprintln!("fleet-sim: {msg}");
+}
+
+// ---------------------------------------------------------------------------
+// Work dir
+
+/// The temp dir holding the cluster, sockets and logs; removed on drop unless kept.
+struct WorkDir {
+    path: PathBuf,
+    keep: Arc<AtomicBool>,
+}
+
+impl WorkDir {
+    fn create() -> anyhow::Result<Self> {
+        // Under /tmp: Unix socket paths must stay under 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-sim.")
+            .tempdir_in("/tmp")
+            .context("creating the temp dir")?;
+        let path = dir.keep();
+        // Traversable by the postgres user when we run it as root.
+        run_quiet(Command::new("chmod").arg("0711").arg(&path))?;
+        Ok(Self {
+            path,
+            keep: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep.load(Ordering::Relaxed) {
+            say(format!("kept {}", self.path.display()));
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A command run as the `postgres` user when we are root (initdb, postgres
+/// and pgbouncer refuse to run as root), else as ourselves.
+fn as_pg_user(root: bool, program: &Path) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+// ---------------------------------------------------------------------------
+// Postgres
+
+/// Newest `/usr/lib/postgresql/*/bin` with initdb and pg_ctl, else pg_ctl's
+/// dir on PATH (as scripts/pg-env finds them).
+fn pg_bin() -> anyhow::Result<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .filter(|(_, d)| d.join("initdb").exists() && d.join("pg_ctl").exists())
+        .collect();
+    dirs.sort();
+    if let Some((_, d)) = dirs.pop() {
+        return Ok(d);
+    }
+    let out = Command::new("sh")
+        .args(["-c", "readlink -f \"$(command -v pg_ctl)\""])
+        .output()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    match p.parent() {
+        Some(d) if d.join("initdb").exists() => Ok(d.to_owned()),
+        _ => bail!("no initdb/pg_ctl found (install Debian's postgresql package)"),
+    }
+}
+
+/// A throwaway cluster; stopped (immediate) on drop.
+struct PgCluster {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    root: bool,
+}
+
+impl PgCluster {
+    fn start(work: &Path, max_connections: usize, root: bool) -> anyhow::Result<Self> {
+        let bin = pg_bin()?;
+        let dir = work.join("pg");
+        std::fs::create_dir(&dir)?;
+        if root {
+            run_quiet(Command::new("chown").arg("postgres:").arg(&dir))?;
+        }
+        let data = dir.join("data");
+        run_quiet(
+            as_pg_user(root, &bin.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]),
+        )
+        .context("initdb")?;
+        let mut last = anyhow!("no attempt");
+        for _ in 0..3 {
+            let port = free_port()?;
+            let opts = format!(
+                "-F -c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections={max_connections} \
+                 -c fsync=off -c full_page_writes=off",
+                dir.display()
+            );
+            let cluster = Self {
+                bin: bin.clone(),
+                data: data.clone(),
+                port,
+                root,
+            };
+            match run_quiet(
+                as_pg_user(root, &bin.join("pg_ctl"))
+                    .arg("-D")
+                    .arg(&data)
+                    .arg("-l")
+                    .arg(dir.join("postgres.log"))
+                    .args(["-w", "-t", "60", "-o", &opts, "start"]),
+            ) {
+                Ok(()) => return Ok(cluster),
+                Err(e) => {
+                    drop(cluster);
+                    last = e;
+                }
+            }
+        }
+        let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+        Err(last.context(format!("postgres did not start; its log:\n{log}")))
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn version(&self) -> String {
+        Command::new(self.bin.join("postgres"))
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.data.join("postmaster.pid").exists() {
+            let _ = as_pg_user(self.root, &self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "immediate", "-w", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A transaction-mode PgBouncer in front of the cluster; killed on drop.
+struct PgBouncer {
+    child: Child,
+    port: u16,
+}
+
+impl PgBouncer {
+    fn start(
+        bin: &Path,
+        work: &Path,
+        pg_port: u16,
+        pool_size: usize,
+        root: bool,
+    ) -> anyhow::Result<Self> {
+        let dir = work.join("pgbouncer");
+        std::fs::create_dir(&dir)?;
+        let port = free_port()?;
+        let ini = format!(
+            "[databases]\n* = host=127.0.0.1 port={pg_port}\n\n[pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {auth}\npool_mode = transaction\n\
+             max_client_conn = {clients}\ndefault_pool_size = {pool_size}\n\
+             max_prepared_statements = 200\nignore_startup_parameters = extra_float_digits,options\n\
+             logfile = {log}\n",
+            auth = dir.join("users.txt").display(),
+            clients = 4096,
+            log = dir.join("pgbouncer.log").display(),
+        );
+        std::fs::write(dir.join("pgbouncer.ini"), ini)?;
+        std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n")?;
+        if root {
+            run_quiet(Command::new("chown").args(["-R", "postgres:"]).arg(&dir))?;
+        }
+        let child = as_pg_user(root, bin)
+            .arg(dir.join("pgbouncer.ini"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.log"))?)
+            .spawn()
+            .context("starting pgbouncer")?;
+        let b = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("pgbouncer did not listen on {port}; see {}", dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(b)
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fake upstream
+
+struct Upstream {
+    ttl_secs: std::sync::atomic::AtomicU64,
+    /// (collection, arrival) of every token request.
+    calls: Mutex<Vec<(String, Instant)>>,
+    /// Hashes of every token issued.
+    issued: Mutex<HashSet<u64>>,
+}
+
+impl Upstream {
+    fn calls_between(&self, from: Instant, to: Instant) -> usize {
+        lock(&self.calls)
+            .iter()
+            .filter(|(_, t)| *t >= from && *t <= to)
+            .count()
+    }
+
+    fn calls_per_collection(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for (c, _) in lock(&self.calls).iter() {
+            *m.entry(c.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+async fn token_endpoint(
+    axum::extract::State(up): axum::extract::State<Arc<Upstream>>,
+    axum::extract::Path(collection): axum::extract::Path<String>,
+) -> impl axum::response::IntoResponse {
+    use rand::Rng as _;
+    lock(&up.calls).push((collection, Instant::now()));
+    let token: String = rand::rng()
+        .sample_iter(&rand::distr::Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
+    lock(&up.issued).insert(hash_value(&token));
+    let body = json!({"access_token": token, "token_type": "Bearer", "expires_in": up.ttl_secs.load(Ordering::Relaxed)});
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+}
+
+async fn start_upstream(up: Arc<Upstream>) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/c/{collection}/token", axum::routing::post(token_endpoint))
+        .with_state(up);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            say(format!("fake upstream stopped: {e}"));
+        }
+    });
+    Ok(addr)
+}
+
+// ---------------------------------------------------------------------------
+// Sidecars
+
+struct Sidecar {
+    dir: PathBuf,
+    child: Child,
+    /// Held until the release; writing `go` lets `sh` exec the broker.
+    gate: Option<ChildStdin>,
+}
+
+impl Sidecar {
+    fn sock(&self) -> PathBuf {
+        self.dir.join("tb.sock")
+    }
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+    /// The admin address the sidecar logged.
+    fn admin_addr(&self) -> Option<SocketAddr> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("admin listener serving"))
+            .find_map(|l| {
+                l.split_once("admin=")?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    }
+}
+
+/// Every sidecar; all stopped on drop (SIGTERM, then SIGKILL after 10 s).
+struct Fleet {
+    sidecars: Vec<Sidecar>,
+}
+
+impl Fleet {
+    fn pids(&self) -> Vec<u32> {
+        self.sidecars.iter().map(|s| s.child.id()).collect()
+    }
+
+    /// Stops every sidecar; returns how long it took and how many needed SIGKILL.
+    fn stop(&mut self) -> (Duration, usize) {
+        let t = Instant::now();
+        for s in &mut self.sidecars {
+            s.gate = None; // unreleased ones exit on EOF
+        }
+        let mut pids: Vec<String> = Vec::new();
+        for s in &mut self.sidecars {
+            if matches!(s.child.try_wait(), Ok(None)) {
+                pids.push(s.child.id().to_string());
+            }
+        }
+        for chunk in pids.chunks(500) {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .args(chunk)
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut killed = 0;
+        loop {
+            let mut running = 0;
+            for s in &mut self.sidecars {
+                if matches!(s.child.try_wait(), Ok(None)) {
+                    running += 1;
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                for s in &mut self.sidecars {
+                    if matches!(s.child.try_wait(), Ok(None)) {
+                        killed += 1;
+                        let _ = s.child.kill();
+                        let _ = s.child.wait();
+                    }
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (t.elapsed(), killed)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn sidecar_config(collections: &[String], upstream: SocketAddr, listener_url: bool) -> String {
+    let mut c = String::from(
+        "[store]\n\
+         database_url_env = \"FLEET_SIM_DATABASE_URL\"\n\
+         encryption_key_env = \"FLEET_SIM_ENCRYPTION_KEY\"\n\
+         pool_size = 1\n",
+    );
+    if listener_url {
+        c.push_str("listener_url_env = \"FLEET_SIM_LISTENER_URL\"\n");
+    }
+    for name in collections {
+        c.push_str(&format!(
+            "\n[collections.{name}]\nprefetch = true\nrequired = true\n\
+             source = {{ kind = \"oauth2_client_credentials\", token_url = \"http://{upstream}/c/{name}/token\", \
+             client_id = \"fleet-sim\", client_secret_env = \"FLEET_SIM_CLIENT_SECRET\" }}\n"
+        ));
+    }
+    c
+}
+
+/// Spawns `n` sidecars held at a gate (`sh` reading its stdin).
+fn spawn_fleet(
+    n: usize,
+    bin: &Path,
+    work: &Path,
+    config: &Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<Fleet> {
+    let mut fleet = Fleet {
+        sidecars: Vec::with_capacity(n),
+    };
+    for i in 0..n {
+        let dir = work.join("sidecars").join(i.to_string());
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join("server.log"))?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("read -r go && [ \"$go\" = go ] && exec \"$0\" \"$@\"")
+            .arg(bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .arg("--listen")
+            .arg(format!("unix:{}", dir.join("tb.sock").display()))
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning sidecar {i}"))?;
+        let gate = child.stdin.take();
+        fleet.sidecars.push(Sidecar { dir, child, gate });
+    }
+    Ok(fleet)
+}
+
+async fn connect(sock: PathBuf, until: Instant) -> anyhow::Result<TokenBrokerClient<Channel>> {
+    let addr = ListenAddr::Unix(sock);
+    loop {
+        match token_broker::client::connect(&addr).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > until => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
+
+/// What one sidecar's readiness probe saw: when it had every collection, and
+/// each collection's (version, value hash).
+struct Ready {
+    at: Instant,
+    tokens: Vec<(String, u64, u64)>,
+}
+
+async fn await_ready(
+    sock: PathBuf,
+    collections: Arc<Vec<String>>,
+    until: Instant,
+) -> anyhow::Result<(TokenBrokerClient<Channel>, Ready)> {
+    let mut client = connect(sock, until).await?;
+    let mut tokens = Vec::new();
+    for c in collections.iter() {
+        loop {
+            let mut req = tonic::Request::new(GetCollectionTokenRequest {
+                collection: c.clone(),
+                min_remaining: None,
+            });
+            req.set_timeout(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100)),
+            );
+            match client.get_collection_token(req).await {
+                Ok(r) => {
+                    let t = r
+                        .into_inner()
+                        .token
+                        .ok_or_else(|| anyhow!("answer without a token"))?;
+                    tokens.push((c.clone(), t.version, hash_value(&t.value)));
+                    break;
+                }
+                Err(e) if Instant::now() > until => bail!("{c}: {}", e.code()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+    Ok((
+        client,
+        Ready {
+            at: Instant::now(),
+            tokens,
+        },
+    ))
+}
+
+/// One token as a watcher received it.
+#[derive(Clone, Copy)]
+struct Seen {
+    version: u64,
+    hash: u64,
+    at: Instant,
+}
+
+struct Watcher {
+    sidecar: usize,
+    collection: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    ended: Arc<AtomicBool>,
+}
+
+async fn watch(
+    mut client: TokenBrokerClient<Channel>,
+    sidecar: usize,
+    collection: String,
+) -> anyhow::Result<Watcher> {
+    let mut stream = client
+        .watch_token(WatchTokenRequest {
+            collection: collection.clone(),
+            after_version: 0,
+        })
+        .await
+        .with_context(|| format!("WatchToken {collection} on sidecar {sidecar}"))?
+        .into_inner();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let ended = Arc::new(AtomicBool::new(false));
+    let (out, end) = (seen.clone(), ended.clone());
+    tokio::spawn(async move {
+        while let Ok(Some(msg)) = stream.message().await {
+            let at = Instant::now();
+            if let Some(t) = msg.token {
+                lock(&out).push(Seen {
+                    version: t.version,
+                    hash: hash_value(&t.value),
+                    at,
+                });
+            }
+        }
+        end.store(true, Ordering::Relaxed);
+    });
+    Ok(Watcher {
+        sidecar,
+        collection,
+        seen,
+        ended,
+    })
+}
+
+/// Sums `lease_acquisitions` + `lease_waits` over every sidecar's `/metrics`;
+/// also returns how many sidecars could not be read.
+async fn lease_attempts(admins: &[Option<SocketAddr>]) -> (f64, f64, usize) {
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(_) => return (0.0, 0.0, admins.len()),
+    };
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut set = JoinSet::new();
+    for a in admins.iter().copied() {
+        let (client, sem) = (client.clone(), sem.clone());
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.ok()?;
+            let text = client
+                .get(format!("http://{}/metrics", a?))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let total = |name: &str| -> f64 {
+                text.lines()
+                    .filter(|l| l.starts_with(name))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum()
+            };
+            Some((
+                total("token_broker_lease_acquisitions_total"),
+                total("token_broker_lease_waits_total"),
+            ))
+        });
+    }
+    let (mut granted, mut held, mut failed) = (0.0, 0.0, 0);
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Some((g, h))) => {
+                granted += g;
+                held += h;
+            }
+            _ => failed += 1,
+        }
+    }
+    (granted, held, failed)
+}
+
+// ---------------------------------------------------------------------------
+// Probe and database samples
+
+/// The commits the probe saw, in arrival order.
+type Notices = Arc<Mutex<Vec<Notice>>>;
+
+/// A commit as the probe saw it.
+#[derive(Clone)]
+struct Notice {
+    collection: String,
+    version: u64,
+    at: Instant,
+}
+
+/// LISTENs on `token_broker` from its own thread (so that the watchers'
+/// work does not delay its stamps) until `stop`.
+fn start_probe(
+    url: String,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(Notices, std::thread::JoinHandle<Vec<String>>)> {
+    let notices = Arc::new(Mutex::new(Vec::new()));
+    let out = notices.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let mut errors = Vec::new();
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(anyhow!(e)));
+                return errors;
+            }
+        };
+        rt.block_on(async {
+            let mut l = match PgListener::connect(&url).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow!(e)));
+                    return;
+                }
+            };
+            if let Err(e) = l.listen("token_broker").await {
+                let _ = ready_tx.send(Err(anyhow!(e)));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(200), l.try_recv()).await {
+                    Err(_) => {}
+                    Ok(Ok(Some(n))) => {
+                        let at = Instant::now();
+                        let mut parts = n.payload().split(':');
+                        let c = parts.next().unwrap_or_default().to_owned();
+                        match parts.next().and_then(|v| v.parse().ok()) {
+                            Some(version) => lock(&out).push(Notice {
+                                collection: c,
+                                version,
+                                at,
+                            }),
+                            None => errors.push(format!("unparsed payload {:?}", n.payload())),
+                        }
+                    }
+                    Ok(Ok(None)) => errors.push("probe connection lost (reconnecting)".into()),
+                    Ok(Err(e)) => {
+                        errors.push(format!("probe: {e}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        errors
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(15))
+        .map_err(|_| anyhow!("the probe did not connect within 15 s"))??;
+    Ok((notices, handle))
+}
+
+#[derive(Clone, Copy, Default)]
+struct DbSample {
+    at: Option<Instant>,
+    xacts: i64,
+    listeners: i64,
+    pool: i64,
+    others: i64,
+}
+
+impl DbSample {
+    fn total(&self) -> i64 {
+        self.listeners + self.pool + self.others
+    }
+}
+
+async fn db_sample(admin: &PgPool) -> anyhow::Result<DbSample> {
+    let (xacts,): (i64,) = sqlx::query_as(
+        "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database WHERE datname = $1",
+    )
+    .bind(FLEET_DB)
+    .fetch_one(admin)
+    .await?;
+    let (listeners, pool, others): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE application_name LIKE 'token-broker listener%'),
+                count(*) FILTER (WHERE application_name = 'token-broker'),
+                count(*) FILTER (WHERE application_name NOT LIKE 'token-broker%')
+           FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(FLEET_DB)
+    .fetch_one(admin)
+    .await?;
+    Ok(DbSample {
+        at: Some(Instant::now()),
+        xacts,
+        listeners,
+        pool,
+        others,
+    })
+}
+
+fn start_sampler(
+    admin: PgPool,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Vec<DbSample>>>, tokio::task::JoinHandle<()>) {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let out = samples.clone();
+    let h = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            if let Ok(s) = db_sample(&admin).await {
+                lock(&out).push(s);
+            }
+        }
+    });
+    (samples, h)
+}
+
+fn rss_kib(pids: &[u32]) -> (u64, usize) {
+    let mut total = 0;
+    let mut missing = 0;
+    for pid in pids {
+        let kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            });
+        match kib {
+            Some(k) => total += k,
+            None => missing += 1,
+        }
+    }
+    (total, missing)
+}
+
+// ---------------------------------------------------------------------------
+// Statistics
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[derive(serde::Serialize, Clone, Copy, Default)]
+struct Dist {
+    count: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    min_ms: f64,
+}
+
+fn dist(mut v: Vec<f64>) -> Dist {
+    v.sort_by(|a, b| a.total_cmp(b));
+    Dist {
+        count: v.len(),
+        p50_ms: percentile(&v, 0.5),
+        p99_ms: percentile(&v, 0.99),
+        max_ms: v.last().copied().unwrap_or(f64::NAN),
+        min_ms: v.first().copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Signed `a - b` in milliseconds.
+fn diff_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b { ms(a - b) } else { -ms(b - a) }
+}
+
+/// WARN and ERROR lines over every sidecar log, with the most frequent
+/// messages (timestamp dropped, cut at 120 characters).
+fn log_summary(fleet: &Fleet) -> (usize, usize, usize, Vec<(String, usize)>) {
+    let (mut warns, mut errors, mut with_any) = (0, 0, 0);
+    let mut kinds: HashMap<String, usize> = HashMap::new();
+    for s in &fleet.sidecars {
+        let mut any = false;
+        for line in s.log().lines() {
+            let level = if line.contains(" WARN ") {
+                warns += 1;
+                "WARN"
+            } else if line.contains(" ERROR ") {
+                errors += 1;
+                "ERROR"
+            } else {
+                continue;
+            };
+            any = true;
+            let rest = line
+                .split_once(&format!(" {level} "))
+                .map_or(line, |(_, r)| r.trim());
+            let key: String = format!("{level} {rest}").chars().take(120).collect();
+            *kinds.entry(key).or_insert(0) += 1;
+        }
+        if any {
+            with_any += 1;
+        }
+    }
+    let mut kinds: Vec<_> = kinds.into_iter().collect();
+    kinds.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    kinds.truncate(5);
+    (warns, errors, with_any, kinds)
+}
+
+// ---------------------------------------------------------------------------
+// The run
+
+async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let n = args.sidecars;
+    if n == 0 || args.collections == 0 {
+        bail!("--sidecars and --collections must be at least 1");
+    }
+    let ttl_secs = args.rotation.as_secs();
+    if ttl_secs < 2 || args.rotation.subsec_nanos() != 0 {
+        bail!("--rotation must be whole seconds, at least 2s");
+    }
+    let duration = args.duration.unwrap_or_else(|| args.rotation.mul_f64(3.5));
+    let bin = std::fs::canonicalize(&args.bin).with_context(|| {
+        format!(
+            "--bin {}: not found (build with cargo build --release)",
+            args.bin.display()
+        )
+    })?;
+    let collections: Arc<Vec<String>> =
+        Arc::new((0..args.collections).map(|i| format!("c{i}")).collect());
+    let root = is_root();
+    let workp = &work.path;
+    say(format!("work dir {}", workp.display()));
+
+    // 1. Postgres
+    let max_connections = 3 * n + 50;
+    let pg = PgCluster::start(workp, max_connections, root)?;
+    say(format!(
+        "{} on 127.0.0.1:{} (max_connections {max_connections})",
+        pg.version(),
+        pg.port
+    ));
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&pg.url("postgres"))
+        .await
+        .context("connecting to the cluster")?;
+    // A literal: sqlx refuses unaudited dynamic SQL (FLEET_DB is "fleet").
+    sqlx::query("CREATE DATABASE fleet").execute(&admin).await?;
+    let bouncer = match &args.pgbouncer {
+        Some(b) => {
+            let b = PgBouncer::start(b, workp, pg.port, n + 10, root)?;
+            say(format!(
+                "pgbouncer (transaction mode) on 127.0.0.1:{}",
+                b.port
+            ));
+            Some(b)
+        }
+        None => None,
+    };
+    let direct_url = pg.url(FLEET_DB);
+    let pool_url = match &bouncer {
+        Some(b) => format!("postgres://postgres@127.0.0.1:{}/{FLEET_DB}", b.port),
+        None => direct_url.clone(),
+    };
+
+    // 2. Upstream
+    let upstream = Arc::new(Upstream {
+        ttl_secs: ttl_secs.into(),
+        calls: Mutex::new(Vec::new()),
+        issued: Mutex::new(HashSet::new()),
+    });
+    let up_addr = start_upstream(upstream.clone()).await?;
+
+    // 3. Config
+    let config_path = workp.join("config.toml");
+    std::fs::write(
+        &config_path,
+        sidecar_config(&collections, up_addr, bouncer.is_some()),
+    )?;
+    let key: [u8; 32] = rand::random();
+    let secret: [u8; 24] = rand::random();
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut env = vec![
+        ("FLEET_SIM_DATABASE_URL", pool_url.clone()),
+        (
+            "FLEET_SIM_ENCRYPTION_KEY",
+            format!("k1:{}", b64.encode(key)),
+        ),
+        ("FLEET_SIM_CLIENT_SECRET", b64.encode(secret)),
+    ];
+    if bouncer.is_some() {
+        env.push(("FLEET_SIM_LISTENER_URL", direct_url.clone()));
+    }
+
+    // Probe and sampler before anything commits.
+    let stop_bg = Arc::new(AtomicBool::new(false));
+    let (notices, probe) = start_probe(direct_url.clone(), stop_bg.clone())?;
+    let (samples, sampler) = start_sampler(admin.clone(), stop_bg.clone());
+
+    // 4. Spawn held, release together.
+    let t_spawn = Instant::now();
+    let mut fleet = spawn_fleet(n, &bin, workp, &config_path, &env)?;
+    let spawn_time = t_spawn.elapsed();
+    for s in &mut fleet.sidecars {
+        if let Some(mut g) = s.gate.take() {
+            // A failed write leaves the sidecar unreleased: it exits on EOF
+            // and is reported as not ready.
+            let _ = g.write_all(b"go\n");
+        }
+    }
+    let t0 = Instant::now();
+    let release_time = t0 - t_spawn - spawn_time;
+    say(format!(
+        "{n} sidecars spawned in {:.0} ms, released in {:.1} ms",
+        ms(spawn_time),
+        ms(release_time)
+    ));
+
+    let until = t0 + args.ready_timeout;
+    let mut set = JoinSet::new();
+    for (i, s) in fleet.sidecars.iter().enumerate() {
+        let (sock, cols) = (s.sock(), collections.clone());
+        set.spawn(async move { (i, await_ready(sock, cols, until).await) });
+    }
+    let mut clients: Vec<Option<TokenBrokerClient<Channel>>> = vec![None; n];
+    let mut ready_at = Vec::with_capacity(n);
+    let mut start_tokens: HashMap<(String, u64), HashSet<u64>> = HashMap::new();
+    let mut not_ready = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok((i, Ok((client, ready)))) => {
+                clients[i] = Some(client);
+                ready_at.push(diff_ms(ready.at, t0));
+                for (c, v, h) in ready.tokens {
+                    start_tokens.entry((c, v)).or_default().insert(h);
+                }
+            }
+            Ok((i, Err(e))) => not_ready.push(format!("sidecar {i}: {e:#}")),
+            Err(e) => not_ready.push(format!("readiness task: {e}")),
+        }
+    }
+    let t_ready = Instant::now();
+    let startup_calls = upstream.calls_between(t_spawn, t_ready);
+    let ready = dist(ready_at);
+    say(format!(
+        "ready: {}/{n} after {:.2} s (p50 {:.2} s); {startup_calls} upstream calls",
+        ready.count,
+        ready.max_ms / 1000.0,
+        ready.p50_ms / 1000.0
+    ));
+    if !not_ready.is_empty() {
+        keep_flag.store(true, Ordering::Relaxed);
+        for e in not_ready.iter().take(5) {
+            say(format!("not ready: {e}"));
+        }
+        bail!(
+            "{} of {n} sidecars not ready within {:?}; logs kept in {}",
+            not_ready.len(),
+            args.ready_timeout,
+            workp.display()
+        );
+    }
+
+    // 5. Watchers
+    let mut set = JoinSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        let Some(c) = c else { continue };
+        for col in collections.iter() {
+            let (c, col) = (c.clone(), col.clone());
+            set.spawn(watch(c, i, col));
+        }
+    }
+    let mut watchers = Vec::with_capacity(n * collections.len());
+    while let Some(r) = set.join_next().await {
+        watchers.push(r.map_err(|e| anyhow!("watch task: {e}"))??);
+    }
+    let admins: Vec<Option<SocketAddr>> = fleet.sidecars.iter().map(Sidecar::admin_addr).collect();
+    let admins_missing = admins.iter().filter(|a| a.is_none()).count();
+    // Every watcher has its first token before the window opens.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watchers.iter().any(|w| lock(&w.seen).is_empty()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 6. The window
+    let (g0, h0, m0_failed) = lease_attempts(&admins).await;
+    let x0 = db_sample(&admin).await?;
+    let t_w0 = Instant::now();
+    say(format!(
+        "{} watchers open; measuring for {}",
+        watchers.len(),
+        humantime::format_duration(duration)
+    ));
+    let mut conn_max = DbSample::default();
+    let t_w1 = t_w0 + duration;
+    while Instant::now() < t_w1 {
+        tokio::time::sleep(
+            Duration::from_millis(500).min(t_w1.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        if let Some(s) = lock(&samples).last().copied()
+            && s.total() > conn_max.total()
+        {
+            conn_max = s;
+        }
+    }
+    let conns = db_sample(&admin).await?;
+    let (rss, rss_missing) = rss_kib(&fleet.pids());
+    // Settle: every rotation whose upstream call fell in the window has
+    // committed, and every watcher has seen the last version.
+    let in_window = |ns: &[Notice], to: Instant| -> Vec<Notice> {
+        ns.iter()
+            .filter(|x| x.at >= t_w0 && x.at <= to)
+            .cloned()
+            .collect()
+    };
+    let settle_until = Instant::now() + SETTLE;
+    loop {
+        let now = Instant::now();
+        let rot = in_window(&lock(&notices), now);
+        let calls = upstream.calls_between(t_w0, t_w1);
+        let latest: HashMap<&str, u64> = rot.iter().fold(HashMap::new(), |mut m, x| {
+            let e = m.entry(x.collection.as_str()).or_insert(0);
+            *e = (*e).max(x.version);
+            m
+        });
+        let caught_up = watchers.iter().all(|w| {
+            latest.get(w.collection.as_str()).is_none_or(|v| {
+                lock(&w.seen).last().is_some_and(|s| s.version >= *v)
+                    || w.ended.load(Ordering::Relaxed)
+            })
+        });
+        if (rot.len() >= calls && caught_up) || now > settle_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t_end = Instant::now();
+    let (g1, h1, m1_failed) = lease_attempts(&admins).await;
+    let x1 = db_sample(&admin).await?;
+
+    // The idle phase: rotate every collection onto a long token, let the
+    // statistics catch up, then count.
+    let mut idle_phase: Option<(DbSample, DbSample)> = None;
+    if !args.idle.is_zero() {
+        upstream.ttl_secs.store(IDLE_TOKEN_SECS, Ordering::Relaxed);
+        let t_switch = Instant::now();
+        say(format!(
+            "window done; idle phase: waiting for every collection to rotate onto a {IDLE_TOKEN_SECS} s token"
+        ));
+        let deadline = t_switch + args.rotation + Duration::from_secs(10);
+        let t_last = loop {
+            let calls = lock(&upstream.calls).clone();
+            let switched: HashSet<&str> = calls
+                .iter()
+                .filter(|(_, t)| *t >= t_switch)
+                .map(|(c, _)| c.as_str())
+                .collect();
+            let ns = lock(&notices).clone();
+            let committed = collections.iter().all(|c| {
+                switched.contains(c.as_str())
+                    && ns.iter().any(|x| &x.collection == c && x.at >= t_switch)
+            });
+            if committed {
+                break ns.iter().map(|x| x.at).max().unwrap_or(t_switch);
+            }
+            if Instant::now() > deadline {
+                say("not every collection rotated onto the long token: idle figures are not idle");
+                break Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        tokio::time::sleep((t_last + STATS_LAG).saturating_duration_since(Instant::now())).await;
+        let i0 = db_sample(&admin).await?;
+        say(format!(
+            "counting idle transactions for {}",
+            humantime::format_duration(args.idle)
+        ));
+        tokio::time::sleep(args.idle).await;
+        let i1 = db_sample(&admin).await?;
+        idle_phase = Some((i0, i1));
+    }
+    stop_bg.store(true, Ordering::Relaxed);
+    let _ = sampler.await;
+    let probe_errors = tokio::task::spawn_blocking(move || probe.join().unwrap_or_default())
+        .await
+        .unwrap_or_default();
+
+    let all_notices = lock(&notices).clone();
+    let rotations = in_window(&all_notices, t_end);
+    let window_calls = upstream.calls_between(t_w0, t_w1);
+    let window_secs = (t_end - t_w0).as_secs_f64();
+
+    // Propagation and violations.
+    let mut by_version: HashMap<(String, u64), HashSet<u64>> = start_tokens;
+    let (mut out_of_order, mut skipped, mut missed, mut ended) = (0usize, 0usize, 0usize, 0usize);
+    let mut delays = Vec::new();
+    let mut per_rotation_last = Vec::new();
+    let mut per_rotation_spread = Vec::new();
+    let mut seen_by: HashMap<(String, u64), Vec<Instant>> = HashMap::new();
+    for w in &watchers {
+        let seen = lock(&w.seen).clone();
+        if w.ended.load(Ordering::Relaxed) {
+            ended += 1;
+        }
+        for pair in seen.windows(2) {
+            if pair[1].version <= pair[0].version {
+                out_of_order += 1;
+            } else if pair[1].version > pair[0].version + 1 {
+                skipped += 1;
+            }
+        }
+        for s in &seen {
+            by_version
+                .entry((w.collection.clone(), s.version))
+                .or_default()
+                .insert(s.hash);
+            seen_by
+                .entry((w.collection.clone(), s.version))
+                .or_default()
+                .push(s.at);
+        }
+        let _ = w.sidecar;
+    }
+    let two_values = by_version.values().filter(|v| v.len() > 1).count();
+    let issued = lock(&upstream.issued).clone();
+    let not_issued = by_version
+        .values()
+        .flatten()
+        .filter(|h| !issued.contains(h))
+        .count();
+    let watchers_per_collection: HashMap<&str, usize> =
+        watchers.iter().fold(HashMap::new(), |mut m, w| {
+            *m.entry(w.collection.as_str()).or_insert(0) += 1;
+            m
+        });
+    for r in &rotations {
+        let Some(ats) = seen_by.get(&(r.collection.clone(), r.version)) else {
+            missed += watchers_per_collection
+                .get(r.collection.as_str())
+                .copied()
+                .unwrap_or(0);
+            continue;
+        };
+        missed += watchers_per_collection
+            .get(r.collection.as_str())
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(ats.len());
+        let d: Vec<f64> = ats.iter().map(|a| diff_ms(*a, r.at)).collect();
+        let last = d.iter().copied().fold(f64::MIN, f64::max);
+        let first = d.iter().copied().fold(f64::MAX, f64::min);
+        per_rotation_last.push(last);
+        per_rotation_spread.push(last - first);
+        delays.extend(d);
+    }
+    let delays = dist(delays);
+    let last = dist(per_rotation_last);
+    let spread = dist(per_rotation_spread);
+    let violations = out_of_order + skipped + two_values + not_issued + missed + ended;
+
+    // Transactions. Idle: the idle phase's delta. Per rotation: from A (11 s
+    // into the window, so that start-up counts have been flushed, unless a
+    // commit comes first) to the idle phase's start B (every count of the
+    // rotations since A flushed), minus the idle rate over that span, per
+    // commit in [A, B].
+    let samples = lock(&samples).clone();
+    let window_xacts = x1.xacts - x0.xacts;
+    let (idle_per_min, xacts_per_rotation, idle_s, per_rotation_basis) = match idle_phase {
+        Some((i0, i1)) => {
+            let (Some(i0_at), Some(i1_at)) = (i0.at, i1.at) else {
+                bail!("sample without a time");
+            };
+            let idle_s = (i1_at - i0_at).as_secs_f64();
+            let rate = (i1.xacts - i0.xacts) as f64 / idle_s;
+            let first_commit = all_notices
+                .iter()
+                .filter(|x| x.at >= t_w0)
+                .map(|x| x.at)
+                .min()
+                .unwrap_or(i0_at);
+            let a_limit =
+                (t_w0 + Duration::from_secs(11)).min(first_commit - Duration::from_secs(1));
+            let a = samples
+                .iter()
+                .rfind(|x| x.at.is_some_and(|t| t >= t_w0 && t <= a_limit))
+                .copied()
+                .unwrap_or(x0);
+            let a_at = a.at.unwrap_or(t_w0);
+            let commits = all_notices
+                .iter()
+                .filter(|x| x.at >= a_at && x.at <= i0_at)
+                .count();
+            let span = (i0_at - a_at).as_secs_f64();
+            let per = ((i0.xacts - a.xacts) as f64 - rate * span) / commits as f64;
+            (
+                rate * 60.0,
+                per,
+                idle_s,
+                json!({"from_s_after_window_start": (a_at - t_w0).as_secs_f64(), "span_s": span, "transactions": i0.xacts - a.xacts, "commits": commits}),
+            )
+        }
+        None => (f64::NAN, f64::NAN, 0.0, serde_json::Value::Null),
+    };
+    let calls_per_rotation = window_calls as f64 / rotations.len() as f64;
+    let lease_per_rotation = ((g1 - g0) + (h1 - h0)) / rotations.len() as f64;
+
+    // 7. Stop, logs.
+    let (stop_time, stop_killed) = fleet.stop();
+    let (warns, errors, warn_sidecars, top_logs) = log_summary(&fleet);
+    if violations > 0 {
+        keep_flag.store(true, Ordering::Relaxed);
+    }
+
+    let mode = if bouncer.is_some() {
+        "pgbouncer"
+    } else {
+        "direct"
+    };
+    let header = "| sidecars | collections | pool via | all ready after start | upstream calls at start-up | commit -> each watcher p50 / p99 / max | commit -> last watcher p50 / p99 / max | spread p99 | upstream calls / rotation | lease attempts / rotation | DB connections (listener + pool + other) | transactions / rotation | transactions / idle min | sidecar RSS total | violations | WARN / ERROR lines |";
+    let sep = "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+    let row = format!(
+        "| {n} | {c} | {mode} | {ready:.2} s | {startup_calls} | {d50:.1} / {d99:.1} / {dmax:.1} ms | {l50:.1} / {l99:.1} / {lmax:.1} ms | {s99:.1} ms | {cpr:.2} | {lpr:.2} | {ct} ({cl} + {cp} + {co}) | {xpr:.1} | {xim:.0} | {rss:.0} MiB | {violations} | {warns} / {errors} |",
+        c = collections.len(),
+        ready = ready.max_ms / 1000.0,
+        d50 = delays.p50_ms,
+        d99 = delays.p99_ms,
+        dmax = delays.max_ms,
+        l50 = last.p50_ms,
+        l99 = last.p99_ms,
+        lmax = last.max_ms,
+        s99 = spread.p99_ms,
+        cpr = calls_per_rotation,
+        lpr = lease_per_rotation,
+        ct = conns.total(),
+        cl = conns.listeners,
+        cp = conns.pool,
+        co = conns.others,
+        xpr = xacts_per_rotation,
+        xim = idle_per_min,
+        rss = rss as f64 / 1024.0,
+    );
+    println!("{header}\n{sep}\n{row}\n");
+    let per_col = upstream.calls_per_collection();
+    println!(
+        "{n} sidecars x {c} collections ({mode}), {ttl_secs} s tokens, window {:.1} s, run {:.1} s (wall).\n\
+         - Start: spawned in {:.2} s, released in {:.1} ms; all ready {:.2} s after the release (p50 {:.2} s); \
+         {startup_calls} upstream calls by then (expected {c}); distinct tokens at start-up per version: max {}.\n\
+         - Rotations in the window: {} (from the probe's NOTIFY receipts); upstream calls in the window: {window_calls} \
+         ({calls_per_rotation:.2} per rotation); upstream calls in all, per collection: {per_col:?}.\n\
+         - Commit -> each watcher ({} deliveries): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (min {:.1} ms; negative = before the probe).\n\
+         - Commit -> last watcher per rotation: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; first-to-last spread p99 {:.1} ms.\n\
+         - Lease attempts (granted + found held, summed over /metrics): {:.0} + {:.0} in the window = {lease_per_rotation:.2} per rotation \
+         ({} sidecars unreadable, {admins_missing} without an admin address).\n\
+         - Database connections at the end: {} ({} listener, {} pool, {} other incl. this probe); peak sample {}.\n\
+         - Transactions (pg_stat_database xact_commit + xact_rollback of `{FLEET_DB}`): {window_xacts} in {window_secs:.1} s \
+         ({:.1}/s, idle included); idle: {idle_per_min:.0}/min (measured over {idle_s:.0} s with no rotation); \
+         per rotation: {xacts_per_rotation:.1} (the excess over the idle rate, per commit).\n\
+         - Sidecar memory: {:.1} MiB VmRSS in all ({:.1} MiB each){}.\n\
+         - Violations: {violations} (out of order {out_of_order}, skipped versions {skipped}, two values for one version {two_values}, \
+         value never issued {not_issued}, deliveries missed {missed}, streams ended {ended}).\n\
+         - Logs: {warns} WARN and {errors} ERROR lines on {warn_sidecars} sidecars{}.\n\
+         - Stop: {:.2} s for SIGTERM to end all ({stop_killed} needed SIGKILL).{}",
+        ms(t_end - t_w0) / 1000.0,
+        started.elapsed().as_secs_f64(),
+        spawn_time.as_secs_f64(),
+        ms(release_time),
+        ready.max_ms / 1000.0,
+        ready.p50_ms / 1000.0,
+        by_version.values().map(HashSet::len).max().unwrap_or(0),
+        rotations.len(),
+        delays.count,
+        delays.p50_ms,
+        delays.p99_ms,
+        delays.max_ms,
+        delays.min_ms,
+        last.p50_ms,
+        last.p99_ms,
+        last.max_ms,
+        spread.p99_ms,
+        g1 - g0,
+        h1 - h0,
+        m0_failed.max(m1_failed),
+        conns.total(),
+        conns.listeners,
+        conns.pool,
+        conns.others,
+        conn_max.total(),
+        window_xacts as f64 / window_secs,
+        rss as f64 / 1024.0,
+        rss as f64 / 1024.0 / n as f64,
+        if rss_missing > 0 {
+            format!(" ({rss_missing} unreadable)")
+        } else {
+            String::new()
+        },
+        if top_logs.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; most frequent:\n{}",
+                top_logs
+                    .iter()
+                    .map(|(k, c)| format!("    {c} x {k}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        },
+        stop_time.as_secs_f64(),
+        if probe_errors.is_empty() {
+            String::new()
+        } else {
+            format!("\n- Probe errors: {probe_errors:?}")
+        },
+        c = collections.len(),
+    );
+
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "sidecars": n,
+            "collections": collections.len(),
+            "pool_via": mode,
+            "token_lifetime_s": ttl_secs,
+            "window_s": window_secs,
+            "wall_s": started.elapsed().as_secs_f64(),
+            "spawn_s": spawn_time.as_secs_f64(),
+            "release_ms": ms(release_time),
+            "ready_after_start": ready,
+            "upstream_calls_at_startup": startup_calls,
+            "upstream_calls_per_collection_total": per_col,
+            "rotations": rotations.len(),
+            "upstream_calls_in_window": window_calls,
+            "upstream_calls_per_rotation": calls_per_rotation,
+            "commit_to_watcher": delays,
+            "commit_to_last_watcher": last,
+            "first_to_last_watcher_spread": spread,
+            "lease_acquisitions_in_window": g1 - g0,
+            "lease_waits_in_window": h1 - h0,
+            "lease_attempts_per_rotation": lease_per_rotation,
+            "metrics_unreadable": m0_failed.max(m1_failed),
+            "db_connections": {"total": conns.total(), "listener": conns.listeners, "pool": conns.pool, "other": conns.others, "peak_sample_total": conn_max.total()},
+            "max_connections": max_connections,
+            "transactions_in_window": window_xacts,
+            "transactions_per_second": window_xacts as f64 / window_secs,
+            "transactions_per_idle_minute": idle_per_min,
+            "idle_seconds_measured": idle_s,
+            "transactions_per_rotation_basis": per_rotation_basis,
+            "transactions_per_rotation": xacts_per_rotation,
+            "rss_total_kib": rss,
+            "rss_unreadable": rss_missing,
+            "violations": {"total": violations, "out_of_order": out_of_order, "skipped": skipped, "two_values_one_version": two_values, "not_issued": not_issued, "missed": missed, "streams_ended": ended},
+            "logs": {"warn": warns, "error": errors, "sidecars_with_any": warn_sidecars, "top": top_logs},
+            "stop_s": stop_time.as_secs_f64(),
+            "stop_killed": stop_killed,
+            "probe_errors": probe_errors,
+            "markdown_row": row,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    drop(fleet);
+    drop(bouncer);
+    admin.close().await;
+    drop(pg);
+    Ok(violations == 0)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            say(format!("cannot build the runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let work = match WorkDir::create() {
+        Ok(w) => w,
+        Err(e) => {
+            say(format!("{e:#}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.keep {
+        work.keep.store(true, Ordering::Relaxed);
+    }
+    let keep = work.keep.clone();
+    let result = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run(args, keep, &work) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted (SIGINT): stopping everything")),
+            _ = term.recv() => Err(anyhow!("terminated (SIGTERM): stopping everything")),
+        }
+    });
+    // The run's guards (sidecars, Postgres) are dropped by now; the work dir next.
+    let code = match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            say("violations seen (see above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            say(format!("error: {e:#}"));
+            ExitCode::FAILURE
+        }
+    };
+    rt.shutdown_timeout(Duration::from_secs(2));
+    drop(work);
+    code
+}
