@@ -94,6 +94,9 @@ struct Args {
     /// transaction-mode PgBouncer this driver starts; listeners stay direct.
     #[arg(long)]
     pgbouncer: Option<PathBuf>,
+    /// PgBouncer's `default_pool_size`: server connections for all the pools.
+    #[arg(long, default_value_t = 20)]
+    pgbouncer_pool_size: usize,
     /// The token-broker binary to run.
     #[arg(
         long,
@@ -346,7 +349,7 @@ impl PgBouncer {
              listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = trust\nauth_file = {auth}\npool_mode = transaction\n\
              max_client_conn = {clients}\ndefault_pool_size = {pool_size}\n\
-             max_prepared_statements = 200\nignore_startup_parameters = extra_float_digits,options\n\
+             max_prepared_statements = 200\nignore_startup_parameters = extra_float_digits\n\
              logfile = {log}\n",
             auth = dir.join("users.txt").display(),
             clients = 4096,
@@ -377,6 +380,14 @@ impl PgBouncer {
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
+        // SIGTERM: runuser (when root) passes it on; SIGKILL would orphan pgbouncer.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -1025,6 +1036,19 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     // 1. Postgres
     let max_connections = 3 * n + 50;
     let pg = PgCluster::start(workp, max_connections, root)?;
+    // For scripts/fleet-sim: what to stop should this process die without cleaning up
+    // (postgres runs in a session of its own, outside our process group).
+    if let Some(state) = std::env::var_os("FLEET_SIM_STATE") {
+        std::fs::write(
+            state,
+            format!(
+                "{}\n{}\n{}\n",
+                workp.display(),
+                pg.bin.display(),
+                u8::from(root)
+            ),
+        )?;
+    }
     say(format!(
         "{} on 127.0.0.1:{} (max_connections {max_connections})",
         pg.version(),
@@ -1039,7 +1063,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     sqlx::query("CREATE DATABASE fleet").execute(&admin).await?;
     let bouncer = match &args.pgbouncer {
         Some(b) => {
-            let b = PgBouncer::start(b, workp, pg.port, n + 10, root)?;
+            let b = PgBouncer::start(b, workp, pg.port, args.pgbouncer_pool_size, root)?;
             say(format!(
                 "pgbouncer (transaction mode) on 127.0.0.1:{}",
                 b.port
@@ -1394,6 +1418,9 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         }
         None => (f64::NAN, f64::NAN, 0.0, serde_json::Value::Null),
     };
+    if rotations.is_empty() {
+        say("no rotation committed in the window: make --duration longer than --rotation");
+    }
     let calls_per_rotation = window_calls as f64 / rotations.len() as f64;
     let lease_per_rotation = ((g1 - g0) + (h1 - h0)) / rotations.len() as f64;
 
@@ -1554,7 +1581,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     drop(bouncer);
     admin.close().await;
     drop(pg);
-    Ok(violations == 0)
+    Ok(violations == 0 && !rotations.is_empty())
 }
 
 fn main() -> ExitCode {
@@ -1593,7 +1620,7 @@ fn main() -> ExitCode {
     let code = match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            say("violations seen (see above)");
+            say("violations seen, or nothing measured (see above)");
             ExitCode::FAILURE
         }
         Err(e) => {
