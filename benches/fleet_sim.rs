@@ -68,6 +68,7 @@ const SETTLE: Duration = Duration::from_secs(5);
 #[derive(Parser, Debug)]
 #[command(
     name = "fleet-sim",
+    bin_name = "scripts/fleet-sim",
     about = "N real token-broker sidecars on a throwaway Postgres and a fake OAuth2 endpoint, started at once and measured"
 )]
 struct Args {
@@ -724,7 +725,8 @@ async fn watch(
 }
 
 /// Sums `lease_acquisitions` + `lease_waits` over every sidecar's `/metrics`;
-/// also returns how many sidecars could not be read.
+/// also returns how many sidecars could not be read or had neither series
+/// (renamed metrics show up there, not as zero attempts).
 async fn lease_attempts(admins: &[Option<SocketAddr>]) -> (f64, f64, usize) {
     let client = match reqwest::Client::builder()
         .no_proxy()
@@ -754,6 +756,13 @@ async fn lease_attempts(admins: &[Option<SocketAddr>]) -> (f64, f64, usize) {
                     .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                     .sum()
             };
+            let known = [
+                "token_broker_lease_acquisitions",
+                "token_broker_lease_waits",
+            ];
+            if !known.iter().any(|k| text.contains(k)) {
+                return None;
+            }
             Some((
                 total("token_broker_lease_acquisitions_total"),
                 total("token_broker_lease_waits_total"),
