@@ -548,6 +548,16 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// The first sidecar that has exited: its index, exit status and log.
+    fn exited(&mut self) -> Option<(usize, std::process::ExitStatus, String)> {
+        self.sidecars.iter_mut().enumerate().find_map(|(i, s)| {
+            let status = s.child.try_wait().ok()??;
+            Some((i, status, s.log()))
+        })
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop();
@@ -1151,7 +1161,29 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let mut ready_at = Vec::with_capacity(n);
     let mut start_tokens: HashMap<(String, u64), HashSet<u64>> = HashMap::new();
     let mut not_ready = Vec::new();
-    while let Some(r) = set.join_next().await {
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let r = tokio::select! {
+            r = set.join_next() => match r {
+                Some(r) => r,
+                None => break,
+            },
+            _ = check.tick() => {
+                // A sidecar that exits before it is ready (a config the broker
+                // refuses, a crash) fails the run now, not at --ready-timeout.
+                if let Some((i, status, log)) = fleet.exited() {
+                    keep_flag.store(true, Ordering::Relaxed);
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    bail!(
+                        "sidecar {i} exited ({status}) before the fleet was ready; the end of its log:\n{}\n(all logs kept in {})",
+                        tail.join("\n"),
+                        workp.display()
+                    );
+                }
+                continue;
+            }
+        };
         match r {
             Ok((i, Ok((client, ready)))) => {
                 clients[i] = Some(client);
