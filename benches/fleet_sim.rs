@@ -12,10 +12,10 @@
 //!   upstream (`127.0.0.1:0`), and N sidecars (Unix sockets, admin on
 //!   `127.0.0.1:0`, logs in the temp dir). No fixed port is used. The temp
 //!   dir is kept when `--keep` is given or a violation was seen.
-//! - Sidecars are spawned held (`sh` waiting on its stdin) and then released
-//!   together; "ready" times count from the instant the last one was released
-//!   and end when every sidecar answered `GetCollectionToken` for every
-//!   collection.
+//! - Sidecars are spawned held (`sh` waiting for a newline on a pipe they all
+//!   share) and then released together by one write; "ready" times count from
+//!   that write's return and end when every sidecar answered
+//!   `GetCollectionToken` for every collection.
 //! - The commit instant of a rotation is the receipt, on this process's clock,
 //!   of its `NOTIFY token_broker` by a probe connection that `LISTEN`s on
 //!   Postgres directly (a notification is delivered only after its commit).
@@ -38,7 +38,7 @@ use std::hash::{Hash, Hasher};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -461,8 +461,6 @@ async fn start_upstream(up: Arc<Upstream>) -> anyhow::Result<SocketAddr> {
 struct Sidecar {
     dir: PathBuf,
     child: Child,
-    /// Held until the release; writing `go` lets `sh` exec the broker.
-    gate: Option<ChildStdin>,
 }
 
 impl Sidecar {
@@ -494,6 +492,9 @@ impl Sidecar {
 /// Every sidecar; all stopped on drop (SIGTERM, then SIGKILL after 10 s).
 struct Fleet {
     sidecars: Vec<Sidecar>,
+    /// The write end of the pipe every held `sh` reads one newline from
+    /// before it execs the broker; closing it unreleased makes them exit.
+    gate: Option<std::io::PipeWriter>,
 }
 
 impl Fleet {
@@ -504,9 +505,7 @@ impl Fleet {
     /// Stops every sidecar; returns how long it took and how many needed SIGKILL.
     fn stop(&mut self) -> (Duration, usize) {
         let t = Instant::now();
-        for s in &mut self.sidecars {
-            s.gate = None; // unreleased ones exit on EOF
-        }
+        self.gate = None; // unreleased ones exit on EOF
         let mut pids: Vec<String> = Vec::new();
         for s in &mut self.sidecars {
             if matches!(s.child.try_wait(), Ok(None)) {
@@ -584,7 +583,9 @@ fn sidecar_config(collections: &[String], upstream: SocketAddr, listener_url: bo
     c
 }
 
-/// Spawns `n` sidecars held at a gate (`sh` reading its stdin).
+/// Spawns `n` sidecars held at a gate: `sh` reading one newline from a pipe
+/// all of them share (`read` takes one byte at a time from a pipe, so each
+/// takes exactly one), then exec'ing the broker.
 fn spawn_fleet(
     n: usize,
     bin: &Path,
@@ -592,16 +593,18 @@ fn spawn_fleet(
     config: &Path,
     env: &[(&str, String)],
 ) -> anyhow::Result<Fleet> {
+    let (gate_r, gate_w) = std::io::pipe().context("creating the start gate")?;
     let mut fleet = Fleet {
         sidecars: Vec::with_capacity(n),
+        gate: Some(gate_w),
     };
     for i in 0..n {
         let dir = work.join("sidecars").join(i.to_string());
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(dir.join("server.log"))?;
-        let mut child = Command::new("sh")
+        let child = Command::new("sh")
             .arg("-c")
-            .arg("read -r go && [ \"$go\" = go ] && exec \"$0\" \"$@\"")
+            .arg("read -r _ && exec \"$0\" \"$@\"")
             .arg(bin)
             .arg("serve")
             .arg("--config")
@@ -612,13 +615,12 @@ fn spawn_fleet(
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
-            .stdin(Stdio::piped())
+            .stdin(Stdio::from(gate_r.try_clone()?))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawning sidecar {i}"))?;
-        let gate = child.stdin.take();
-        fleet.sidecars.push(Sidecar { dir, child, gate });
+        fleet.sidecars.push(Sidecar { dir, child });
     }
     Ok(fleet)
 }
@@ -1136,12 +1138,11 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let t_spawn = Instant::now();
     let mut fleet = spawn_fleet(n, &bin, workp, &config_path, &env)?;
     let spawn_time = t_spawn.elapsed();
-    for s in &mut fleet.sidecars {
-        if let Some(mut g) = s.gate.take() {
-            // A failed write leaves the sidecar unreleased: it exits on EOF
-            // and is reported as not ready.
-            let _ = g.write_all(b"go\n");
-        }
+    // One write releases them all (a sidecar left unreleased by a short
+    // write exits on EOF and fails the run).
+    if let Some(mut g) = fleet.gate.take() {
+        g.write_all("\n".repeat(n).as_bytes())
+            .context("releasing the sidecars")?;
     }
     let t0 = Instant::now();
     let release_time = t0 - t_spawn - spawn_time;
