@@ -994,6 +994,21 @@ fn diff_ms(a: Instant, b: Instant) -> f64 {
     if a >= b { ms(a - b) } else { -ms(b - a) }
 }
 
+/// A log line's text from its target on (`target::path: message fields`),
+/// without the span prefix (`refresh{collection=..}: `) that comes before.
+fn without_spans(rest: &str) -> &str {
+    let mut from = 0;
+    while let Some(i) = rest[from..].find(": ") {
+        let at = from + i + 2;
+        let word = rest[at..].split_whitespace().next().unwrap_or_default();
+        if word.contains("::") && !word.contains('{') {
+            return &rest[at..];
+        }
+        from = at;
+    }
+    rest
+}
+
 /// WARN and ERROR lines over every sidecar log, with the most frequent
 /// messages (timestamp dropped, cut at 120 characters).
 fn log_summary(fleet: &Fleet) -> (usize, usize, usize, Vec<(String, usize)>) {
@@ -1015,7 +1030,10 @@ fn log_summary(fleet: &Fleet) -> (usize, usize, usize, Vec<(String, usize)>) {
             let rest = line
                 .split_once(&format!(" {level} "))
                 .map_or(line, |(_, r)| r.trim());
-            let key: String = format!("{level} {rest}").chars().take(120).collect();
+            let key: String = format!("{level} {}", without_spans(rest))
+                .chars()
+                .take(160)
+                .collect();
             *kinds.entry(key).or_insert(0) += 1;
         }
         if any {
