@@ -19,8 +19,8 @@ use super::checks::{check_fraction, check_positive, check_range};
 use super::secrets::{required_secret, secret_ref};
 use super::sources::{RawDemo, RawHttpJson, RawOAuth, RawOverDrive, SOURCE_KINDS};
 use super::{
-    AdminConfig, CollectionConfig, CollectionName, Config, ConfigError, ServerConfig, SourceConfig, WORKER_THREADS,
-    check_shutdown_delay, parse_admin_listen,
+    AdminConfig, CollectionConfig, CollectionName, Config, ConfigError, ServerConfig, SourceConfig,
+    WORKER_THREADS, check_shutdown_delay, parse_admin_listen,
 };
 
 /// toml errors are multi-line with a source excerpt; keep logs and exit messages

@@ -512,21 +512,35 @@ async fn a_rotation_costs_one_lease_attempt_not_one_per_sidecar_through_pgbounce
 }
 
 async fn a_rotation_costs_one_lease_attempt(route: Route) {
+    // 6 s tokens refreshed at half-life: 3 s of room, six 500 ms leases.
+    one_lease_attempt_per_rotation(
+        route,
+        6,
+        r#", lease_ttl = "500ms", refresh_fraction = 0.5, expiry_skew = "0s""#,
+    )
+    .await;
+}
+
+/// The same with short tokens and the default policy: 8 s tokens leave 1.2 s
+/// between `refresh_at` and hard expiry, less than one default `lease_ttl`
+/// (3 s): the standby waits a quarter of that room instead. Before: 4.00
+/// attempts per rotation (every sidecar tried at `refresh_at`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn short_tokens_cost_one_lease_attempt_per_rotation_too() {
+    one_lease_attempt_per_rotation(Route::Direct, 8, "").await;
+}
+
+async fn one_lease_attempt_per_rotation(route: Route, expires_in: u64, extra_policy: &str) {
     const SIDECARS: usize = 4;
     const ROTATIONS: u64 = 5;
     let db = TestDb::create().await;
     let env = FleetEnv::routed(&db, route);
-    // 6 s tokens refreshed at half-life: 3 s of room, enough to stand by with
-    // a 500 ms lease (the standby waits only when the room holds four).
     let oauth = OAuthServer::start(OAuthConfig {
-        expires_in: Some(6),
+        expires_in: Some(expires_in),
         ..OAuthConfig::new("fleet", &env.client_secret)
     })
     .await;
-    let config = fleet_config(
-        &oauth.token_url(),
-        r#", lease_ttl = "500ms", refresh_fraction = 0.5, expiry_skew = "0s""#,
-    );
+    let config = fleet_config(&oauth.token_url(), extra_policy);
     let sidecars = env.start_fleet(&config, SIDECARS).await;
     let watchers = watch_each(&sidecars, 1).await;
     let deadline = Instant::now() + Duration::from_secs(90);
