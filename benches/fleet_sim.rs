@@ -271,10 +271,13 @@ impl PgCluster {
         let mut last = anyhow!("no attempt");
         for _ in 0..3 {
             let port = free_port()?;
+            // FLEET_SIM_PG_OPTS: further server options, for a diagnosis
+            // (e.g. `-c log_statement=all`; the log is postgres.log in --keep's dir).
             let opts = format!(
                 "-F -c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections={max_connections} \
-                 -c fsync=off -c full_page_writes=off",
-                dir.display()
+                 -c fsync=off -c full_page_writes=off {}",
+                dir.display(),
+                std::env::var("FLEET_SIM_PG_OPTS").unwrap_or_default()
             );
             let cluster = Self {
                 bin: bin.clone(),
