@@ -273,22 +273,26 @@ impl Collection {
 
     /// How long a sidecar that did not commit the current token waits past its
     /// `refresh_at` before trying the lease itself, so that a rotation costs one
-    /// lease attempt (the committer's) however many sidecars there are: a
-    /// quarter of the room between `refresh_at` and hard expiry, at most one
-    /// `lease_ttl`, spread per process by up to half again (standbys taking
-    /// over from a committer that is gone do not all try at one instant). The
-    /// committer's token arrives by push within milliseconds in the common
-    /// case. After the longest wait (3/8 of the room) most of the room is left
-    /// for a takeover; and a committer that died holding the lease delays a
-    /// takeover until its lease ends anyway (one `lease_ttl`, at least two
-    /// thirds of the longest wait).
+    /// lease attempt (the committer's) however many sidecars there are:
+    /// `lease_ttl`, spread per process by up to half again (standbys taking over
+    /// from a committer that is gone do not all try at one instant). The
+    /// committer's token arrives by push long before that in the common case.
+    /// Only when the room left before hard expiry holds at least four
+    /// `lease_ttl`s, so that after the wait there is still room for two
+    /// takeovers (a dead committer, then a standby that dies mid-call); with
+    /// less room every sidecar tries at `refresh_at`. (Waiting a quarter of a
+    /// shorter room was tried: it ate the slack a takeover needs, and a chaos
+    /// run stalled; see docs/decisions.md.)
     pub(super) fn standby_delay(&self, t: &Token) -> Duration {
         let room = t
             .expires_at
             .duration_since(t.refresh_at)
             .unwrap_or_default();
-        let wait = self.policy.lease_ttl.min(room / 4);
-        wait.mul_f64(1.0 + self.standby_spread / 2.0)
+        let ttl = self.policy.lease_ttl;
+        if room < ttl.saturating_mul(4) {
+            return Duration::ZERO;
+        }
+        ttl.mul_f64(1.0 + self.standby_spread / 2.0)
     }
 
     /// Records how an attempt that called the upstream ended: in the metrics and

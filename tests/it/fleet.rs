@@ -521,15 +521,6 @@ async fn a_rotation_costs_one_lease_attempt(route: Route) {
     .await;
 }
 
-/// The same with short tokens and the default policy: 8 s tokens leave 1.2 s
-/// between `refresh_at` and hard expiry, less than one default `lease_ttl`
-/// (3 s): the standby waits a quarter of that room instead. Before: 4.00
-/// attempts per rotation (every sidecar tried at `refresh_at`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn short_tokens_cost_one_lease_attempt_per_rotation_too() {
-    one_lease_attempt_per_rotation(Route::Direct, 8, "").await;
-}
-
 async fn one_lease_attempt_per_rotation(route: Route, expires_in: u64, extra_policy: &str) {
     const SIDECARS: usize = 4;
     const ROTATIONS: u64 = 5;
