@@ -281,8 +281,8 @@ impl Collection {
     /// `lease_ttl`s, so that after the wait there is still room for two
     /// takeovers (a dead committer, then a standby that dies mid-call); with
     /// less room every sidecar tries at `refresh_at`. (Waiting a quarter of a
-    /// shorter room was tried: it ate the slack a takeover needs, and a chaos
-    /// run stalled; see docs/decisions.md.)
+    /// shorter room was tried and reverted: it spends slack a takeover may
+    /// need; see docs/decisions.md.)
     pub(super) fn standby_delay(&self, t: &Token) -> Duration {
         let room = t
             .expires_at
