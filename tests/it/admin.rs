@@ -263,6 +263,26 @@ source = {{ kind = "demo" }}
     served.stop();
 }
 
+/// `InvalidateToken` of version 1 of `api` on `sidecar`: the version it
+/// answers with.
+async fn invalidate_version_1(sidecar: &Served) -> u64 {
+    sidecar
+        .client()
+        .await
+        .invalidate_token(InvalidateTokenRequest {
+            collection: "api".into(),
+            version: 1,
+            value: String::new(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap()
+        .version
+}
+
 /// Polls `served`'s metrics until `series` satisfies `ok`.
 async fn wait_metric(served: &Served, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
     let base = format!("http://{}", served.admin_addr().await);
@@ -301,18 +321,7 @@ async fn fleet_metrics_show_notification_lag_lease_grants_and_a_degraded_databas
         s.get("api").await;
     }
     // One rotation on the first sidecar reaches the second by notification.
-    let mut client = sidecars[0].client().await;
-    let v = client
-        .invalidate_token(InvalidateTokenRequest {
-            collection: "api".into(),
-            version: 1,
-            value: String::new(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(v.token.unwrap().version, 2);
+    assert_eq!(invalidate_version_1(&sidecars[0]).await, 2);
     let lagged = wait_metric(
         &sidecars[1],
         "token_broker_notification_lag_seconds_count",
@@ -391,19 +400,7 @@ async fn a_slow_commit_is_not_notification_lag() {
     ] {
         sqlx::query(statement).execute(&pool).await.unwrap();
     }
-    let v = sidecars[0]
-        .client()
-        .await
-        .invalidate_token(InvalidateTokenRequest {
-            collection: "api".into(),
-            version: 1,
-            value: String::new(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(v.token.unwrap().version, 2);
+    assert_eq!(invalidate_version_1(&sidecars[0]).await, 2);
     let count = "token_broker_notification_lag_seconds_count";
     let lagged = wait_metric(&sidecars[1], count, |n| n >= 1.0).await;
     let sum = wait_metric(
