@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -29,6 +30,9 @@ pub struct OAuthConfig {
     /// The initial valid refresh token; `Some` enables the `refresh_token`
     /// grant.
     pub refresh_token: Option<String>,
+    /// Slept before every answer the server's own logic gives (a slow
+    /// upstream); scripted replies carry their own delay.
+    pub latency: Duration,
 }
 
 impl OAuthConfig {
@@ -40,6 +44,7 @@ impl OAuthConfig {
             client_auth: ClientAuth::Basic,
             expires_in: Some(3600),
             refresh_token: None,
+            latency: Duration::ZERO,
         }
     }
 }
@@ -220,7 +225,7 @@ impl OAuthServer {
         let running = Running::start(|_| {
             Arc::new(move |rec: Recorded| {
                 let (_, scripted) = c.arrive(&rec);
-                scripted.unwrap_or_else(|| s.respond(&rec))
+                scripted.unwrap_or_else(|| s.respond(&rec).delayed(s.cfg.latency))
             })
         })
         .await;
