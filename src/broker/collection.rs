@@ -1,7 +1,8 @@
 //! One collection's state (L1) and every transition of it: what readers see
 //! ([`Snapshot`]), what callers asked for ([`Demand`]), what the refresher
 //! keeps beside it ([`Collection`]: the refresh token, an unshared token, a
-//! peer's spend being waited for, standby), and the methods that move it.
+//! peer's spend being waited for, standby, a peer's announced lease), and
+//! the methods that move it.
 //! The refresher (`refresher/`) and the follower (`follower.rs`) decide
 //! *when*; this file says *what changes*, and each change is published
 //! through [`Collection::publish`] (L1 and readiness watchers at once).
@@ -9,7 +10,7 @@
 //! | state (of the current token) | event | next state | invariant kept |
 //! |---|---|---|---|
 //! | none, or expired | a caller asks (`activate`), or prefetch | due: `wanted` | a token is never served at or after `expires_at` (`Snapshot::servable`) |
-//! | fresh (`now < refresh_at`) | `refresh_at` passes; a forced refresh (`InvalidateToken` of this version, `min_remaining`, a rejected parent version: `forced`) | due, at `next_attempt` (standby sidecars later by `standby_delay`) | one lease attempt per rotation, not one per sidecar |
+//! | fresh (`now < refresh_at`) | `refresh_at` passes; a forced refresh (`InvalidateToken` of this version, `min_remaining`, a rejected parent version: `forced`) | due, at `next_attempt`: the committer `committer_lead` early, standby sidecars later by `standby_delay` and not before a peer's announced lease ends (`PeerLease`) | one lease attempt per rotation, not one per sidecar |
 //! | due | attempt starts (`begin`) | refreshing (`Snapshot::refreshing`, `started`) | waiting callers wait for an attempt that started after their demand |
 //! | refreshing | fetch and commit succeed (`Snapshot::install`, `finish`) | fresh, one version up | versions only increase; one value per version (`install` refuses a lower version or a relabel) |
 //! | refreshing | fetch fails (`backoff_after`) | backing off (`Snapshot::failure`) until `next_attempt_at` | a failure is never a token; the old token is served (stale) while servable |
@@ -182,6 +183,20 @@ pub(crate) struct Collection {
     pub(super) standby: AtomicBool,
     /// This process's spread of the standby delay, drawn once in `[0, 1)`.
     pub(super) standby_spread: f64,
+    /// A peer's announced refresh lease (see [`PeerLease`]).
+    pub(super) peer_lease: Mutex<PeerLease>,
+}
+
+/// What this sidecar was told of a peer's refresh lease by its `NOTIFY`: no
+/// attempt before `until`, since no acquire could succeed. Any database
+/// session may send such a notice, so it is a hint with limits: `until` is
+/// capped at one `lease_ttl` from its arrival, and only one notice is taken
+/// per L1 version (`taken_for`), so forged notices delay a refresh by at
+/// most one `lease_ttl` per version, as a holder that dies would.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct PeerLease {
+    pub(super) until: Option<SystemTime>,
+    pub(super) taken_for: Option<u64>,
 }
 
 /// A peer's spend being waited for: which one, whether its session was seen
@@ -241,7 +256,7 @@ impl Collection {
         let snap = self.state.borrow();
         match snap.servable(now) {
             None => true,
-            Some(t) => self.forced(t) || t.refresh_at <= now,
+            Some(t) => self.forced(t) || self.soft_refresh_at(t) <= now,
         }
     }
 
@@ -258,17 +273,50 @@ impl Collection {
         }
         let snap = self.state.borrow();
         let allowed = snap.attempt_allowed_at(now, &self.policy);
+        let peer_lease = lock(&self.peer_lease).until.filter(|until| *until > now);
         let Some(t) = snap.servable(now) else {
-            return Some(allowed);
+            return Some(allowed.max(peer_lease.unwrap_or(allowed)));
         };
         let due = if self.forced(t) {
             now
         } else if self.standby.load(Ordering::Relaxed) {
             t.refresh_at + self.standby_delay(t)
         } else {
-            t.refresh_at
+            self.soft_refresh_at(t)
         };
-        Some(due.max(allowed))
+        let due = due.max(allowed);
+        Some(due.max(peer_lease.unwrap_or(due)))
+    }
+
+    /// When this sidecar's soft refresh of `t` is wanted: at `refresh_at`, or
+    /// for the sidecar that committed `t` (not standby) `committer_lead`
+    /// earlier, so that its lease notice reaches the others before their
+    /// `refresh_at` and they do not try the lease at all.
+    pub(super) fn soft_refresh_at(&self, t: &Token) -> SystemTime {
+        if self.standby.load(Ordering::Relaxed) {
+            t.refresh_at
+        } else {
+            t.refresh_at - committer_lead(t)
+        }
+    }
+
+    /// A peer's lease notice (`until: None`: it gave the lease back), within
+    /// the limits [`PeerLease`] states.
+    pub(super) fn note_peer_lease(&self, until: Option<SystemTime>, now: SystemTime) {
+        let version = self.current_version();
+        let mut lease = lock(&self.peer_lease);
+        match until {
+            None => lease.until = None,
+            Some(_) if lease.taken_for == Some(version) => return,
+            Some(u) => {
+                *lease = PeerLease {
+                    until: Some(u.min(now + self.policy.lease_ttl)),
+                    taken_for: Some(version),
+                };
+            }
+        }
+        drop(lease);
+        self.wake.notify_one();
     }
 
     /// How long a sidecar that did not commit the current token waits past its
@@ -474,6 +522,8 @@ impl Collection {
                 .as_deref()
                 .is_some_and(|by| by != &*shared.holder);
             self.standby.store(standby, Ordering::Relaxed);
+            // Whoever held the lease for this rotation is done with it.
+            lock(&self.peer_lease).until = None;
         }
         if newer.is_some() && !refetched {
             let mut unshared = lock(&self.unshared);
@@ -544,3 +594,21 @@ impl Collection {
         shared.epoch.send_modify(|e| *e = e.wrapping_add(1));
     }
 }
+
+/// How much earlier than `refresh_at` the sidecar that committed `t` starts
+/// its soft refresh: an eighth of the room between `refresh_at` and hard
+/// expiry, at most 500 ms. Enough for its lease notice to reach every
+/// sidecar (measured: docs/benchmark.md), so the others, told the lease is
+/// held, do not try it; it takes nothing from the room a takeover needs, as
+/// the others' schedule is unchanged.
+fn committer_lead(t: &Token) -> Duration {
+    t.expires_at
+        .duration_since(t.refresh_at)
+        .unwrap_or_default()
+        .checked_div(8)
+        .unwrap_or_default()
+        .min(COMMITTER_LEAD_MAX)
+}
+
+/// The most [`committer_lead`] moves a soft refresh forward.
+const COMMITTER_LEAD_MAX: Duration = Duration::from_millis(500);

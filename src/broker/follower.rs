@@ -5,7 +5,8 @@
 //! L1, so every `WatchToken` stream of this sidecar gets the new token from
 //! its `watch` channel) and wakes the collection's refresher. A `Resync` (the
 //! listener reconnected, a poll tick, or this task restarted after a panic)
-//! re-reads every row.
+//! re-reads every row. A peer's lease announcement (`Lease`) reads nothing:
+//! it only holds this sidecar's attempt back (`Collection::note_peer_lease`).
 //!
 //! Contract: only rows newer than L1 are re-read for a `Rotated` event; the
 //! notification lag metric runs from the notice's arrival to the publish.
@@ -54,6 +55,20 @@ pub(super) async fn follow(
                     .collect(),
                 Some((version, arrived)),
             ),
+            Ok(StoreEvent::Lease {
+                collection,
+                holder,
+                until,
+            }) => {
+                // A peer's lease: no row to read, only a refresh to hold back.
+                if *holder != *shared.holder {
+                    let now = shared.clock.now();
+                    for c in collections.iter().filter(|c| c.name == collection) {
+                        c.note_peer_lease(until, now);
+                    }
+                }
+                continue;
+            }
             Ok(StoreEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 for c in &collections {
                     c.store_back.store(true, Ordering::Relaxed);

@@ -48,7 +48,7 @@ use crate::source::Source;
 use crate::store::Store;
 use crate::token::Token;
 
-use collection::{Collection, Demand, Snapshot, SpendWatch, Unshared, lock};
+use collection::{Collection, Demand, PeerLease, Snapshot, SpendWatch, Unshared, lock};
 pub use error::BrokerError;
 pub use policy::Policy;
 pub use watch::TokenWatch;
@@ -148,6 +148,7 @@ impl Broker {
                     spend_watch: Mutex::new(None),
                     standby: AtomicBool::new(false),
                     standby_spread: rand::random_range(0.0..1.0),
+                    peer_lease: Mutex::new(PeerLease::default()),
                 };
                 (c.name.clone(), Arc::new(c))
             })

@@ -173,6 +173,16 @@ pub enum StoreEvent {
         committed_at: Option<SystemTime>,
         arrived: tokio::time::Instant,
     },
+    /// A peer took the refresh lease of `collection` until `until` (its
+    /// database clock), or gave it back (`until: None`) without committing a
+    /// token. No acquire can succeed before `until`, so a sidecar told of it
+    /// does not try: a rotation costs one lease attempt, not one per sidecar.
+    /// Only a hint: the lease row stays the authority.
+    Lease {
+        collection: String,
+        holder: String,
+        until: Option<SystemTime>,
+    },
     /// News may have been lost (the listener reconnected, or a periodic poll):
     /// re-read every row.
     Resync,

@@ -31,6 +31,14 @@
 //! - A rotation commits the sealed value, its version, its refresh token and
 //!   `NOTIFY token_broker, '<collection>:<version>'` in one transaction; the
 //!   payload never carries a token. A refetch of the same value notifies no one.
+//! - A lease grant is announced on its own channel,
+//!   `NOTIFY token_broker_lease, '<collection>:<until micros>:<holder>'`, and
+//!   so is a give-back (release or failure commit, until `0`), so that peers
+//!   need not try a lease that is held. A hint only: the statement after the
+//!   grant may fail (it is logged at debug and ignored), and any session may
+//!   forge one, so the broker bounds what it takes from it
+//!   (`broker::collection::PeerLease`). Older releases listen on
+//!   `token_broker` alone and never see these payloads.
 //! - Token timestamps are truncated to microseconds before they are written, and
 //!   the committed token is built from what the database returned, so every
 //!   sidecar holds identical instants (L1 expiry derives from the row).
@@ -107,8 +115,14 @@ macro_rules! cols {
 /// is at most 64 characters of host name, a pid and 8 hex digits.
 const MAX_SPEND_FIELD: usize = 512;
 
-/// The `NOTIFY` channel.
+/// The `NOTIFY` channel of commits: `COLLECTION:VERSION:MICROS`.
 pub const CHANNEL: &str = "token_broker";
+
+/// The `NOTIFY` channel of lease grants and give-backs:
+/// `COLLECTION:UNTIL_MICROS:HOLDER` (`0`: given back). A channel of its own,
+/// so a sidecar of an older release, which listens on [`CHANNEL`] only,
+/// never sees a payload it cannot read.
+pub const LEASE_CHANNEL: &str = "token_broker_lease";
 
 /// The `application_name` of the listener connection, followed by a space
 /// and eight random hex digits, one per store (the pool's is `token-broker`).
@@ -658,12 +672,14 @@ impl PgStore {
             .await?;
             if let Some(r) = granted {
                 let (row, lease) = self.decode(collection, &r)?;
+                let until = lease.until.unwrap_or(now + ttl);
+                self.notify_lease(collection, holder, Some(until)).await;
                 return Ok(Acquired::Granted {
                     lease: Lease {
                         collection: collection.to_owned(),
                         holder: holder.to_owned(),
                         fence: lease.fence,
-                        until: lease.until.unwrap_or(now + ttl),
+                        until,
                     },
                     row,
                 });
@@ -803,7 +819,7 @@ impl PgStore {
     }
 
     async fn try_commit_failure(&self, lease: &Lease, b: &Backoff) -> Result<u64, sqlx::Error> {
-        Ok(sqlx::query(
+        let n = sqlx::query(
             "UPDATE token_broker_tokens SET
                 next_attempt_at = $3, failures = $4, failure_class = $5, failure_detail = $6,
                 spend_holder = CASE WHEN spend_holder <> $7 THEN spend_holder END,
@@ -821,11 +837,16 @@ impl PgStore {
         .bind(&lease.holder)
         .execute(&self.pool)
         .await?
-        .rows_affected())
+        .rows_affected();
+        if n > 0 {
+            self.notify_lease(&lease.collection, &lease.holder, None)
+                .await;
+        }
+        Ok(n)
     }
 
     async fn try_release(&self, lease: &Lease) -> Result<u64, sqlx::Error> {
-        Ok(sqlx::query(
+        let n = sqlx::query(
             "UPDATE token_broker_tokens SET lease_holder = NULL, lease_until = NULL, updated_at = now()
               WHERE collection = $1 AND lease_fence = $2 AND lease_holder = $3",
         )
@@ -834,7 +855,30 @@ impl PgStore {
         .bind(&lease.holder)
         .execute(&self.pool)
         .await?
-        .rows_affected())
+        .rows_affected();
+        if n > 0 {
+            self.notify_lease(&lease.collection, &lease.holder, None)
+                .await;
+        }
+        Ok(n)
+    }
+
+    /// Tells the fleet that `holder` took the lease of `collection` until
+    /// `until`, or gave it back (`None`), on [`LEASE_CHANNEL`]. A hint only:
+    /// when it fails, peers try the lease and find it held, as without it.
+    async fn notify_lease(&self, collection: &str, holder: &str, until: Option<SystemTime>) {
+        let micros = until.map_or(0, |u| {
+            u.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        });
+        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(LEASE_CHANNEL)
+            .bind(format!("{collection}:{micros}:{holder}"))
+            .execute(&self.pool)
+            .await;
+        if let Err(e) = sent {
+            debug!(collection, error = %describe(&e), "could not announce the refresh lease");
+        }
     }
 
     async fn try_mark_spending(&self, lease: &Lease) -> Result<u64, sqlx::Error> {
@@ -1254,7 +1298,7 @@ async fn listen_once(
         let connect = async {
             let mut l = PgListener::connect_with(&pool).await?;
             l.eager_reconnect(false);
-            l.listen(CHANNEL).await?;
+            l.listen_all([CHANNEL, LEASE_CHANNEL]).await?;
             Ok::<_, sqlx::Error>(l)
         };
         let mut listener = match tokio::time::timeout(settings.connect_timeout, connect).await {
@@ -1286,7 +1330,7 @@ async fn listen_once(
                 next = tokio::time::timeout(heartbeat, listener.try_recv()) => match next {
                     Ok(Ok(Some(n))) => {
                         let arrived = tokio::time::Instant::now();
-                        if let Some(event) = parse_notification(n.payload(), arrived) {
+                        if let Some(event) = parse_notification(n.channel(), n.payload(), arrived) {
                             let _ = store.events.send(event);
                         }
                     }
@@ -1314,9 +1358,27 @@ async fn listen_once(
     (outcome, connected)
 }
 
-/// A notification payload: `COLLECTION:VERSION`, and since 0.1 `:MICROS`
-/// (the commit's database clock); collection names never contain `:`.
-fn parse_notification(payload: &str, arrived: tokio::time::Instant) -> Option<StoreEvent> {
+/// A notification: on [`CHANNEL`], `COLLECTION:VERSION`, and since 0.1
+/// `:MICROS` (the commit's database clock); on [`LEASE_CHANNEL`],
+/// `COLLECTION:UNTIL_MICROS:HOLDER`. Collection names never contain `:`.
+fn parse_notification(
+    channel: &str,
+    payload: &str,
+    arrived: tokio::time::Instant,
+) -> Option<StoreEvent> {
+    if channel == LEASE_CHANNEL {
+        let mut parts = payload.splitn(3, ':');
+        let collection = parts.next()?;
+        let micros: u64 = parts.next()?.parse().ok()?;
+        let holder = parts.next()?;
+        return Some(StoreEvent::Lease {
+            collection: collection.to_owned(),
+            holder: holder.to_owned(),
+            until: (micros > 0)
+                .then(|| std::time::UNIX_EPOCH.checked_add(Duration::from_micros(micros)))
+                .flatten(),
+        });
+    }
     let mut parts = payload.split(':');
     let collection = parts.next()?;
     let version = parts.next()?.parse().ok()?;
@@ -1339,7 +1401,7 @@ mod tests {
     #[test]
     fn notifications_parse_with_and_without_the_commit_time() {
         let arrived = tokio::time::Instant::now();
-        let parse_notification = |payload| parse_notification(payload, arrived);
+        let parse_notification = |payload| parse_notification(CHANNEL, payload, arrived);
         assert_eq!(
             parse_notification("a.b-c:7:1700000000000001"),
             Some(StoreEvent::Rotated {
@@ -1362,5 +1424,35 @@ mod tests {
         );
         assert_eq!(parse_notification("x"), None);
         assert_eq!(parse_notification("x:y"), None);
+    }
+
+    #[test]
+    fn lease_notifications_parse_grants_and_give_backs() {
+        let arrived = tokio::time::Instant::now();
+        let parse = |payload| parse_notification(LEASE_CHANNEL, payload, arrived);
+        assert_eq!(
+            parse("cc:1700000000000001:host:with/colons/1/0a0b0c0d"),
+            Some(StoreEvent::Lease {
+                collection: "cc".into(),
+                holder: "host:with/colons/1/0a0b0c0d".into(),
+                until: Some(std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_001)),
+            })
+        );
+        assert_eq!(
+            parse("cc:0:h/1/2"),
+            Some(StoreEvent::Lease {
+                collection: "cc".into(),
+                holder: "h/1/2".into(),
+                until: None,
+            })
+        );
+        // Garbage from any session that may NOTIFY is dropped, not guessed at.
+        assert_eq!(parse("cc:soon:h"), None);
+        assert_eq!(parse("cc:1"), None);
+        assert_eq!(parse("cc:-5:h"), None);
+        assert_eq!(
+            parse(&format!("cc:{}:h", u64::MAX)).map(|e| matches!(e, StoreEvent::Lease { .. })),
+            Some(true)
+        );
     }
 }

@@ -18,9 +18,12 @@
 //!   served (`token-broker get --value` does not print it);
 //! - (e) chaos seed 15's finding: a holder of a rotating grant cut off from
 //!   the database after presenting the refresh token is waited for (the peer
-//!   does not present the spent token again), and one killed mid-call is not.
+//!   does not present the spent token again), and one killed mid-call is not;
+//! - (f) forged lease notices (any session may `NOTIFY`) hold a refresh back
+//!   at most one `lease_ttl` per version: two sidecars keep rotating 4 s
+//!   tokens under a flood of them, with no failed read.
 //!
-//! They fail on the code before the issue 11 fix (c5889a1) and pass with it
+//! (a) to (e) fail on the code before the issue 11 fix (c5889a1) and pass with it
 //! (2516377).
 
 use std::collections::HashMap;
@@ -836,4 +839,59 @@ policy = {{ refresh_fraction = 0.5, min_refresh_interval = "1s" }}
     let (h, dir) = fleet.finish(calls).await;
     assert!(!upstream.revoked("rt"), "grant revoked");
     assert_clean(&h, dir, "a cut-off spender, then a killed one");
+}
+
+/// (f) Forged lease notices: any database session may `NOTIFY`, so a flood
+/// of notices claiming the lease of `a` until the year 9999 (one every
+/// 50 ms) must not stop two sidecars from rotating 4 s tokens: a notice is
+/// taken once per version and capped at one `lease_ttl`, which the refresh
+/// schedule leaves room for. Without the limits no sidecar tries the lease
+/// again and the token lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_lease_notices_delay_a_refresh_at_most_once_per_version() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let env = vec![
+        ("TB_DATABASE_URL".to_owned(), db.url.clone()),
+        ("TB_ENCRYPTION_KEY".to_owned(), key("k1")),
+    ];
+    let config = format!(
+        r#"{}
+[collections.a]
+source = {{ kind = "demo", ttl = "4s" }}
+policy = {{ min_refresh_interval = "1s", refresh_fraction = 0.5, lease_ttl = "1s" }}
+"#,
+        store("")
+    );
+    let mut fleet = Fleet::start(&[config.clone(), config], &[env.clone(), env]).await;
+    fleet.clients("a", 1);
+    wait_for(
+        "both sidecars watch a",
+        Duration::from_secs(20),
+        async || watched_version(&fleet, 0, "a") >= 1 && watched_version(&fleet, 1, "a") >= 1,
+    )
+    .await;
+    let before = row_version(&pool, "a").await;
+    let forged = format!("a:{}:forger/1/00000000", 253_402_300_799_000_000u64);
+    let flood_until = Instant::now() + Duration::from_secs(12);
+    let mut sent = 0;
+    while Instant::now() < flood_until {
+        sqlx::query("SELECT pg_notify('token_broker_lease', $1)")
+            .bind(&forged)
+            .execute(&pool)
+            .await
+            .unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = row_version(&pool, "a").await;
+    eprintln!("{sent} forged lease notices in 12 s; a rotated from v{before} to v{after}");
+    // About 1.8 s per rotation: six in 12 s; none without the limits.
+    assert!(
+        after >= before + 4,
+        "a rotated only from v{before} to v{after} under forged lease notices; log: {}",
+        fleet.procs[0].log_path().display()
+    );
+    let (h, dir) = fleet.finish(Vec::new()).await;
+    assert_clean(&h, dir, "forged lease notices");
 }

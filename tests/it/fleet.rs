@@ -516,18 +516,52 @@ async fn a_rotation_costs_one_lease_attempt(route: Route) {
     one_lease_attempt_per_rotation(
         route,
         6,
+        Duration::ZERO,
         r#", lease_ttl = "500ms", refresh_fraction = 0.5, expiry_skew = "0s""#,
     )
     .await;
 }
 
-async fn one_lease_attempt_per_rotation(route: Route, expires_in: u64, extra_policy: &str) {
+/// No herd either when the room before hard expiry is too short to stand by
+/// in (here 3 s, one `lease_ttl`) and the upstream takes longer (1 s) than
+/// the committer's lead (375 ms): the committer announces its lease
+/// (`NOTIFY token_broker_lease`) and the others, told it is held, do not try
+/// it. Before: every sidecar tried the lease at `refresh_at`, about one
+/// attempt per sidecar per rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_with_little_room_costs_one_lease_attempt_not_one_per_sidecar() {
+    a_rotation_with_little_room_costs_one_lease_attempt(Route::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_with_little_room_costs_one_lease_attempt_not_one_per_sidecar_through_pgbouncer()
+{
+    a_rotation_with_little_room_costs_one_lease_attempt(Route::PgBouncer).await;
+}
+
+async fn a_rotation_with_little_room_costs_one_lease_attempt(route: Route) {
+    one_lease_attempt_per_rotation(
+        route,
+        6,
+        Duration::from_secs(1),
+        r#", lease_ttl = "3s", refresh_fraction = 0.5, expiry_skew = "0s""#,
+    )
+    .await;
+}
+
+async fn one_lease_attempt_per_rotation(
+    route: Route,
+    expires_in: u64,
+    latency: Duration,
+    extra_policy: &str,
+) {
     const SIDECARS: usize = 4;
     const ROTATIONS: u64 = 5;
     let db = TestDb::create().await;
     let env = FleetEnv::routed(&db, route);
     let oauth = OAuthServer::start(OAuthConfig {
         expires_in: Some(expires_in),
+        latency,
         ..OAuthConfig::new("fleet", &env.client_secret)
     })
     .await;

@@ -114,7 +114,28 @@ async fn next_rotation(
                     assert!(age < Duration::from_secs(60), "commit time {age:?} ago");
                     return (collection, version);
                 }
-                StoreEvent::Resync => {}
+                StoreEvent::Resync | StoreEvent::Lease { .. } => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// Waits for the next `Lease` announcement, skipping everything else.
+async fn next_lease(
+    rx: &mut broadcast::Receiver<StoreEvent>,
+    within: Duration,
+) -> Option<(String, String, Option<SystemTime>)> {
+    tokio::time::timeout(within, async {
+        loop {
+            if let StoreEvent::Lease {
+                collection,
+                holder,
+                until,
+            } = rx.recv().await.unwrap()
+            {
+                return (collection, holder, until);
             }
         }
     })
@@ -373,6 +394,64 @@ async fn a_rotation_notifies_peers_and_a_refetch_does_not() {
     assert_eq!(
         next_rotation(&mut events, Duration::from_secs(5)).await,
         Some(("c".to_owned(), 2))
+    );
+}
+
+/// A grant is announced with its holder and end, and so is a give-back (by
+/// release or by a failure commit), so peers need not try a lease that is
+/// held; a lease found held announces nothing.
+#[tokio::test]
+async fn lease_grants_and_give_backs_are_announced_to_peers() {
+    let db = TestDb::create().await;
+    let holder = open(&db, Keyring::plaintext()).await;
+    let peer = open(&db, Keyring::plaintext()).await;
+    let mut events = peer.store.events();
+    assert!(next_resync(&mut events, Duration::from_secs(5)).await);
+    let lease = grant(&holder.store, "h/1/0a", Duration::from_secs(3)).await;
+    let (collection, who, until) = next_lease(&mut events, Duration::from_secs(5))
+        .await
+        .expect("a grant is announced");
+    assert_eq!((collection.as_str(), who.as_str()), ("c", "h/1/0a"));
+    let until = until.expect("a grant carries its end");
+    let off = until
+        .duration_since(lease.until)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        off < Duration::from_millis(1),
+        "announced {until:?}, granted {:?}",
+        lease.until
+    );
+    // Found held: no announcement.
+    assert!(matches!(
+        peer.store
+            .acquire("c", "p/2/0b", Duration::from_secs(3), SystemTime::now())
+            .await
+            .unwrap(),
+        Acquired::Held { .. }
+    ));
+    holder.store.release(lease).await.unwrap();
+    assert_eq!(
+        next_lease(&mut events, Duration::from_secs(5)).await,
+        Some(("c".to_owned(), "h/1/0a".to_owned(), None)),
+        "the give-back comes next, not an announcement of the failed acquire"
+    );
+    let lease = grant(&holder.store, "h/1/0a", Duration::from_secs(3)).await;
+    assert!(
+        next_lease(&mut events, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    let backoff = Backoff {
+        failures: 1,
+        next_attempt_at: SystemTime::now() + Duration::from_secs(5),
+        class: FailureClass::Timeout,
+        detail: "no answer".into(),
+    };
+    holder.store.commit_failure(lease, backoff).await.unwrap();
+    assert_eq!(
+        next_lease(&mut events, Duration::from_secs(5)).await,
+        Some(("c".to_owned(), "h/1/0a".to_owned(), None)),
+        "a failure commit gives the lease back"
     );
 }
 

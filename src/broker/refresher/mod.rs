@@ -35,8 +35,11 @@
 //! committed first ([`flush`]).
 //!
 //! No herd: the sidecar that committed the current token makes its soft
-//! refresh; the others stand by (`Collection::standby_delay`) and get it by
-//! push.
+//! refresh, a little early (`committer_lead`); the others stand by
+//! (`Collection::standby_delay`) and get it by push. Its lease grant is
+//! announced (`StoreEvent::Lease`), and a sidecar told of a held lease does
+//! not try it before the lease ends (`Collection::next_attempt`), so even
+//! with too little room to stand by, a rotation costs one lease attempt.
 //!
 //! Versions: a commit asks for at least the L1 version (the same value) or
 //! one above it (a new value), so nothing this sidecar served is relabelled;
