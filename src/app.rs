@@ -11,8 +11,10 @@
 //!   start (refreshers, the follower, the health loop; supervised, see
 //!   [`crate::supervise`]); the store owns its listener task. A stop cancels
 //!   `shutdown`, the gRPC server drains within `shutdown_grace` while the
-//!   broker's tasks finish (a refresh in flight commits), and the admin
-//!   listener stops last, so liveness holds while calls drain.
+//!   broker's tasks finish (a refresh in flight commits), the admin listener
+//!   stops after them, so liveness holds while calls drain, and [`run`]
+//!   awaits the store's listener last ([`Store::close`], bounded). Every
+//!   background task is awaited, except the signal task (see [`serve`]).
 //! - Nothing under `broker/` reads the configuration: sources are built here
 //!   ([`sources`]) and handed to the broker as [`CollectionSpec`]s.
 
@@ -126,8 +128,22 @@ pub async fn run(
     shutdown: CancellationToken,
     draining: CancellationToken,
 ) -> anyhow::Result<()> {
-    let broker = Broker::start(sources(&config)?, store, Clock::system(), shutdown.clone());
-    serve_broker(broker, &config.server, listeners, shutdown, draining).await
+    let broker = Broker::start(
+        sources(&config)?,
+        store.clone(),
+        Clock::system(),
+        shutdown.clone(),
+    );
+    let served = serve_broker(broker, &config.server, listeners, shutdown, draining).await;
+    // The store's listener ends with `shutdown`; a black-holed connection
+    // must not hold the exit up (its close is bounded to 1 s inside).
+    if tokio::time::timeout(Duration::from_secs(2), store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the store's listener did not stop within 2 s; exiting without it");
+    }
+    served
 }
 
 /// Serves `broker` until `shutdown` is cancelled, then drains within

@@ -289,6 +289,14 @@ pub trait Store: Send + Sync + 'static {
     /// treat the lag as [`StoreEvent::Resync`].
     fn events(&self) -> tokio::sync::broadcast::Receiver<StoreEvent>;
 
+    /// Waits for the store's own background work to end, once the shutdown
+    /// token it was started with is cancelled (Postgres: the listener task).
+    /// The store still answers operations afterwards. The in-memory store
+    /// has nothing to wait for.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     /// True while the store is unreachable (reads are served from memory,
     /// refreshes happen locally). The in-memory store never is.
     fn degraded(&self) -> bool {

@@ -196,7 +196,8 @@ pub struct PgStore {
     /// The database's clock minus this host's (microseconds), measured at
     /// start-up and on every heartbeat: the broker's clock follows it.
     clock_offset: Arc<AtomicI64>,
-    /// The supervised listener task (aborted when the store is dropped).
+    /// The supervised listener task: awaited by [`Store::close`], aborted if
+    /// the store is dropped first.
     listener: std::sync::Mutex<Option<crate::supervise::Supervised>>,
     /// The listener's `application_name`, unique to this store: a spend
     /// names it, and peers look for it to tell whether the spender lives.
@@ -1100,6 +1101,19 @@ impl Store for PgStore {
     fn load(&self, collection: &str) -> BoxFuture<'_, Result<Row, StoreError>> {
         let collection = collection.to_owned();
         Box::pin(async move { self.timed(|| self.load_row(&collection)).await })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        let task = self
+            .listener
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        Box::pin(async move {
+            if let Some(task) = task {
+                task.join().await;
+            }
+        })
     }
 
     fn acquire(

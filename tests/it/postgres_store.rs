@@ -455,6 +455,22 @@ async fn lease_grants_and_give_backs_are_announced_to_peers() {
     );
 }
 
+/// The app awaits the store's listener at a stop (`Store::close`): it ends
+/// once the shutdown token is cancelled (an exit is not held up), and the
+/// store still answers after.
+#[tokio::test]
+async fn close_returns_once_shutdown_is_cancelled_and_the_store_still_answers() {
+    let db = TestDb::create().await;
+    let s = open(&db, Keyring::plaintext()).await;
+    let mut events = s.store.events();
+    assert!(next_resync(&mut events, Duration::from_secs(5)).await);
+    s.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(2), s.store.close())
+        .await
+        .expect("the listener ends within 2 s of the shutdown");
+    assert_eq!(commit(&s.store, new_token("a")).await, (1, true));
+}
+
 #[tokio::test]
 async fn a_killed_listener_backend_reconnects_and_resyncs() {
     let db = TestDb::create().await;
