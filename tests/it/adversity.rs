@@ -496,32 +496,42 @@ fn watched_version(fleet: &Fleet, i: usize, collection: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_infinite_expiry_in_one_row_does_not_stop_following_the_others() {
-    let db = TestDb::create().await;
-    let pool = db.pool().await;
+/// Two sidecars on `db` (key `k1`, `[store]` plus `store_extra`) serving
+/// `collections`, with a caller and a watcher of collection `a` on each,
+/// returned once both watch it.
+async fn two_sidecars_watching_a(db: &TestDb, store_extra: &str, collections: &str) -> Fleet {
     let env = vec![
         ("TB_DATABASE_URL".to_owned(), db.url.clone()),
         ("TB_ENCRYPTION_KEY".to_owned(), key("k1")),
     ];
-    // Long tokens: a sidecar learns of a rotation only by following its peer.
-    let config = format!(
-        r#"{}
-[collections.a]
-source = {{ kind = "demo", ttl = "300s" }}
-policy = {{ min_refresh_interval = "1s" }}
-[collections.b]
-source = {{ kind = "demo", ttl = "300s" }}
-policy = {{ min_refresh_interval = "1s" }}
-"#,
-        store("poll_interval = \"60s\"")
-    );
+    let config = format!("{}{collections}", store(store_extra));
     let mut fleet = Fleet::start(&[config.clone(), config], &[env.clone(), env]).await;
     fleet.clients("a", 1);
     wait_for(
         "both sidecars watch a",
         Duration::from_secs(20),
         async || watched_version(&fleet, 0, "a") >= 1 && watched_version(&fleet, 1, "a") >= 1,
+    )
+    .await;
+    fleet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_expiry_in_one_row_does_not_stop_following_the_others() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    // Long tokens: a sidecar learns of a rotation only by following its peer.
+    let fleet = two_sidecars_watching_a(
+        &db,
+        "poll_interval = \"60s\"",
+        r#"
+[collections.a]
+source = { kind = "demo", ttl = "300s" }
+policy = { min_refresh_interval = "1s" }
+[collections.b]
+source = { kind = "demo", ttl = "300s" }
+policy = { min_refresh_interval = "1s" }
+"#,
     )
     .await;
     // Sanity: a rotation forced on sidecar 1 reaches sidecar 0 by push.
@@ -851,24 +861,14 @@ policy = {{ refresh_fraction = 0.5, min_refresh_interval = "1s" }}
 async fn forged_lease_notices_delay_a_refresh_at_most_once_per_version() {
     let db = TestDb::create().await;
     let pool = db.pool().await;
-    let env = vec![
-        ("TB_DATABASE_URL".to_owned(), db.url.clone()),
-        ("TB_ENCRYPTION_KEY".to_owned(), key("k1")),
-    ];
-    let config = format!(
-        r#"{}
+    let fleet = two_sidecars_watching_a(
+        &db,
+        "",
+        r#"
 [collections.a]
-source = {{ kind = "demo", ttl = "4s" }}
-policy = {{ min_refresh_interval = "1s", refresh_fraction = 0.5, lease_ttl = "1s" }}
+source = { kind = "demo", ttl = "4s" }
+policy = { min_refresh_interval = "1s", refresh_fraction = 0.5, lease_ttl = "1s" }
 "#,
-        store("")
-    );
-    let mut fleet = Fleet::start(&[config.clone(), config], &[env.clone(), env]).await;
-    fleet.clients("a", 1);
-    wait_for(
-        "both sidecars watch a",
-        Duration::from_secs(20),
-        async || watched_version(&fleet, 0, "a") >= 1 && watched_version(&fleet, 1, "a") >= 1,
     )
     .await;
     let before = row_version(&pool, "a").await;
