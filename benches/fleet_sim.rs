@@ -29,9 +29,18 @@
 //!   that the sampling itself is not counted), connections
 //!   (`pg_stat_activity`), memory (`VmRSS` of every sidecar).
 //! - Token values are never printed or written: only 64-bit hashes are kept.
+//! - `--notify-floor` starts no sidecar and no upstream: on the same cluster
+//!   it holds N `LISTEN token_broker` connections itself (one `PgListener`
+//!   each, tasks on this process's runtime) and commits R `pg_notify`s about
+//!   1 s apart from a thread of its own. A commit's instant is when its
+//!   `COMMIT` returned there; an arrival is when a listener's task had the
+//!   notice (with `--notify-floor-select`, and then one primary-key read of a
+//!   one-row table over a connection of its own, N more connections).
 //! - Output: a markdown table row (with its header) and a short summary on
 //!   stdout, progress on stderr, every number in `--json FILE`. Exit status 0
-//!   when the run completed without violations, 1 otherwise (2 on bad usage).
+//!   when the run completed without violations (with `--notify-floor`:
+//!   without a missed arrival or a listener error), 1 otherwise (2 on bad
+//!   usage).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -46,7 +55,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use serde_json::json;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
@@ -69,10 +79,11 @@ const SETTLE: Duration = Duration::from_secs(5);
 #[command(
     name = "fleet-sim",
     bin_name = "scripts/fleet-sim",
-    about = "N real token-broker sidecars on a throwaway Postgres and a fake OAuth2 endpoint, started at once and measured"
+    about = "N real token-broker sidecars on a throwaway Postgres and a fake OAuth2 endpoint, started at once and measured \
+             (or, with --notify-floor, N bare LISTEN connections: what Postgres alone costs a commit -> every listener)"
 )]
 struct Args {
-    /// Number of sidecar processes.
+    /// Number of sidecar processes (with --notify-floor: of listeners).
     #[arg(long)]
     sidecars: usize,
     /// Collections per sidecar (each its own oauth2_client_credentials endpoint path).
@@ -114,6 +125,21 @@ struct Args {
     /// Give up when the fleet is not ready this long after the release.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     ready_timeout: Duration,
+    /// No sidecars and no upstream: --sidecars LISTEN connections in this
+    /// process (one `PgListener` each, on `token_broker`) and --rotations
+    /// committed `pg_notify`s about 1 s apart, measuring commit -> every
+    /// listener: the floor that Postgres LISTEN/NOTIFY alone sets. Only
+    /// --sidecars, --rotations, --json and --keep apply.
+    #[arg(long)]
+    notify_floor: bool,
+    /// As --notify-floor, but each listener, on a notice, also reads one small
+    /// row by primary key over a connection of its own (N more) before it
+    /// counts as arrived, as a sidecar re-reads the row today.
+    #[arg(long)]
+    notify_floor_select: bool,
+    /// Commits in a --notify-floor run.
+    #[arg(long, default_value_t = 20)]
+    rotations: usize,
     /// Ignored (`cargo bench` passes it).
     #[arg(long, hide = true)]
     bench: bool,
@@ -1052,30 +1078,13 @@ fn log_summary(fleet: &Fleet) -> (usize, usize, usize, Vec<(String, usize)>) {
 // ---------------------------------------------------------------------------
 // The run
 
-async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::Result<bool> {
-    let started = Instant::now();
-    let n = args.sidecars;
-    if n == 0 || args.collections == 0 {
-        bail!("--sidecars and --collections must be at least 1");
-    }
-    let ttl_secs = args.rotation.as_secs();
-    if ttl_secs < 2 || args.rotation.subsec_nanos() != 0 {
-        bail!("--rotation must be whole seconds, at least 2s");
-    }
-    let duration = args.duration.unwrap_or_else(|| args.rotation.mul_f64(3.5));
-    let bin = std::fs::canonicalize(&args.bin).with_context(|| {
-        format!(
-            "--bin {}: not found (build with cargo build --release)",
-            args.bin.display()
-        )
-    })?;
-    let collections: Arc<Vec<String>> =
-        Arc::new((0..args.collections).map(|i| format!("c{i}")).collect());
-    let root = is_root();
-    let workp = &work.path;
-    say(format!("work dir {}", workp.display()));
-
-    // 1. Postgres
+/// The throwaway cluster (`max_connections` = 3N + 50) with database
+/// `FLEET_DB` created, and a small pool on database `postgres`.
+async fn start_postgres(
+    workp: &Path,
+    n: usize,
+    root: bool,
+) -> anyhow::Result<(PgCluster, PgPool, usize)> {
     let max_connections = 3 * n + 50;
     let pg = PgCluster::start(workp, max_connections, root)?;
     // For scripts/fleet-sim: what to stop should this process die without cleaning up
@@ -1103,6 +1112,37 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         .context("connecting to the cluster")?;
     // A literal: sqlx refuses unaudited dynamic SQL (FLEET_DB is "fleet").
     sqlx::query("CREATE DATABASE fleet").execute(&admin).await?;
+    Ok((pg, admin, max_connections))
+}
+
+async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let n = args.sidecars;
+    if n == 0 || args.collections == 0 {
+        bail!("--sidecars and --collections must be at least 1");
+    }
+    if args.notify_floor || args.notify_floor_select {
+        return notify_floor(args, work).await;
+    }
+    let ttl_secs = args.rotation.as_secs();
+    if ttl_secs < 2 || args.rotation.subsec_nanos() != 0 {
+        bail!("--rotation must be whole seconds, at least 2s");
+    }
+    let duration = args.duration.unwrap_or_else(|| args.rotation.mul_f64(3.5));
+    let bin = std::fs::canonicalize(&args.bin).with_context(|| {
+        format!(
+            "--bin {}: not found (build with cargo build --release)",
+            args.bin.display()
+        )
+    })?;
+    let collections: Arc<Vec<String>> =
+        Arc::new((0..args.collections).map(|i| format!("c{i}")).collect());
+    let root = is_root();
+    let workp = &work.path;
+    say(format!("work dir {}", workp.display()));
+
+    // 1. Postgres
+    let (pg, admin, max_connections) = start_postgres(workp, n, root).await?;
     let bouncer = match &args.pgbouncer {
         Some(b) => {
             let b = PgBouncer::start(b, workp, pg.port, args.pgbouncer_pool_size, root)?;
@@ -1645,6 +1685,249 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     admin.close().await;
     drop(pg);
     Ok(violations == 0 && !rotations.is_empty())
+}
+
+// ---------------------------------------------------------------------------
+// The notify floor
+
+/// The row a --notify-floor-select listener reads on each notice.
+async fn read_row(c: &mut PgConnection) -> Result<(i64, Vec<u8>), sqlx::Error> {
+    sqlx::query_as("SELECT version, value FROM floor_row WHERE collection = $1")
+        .bind("c0")
+        .fetch_one(c)
+        .await
+}
+
+/// --notify-floor[-select]: N listeners in this process, R commits of a
+/// `pg_notify('token_broker', '<rotation>')`; each commit's instant is taken
+/// when its `COMMIT` has returned, each arrival when the listener's task has
+/// the notice (and, with the select, the row).
+async fn notify_floor(args: Args, work: &WorkDir) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let (n, r, select) = (args.sidecars, args.rotations, args.notify_floor_select);
+    if r == 0 {
+        bail!("--rotations must be at least 1");
+    }
+    say(format!("work dir {}", work.path.display()));
+    let (pg, admin, max_connections) = start_postgres(&work.path, n, is_root()).await?;
+    let url = pg.url(FLEET_DB);
+    if select {
+        let mut c = PgConnection::connect(&url).await?;
+        sqlx::query(
+            "CREATE TABLE floor_row (collection text PRIMARY KEY, version bigint NOT NULL, value bytea NOT NULL)",
+        )
+        .execute(&mut c)
+        .await?;
+        sqlx::query("INSERT INTO floor_row VALUES ('c0', 1, $1)")
+            .bind(vec![7u8; 120])
+            .execute(&mut c)
+            .await?;
+        c.close().await?;
+    }
+
+    // Connect (32 at a time), LISTEN, and with the select prepare its statement.
+    let t_connect = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        let (url, sem) = (url.clone(), sem.clone());
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let mut l = PgListener::connect(&url).await?;
+            l.listen("token_broker").await?;
+            let mut reader = None;
+            if select {
+                let mut c = PgConnection::connect(&url).await?;
+                read_row(&mut c).await?;
+                reader = Some(c);
+            }
+            anyhow::Ok((l, reader))
+        });
+    }
+    let mut listeners = Vec::with_capacity(n);
+    while let Some(x) = set.join_next().await {
+        listeners.push(x.map_err(|e| anyhow!("connect task: {e}"))??);
+    }
+    let connect_time = t_connect.elapsed();
+    say(format!(
+        "{n} listeners{} connected in {:.2} s; {r} commits about 1 s apart",
+        if select { " and readers" } else { "" },
+        connect_time.as_secs_f64()
+    ));
+
+    // arrivals[i]: the instants rotation i reached a listener.
+    let arrivals = Arc::new(Mutex::new(vec![Vec::<Instant>::new(); r]));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut tasks = JoinSet::new();
+    for (mut l, mut reader) in listeners {
+        let (arrivals, errors) = (arrivals.clone(), errors.clone());
+        tasks.spawn(async move {
+            loop {
+                match l.try_recv().await {
+                    Ok(Some(note)) => {
+                        if let Some(c) = reader.as_mut()
+                            && let Err(e) = read_row(c).await
+                        {
+                            lock(&errors).push(format!("select: {e}"));
+                            continue;
+                        }
+                        let at = Instant::now();
+                        match note.payload().parse::<usize>() {
+                            Ok(i) if i < r => lock(&arrivals)[i].push(at),
+                            _ => {
+                                lock(&errors).push(format!("unparsed payload {:?}", note.payload()))
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        lock(&errors).push("listener connection lost (reconnecting)".into())
+                    }
+                    Err(e) => {
+                        lock(&errors).push(format!("listener: {e}"));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    // The committer runs on a thread of its own (as the probe does), so that
+    // its stamps do not queue behind the listeners' tasks on this runtime.
+    // It returns (COMMIT sent, COMMIT returned) per rotation and the
+    // connections to the database after the last.
+    let committer = {
+        let (url, arrivals) = (url.clone(), arrivals.clone());
+        std::thread::spawn(move || -> anyhow::Result<(Vec<(Instant, Instant)>, i64)> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut sender = PgConnection::connect(&url).await?;
+                let mut commits = Vec::with_capacity(r);
+                for i in 0..r {
+                    let next = Instant::now() + Duration::from_secs(1);
+                    let mut tx = sender.begin().await?;
+                    sqlx::query("SELECT pg_notify('token_broker', $1)")
+                        .bind(i.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                    let sent = Instant::now();
+                    tx.commit().await?;
+                    let at = Instant::now();
+                    commits.push((sent, at));
+                    // Every listener has it (or SETTLE passed) before the next commit.
+                    while lock(&arrivals)[i].len() < n && Instant::now() < at + SETTLE {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    tokio::time::sleep(next.saturating_duration_since(Instant::now())).await;
+                }
+                let (conns,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()",
+                )
+                .fetch_one(&mut sender)
+                .await?;
+                Ok((commits, conns))
+            })
+        })
+    };
+    let (commits, conns) = tokio::task::spawn_blocking(move || committer.join())
+        .await?
+        .map_err(|_| anyhow!("the committer thread panicked"))??;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+
+    let arrivals = lock(&arrivals).clone();
+    let errors = lock(&errors).clone();
+    let (mut each, mut last, mut missed) = (Vec::new(), Vec::new(), 0);
+    let (mut rtt, mut sent_last, mut spread) = (Vec::new(), Vec::new(), Vec::new());
+    for (ats, (sent, commit)) in arrivals.iter().zip(&commits) {
+        let d: Vec<f64> = ats.iter().map(|a| diff_ms(*a, *commit)).collect();
+        missed += n.saturating_sub(d.len());
+        rtt.push(diff_ms(*commit, *sent));
+        if let (Some(hi), Some(lo)) = (
+            d.iter().copied().reduce(f64::max),
+            d.iter().copied().reduce(f64::min),
+        ) {
+            last.push(hi);
+            sent_last.push(hi + diff_ms(*commit, *sent));
+            spread.push(hi - lo);
+        }
+        each.extend(d);
+    }
+    let (each, last) = (dist(each), dist(last));
+    let (rtt, sent_last, spread) = (dist(rtt), dist(sent_last), dist(spread));
+    let reread = if select { "yes" } else { "no" };
+    let header = "| listeners | commits | re-read (SELECT) | commit -> each listener p50 / p99 / max | commit -> last listener p50 / p99 / max | DB connections | missed |";
+    let sep = "|---:|---:|---|---:|---:|---:|---:|";
+    let row = format!(
+        "| {n} | {r} | {reread} | {:.1} / {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms | {conns} | {missed} |",
+        each.p50_ms, each.p99_ms, each.max_ms, last.p50_ms, last.p99_ms, last.max_ms,
+    );
+    println!("{header}\n{sep}\n{row}\n");
+    println!(
+        "{n} LISTEN connections in one process (notify floor{}), {r} commits of pg_notify about 1 s apart, {}; run {:.1} s (wall).\n\
+         - Listeners connected in {:.2} s; connections to `{FLEET_DB}` at the end: {conns} (listeners{}, the committer).\n\
+         - Commit -> each listener ({} arrivals): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (min {:.1} ms; negative = before the COMMIT returned).\n\
+         - Commit -> last listener per commit: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (min {:.1} ms).\n\
+         - COMMIT round trip: p50 {:.1} ms, max {:.1} ms; COMMIT sent -> last listener (an upper bound on the above): \
+         p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; first-to-last listener spread: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n\
+         - Missed arrivals: {missed}; listener errors: {}{}.",
+        if select {
+            ", each re-reading one row"
+        } else {
+            ""
+        },
+        pg.version(),
+        started.elapsed().as_secs_f64(),
+        connect_time.as_secs_f64(),
+        if select { ", readers" } else { "" },
+        each.count,
+        each.p50_ms,
+        each.p99_ms,
+        each.max_ms,
+        each.min_ms,
+        last.p50_ms,
+        last.p99_ms,
+        last.max_ms,
+        last.min_ms,
+        rtt.p50_ms,
+        rtt.max_ms,
+        sent_last.p50_ms,
+        sent_last.p99_ms,
+        sent_last.max_ms,
+        spread.p50_ms,
+        spread.p99_ms,
+        spread.max_ms,
+        errors.len(),
+        errors
+            .first()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default(),
+    );
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "mode": if select { "notify_floor_select" } else { "notify_floor" },
+            "listeners": n,
+            "commits": r,
+            "max_connections": max_connections,
+            "connect_s": connect_time.as_secs_f64(),
+            "wall_s": started.elapsed().as_secs_f64(),
+            "commit_to_listener": each,
+            "commit_to_last_listener": last,
+            "commit_round_trip": rtt,
+            "commit_sent_to_last_listener": sent_last,
+            "first_to_last_listener_spread": spread,
+            "db_connections": conns,
+            "missed": missed,
+            "listener_errors": errors,
+            "markdown_row": row,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    admin.close().await;
+    drop(pg);
+    Ok(missed == 0 && errors.is_empty())
 }
 
 fn main() -> ExitCode {
