@@ -839,11 +839,7 @@ impl PgStore {
         .execute(&self.pool)
         .await?
         .rows_affected();
-        if n > 0 {
-            self.notify_lease(&lease.collection, &lease.holder, None)
-                .await;
-        }
-        Ok(n)
+        Ok(self.given_back(lease, n).await)
     }
 
     async fn try_release(&self, lease: &Lease) -> Result<u64, sqlx::Error> {
@@ -857,11 +853,17 @@ impl PgStore {
         .execute(&self.pool)
         .await?
         .rows_affected();
-        if n > 0 {
+        Ok(self.given_back(lease, n).await)
+    }
+
+    /// After a statement that gave `lease` back (`rows` > 0: it still held
+    /// it), tells the fleet so; returns `rows`.
+    async fn given_back(&self, lease: &Lease, rows: u64) -> u64 {
+        if rows > 0 {
             self.notify_lease(&lease.collection, &lease.holder, None)
                 .await;
         }
-        Ok(n)
+        rows
     }
 
     /// Tells the fleet that `holder` took the lease of `collection` until
