@@ -28,6 +28,13 @@
 //!   of the sidecars' database, sampled every second from another database so
 //!   that the sampling itself is not counted), connections
 //!   (`pg_stat_activity`), memory (`VmRSS` of every sidecar).
+//! - CPU: utime + stime from `/proc/<pid>/stat` of every sidecar, of
+//!   Postgres (the postmaster with its exited children's times, and its live
+//!   children) and of this process (the fake upstream, the probe and the
+//!   watch streams are in it; PgBouncer is not counted), sampled at the
+//!   window's start and end and at the idle count's. Per rotation: the
+//!   window's CPU less the idle rate over the window, per rotation, with one
+//!   standard deviation of what truncation to whole clock ticks leaves.
 //! - Token values are never printed or written: only 64-bit hashes are kept.
 //! - `--notify-floor` starts no sidecar and no upstream: on the same cluster
 //!   it holds N `LISTEN token_broker` connections itself (one `PgListener`
@@ -332,6 +339,17 @@ impl PgCluster {
 
     fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The postmaster's pid, from the first line of `postmaster.pid`.
+    fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn version(&self) -> String {
@@ -983,6 +1001,123 @@ fn rss_kib(pids: &[u32]) -> (u64, usize) {
     (total, missing)
 }
 
+/// (ppid, utime + stime, cutime + cstime) of a process, in clock ticks.
+fn proc_times(pid: &str) -> Option<(u32, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces): state, ppid, ..
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+    Some((
+        f.get(1)?.parse().ok()?,
+        num(11)? + num(12)?,
+        num(13)? + num(14)?,
+    ))
+}
+
+/// Milliseconds per clock tick, the unit of `/proc/<pid>/stat` times.
+fn tick_ms() -> f64 {
+    let hz = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|hz| *hz > 0.0)
+        .unwrap_or(100.0);
+    1000.0 / hz
+}
+
+/// CPU time (ms) used so far by each class of process.
+#[derive(Clone, Copy)]
+struct CpuSample {
+    at: Instant,
+    sidecars: f64,
+    postgres: f64,
+    driver: f64,
+    /// Postgres processes counted (the postmaster and its children).
+    pg_processes: usize,
+    /// Sidecars (or the postmaster, or this process) whose stat was unreadable.
+    unreadable: usize,
+}
+
+fn cpu_sample(sidecars: &[u32], postmaster: Option<u32>, tick_ms: f64) -> CpuSample {
+    let mut unreadable = 0;
+    let mut read = |pid: &str| match proc_times(pid) {
+        Some((_, t, _)) => t,
+        None => {
+            unreadable += 1;
+            0
+        }
+    };
+    let sc: u64 = sidecars.iter().map(|p| read(&p.to_string())).sum();
+    let driver = read("self");
+    // A backend that exits moves its time to the postmaster's cutime + cstime.
+    let (mut pg, mut pg_processes) = (0, 0);
+    match postmaster.and_then(|pm| Some((pm, proc_times(&pm.to_string())?))) {
+        Some((pm, (_, own, children))) => {
+            (pg, pg_processes) = (own + children, 1);
+            for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                if let Some((ppid, t, _)) = e.file_name().to_str().and_then(proc_times)
+                    && ppid == pm
+                {
+                    pg += t;
+                    pg_processes += 1;
+                }
+            }
+        }
+        None => unreadable += 1,
+    }
+    CpuSample {
+        at: Instant::now(),
+        sidecars: sc as f64 * tick_ms,
+        postgres: pg as f64 * tick_ms,
+        driver: driver as f64 * tick_ms,
+        pg_processes,
+        unreadable,
+    }
+}
+
+#[derive(serde::Serialize, Clone, Copy)]
+struct CpuClass {
+    window_ms: f64,
+    idle_ms_per_s: f64,
+    per_rotation_ms: f64,
+    /// One standard deviation of `per_rotation_ms` from the truncation of
+    /// each process's times to whole ticks (a difference of two truncated
+    /// readings has one of tick / sqrt(6); processes taken as independent).
+    plus_minus_ms: f64,
+}
+
+/// One class (of `processes` processes): its window CPU, idle rate, and
+/// window CPU less the idle rate per rotation.
+fn cpu_class(
+    class: fn(&CpuSample) -> f64,
+    processes: usize,
+    tick_ms: f64,
+    window: (CpuSample, CpuSample),
+    idle: Option<(CpuSample, CpuSample)>,
+    rotations: usize,
+) -> CpuClass {
+    let used =
+        |(a, b): (CpuSample, CpuSample)| (class(&b) - class(&a), (b.at - a.at).as_secs_f64());
+    let (window_ms, window_s) = used(window);
+    let (idle_ms, idle_s) = idle.map_or((f64::NAN, f64::NAN), used);
+    let idle_ms_per_s = idle_ms / idle_s;
+    let plus_minus_ms = tick_ms / 6f64.sqrt()
+        * (processes as f64 * (1.0 + (window_s / idle_s).powi(2))).sqrt()
+        / rotations as f64;
+    CpuClass {
+        window_ms,
+        idle_ms_per_s,
+        per_rotation_ms: (window_ms - idle_ms_per_s * window_s) / rotations as f64,
+        plus_minus_ms,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Statistics
 
@@ -1304,6 +1439,8 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     // 6. The window
     let (g0, h0, m0_failed) = lease_attempts(&admins).await;
     let x0 = db_sample(&admin).await?;
+    let (postmaster, tick) = (pg.postmaster_pid(), tick_ms());
+    let cpu0 = cpu_sample(&fleet.pids(), postmaster, tick);
     let t_w0 = Instant::now();
     say(format!(
         "{} watchers open; measuring for {}",
@@ -1355,12 +1492,14 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let t_end = Instant::now();
+    let cpu1 = cpu_sample(&fleet.pids(), postmaster, tick);
     let (g1, h1, m1_failed) = lease_attempts(&admins).await;
     let x1 = db_sample(&admin).await?;
 
     // The idle phase: rotate every collection onto a long token, let the
     // statistics catch up, then count.
     let mut idle_phase: Option<(DbSample, DbSample)> = None;
+    let mut idle_cpu = None;
     if !args.idle.is_zero() {
         upstream.ttl_secs.store(IDLE_TOKEN_SECS, Ordering::Relaxed);
         let t_switch = Instant::now();
@@ -1391,13 +1530,16 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         };
         tokio::time::sleep((t_last + STATS_LAG).saturating_duration_since(Instant::now())).await;
         let i0 = db_sample(&admin).await?;
+        let c0 = cpu_sample(&fleet.pids(), postmaster, tick);
         say(format!(
             "counting idle transactions for {}",
             humantime::format_duration(args.idle)
         ));
         tokio::time::sleep(args.idle).await;
+        let c1 = cpu_sample(&fleet.pids(), postmaster, tick);
         let i1 = db_sample(&admin).await?;
         idle_phase = Some((i0, i1));
+        idle_cpu = Some((c0, c1));
     }
     stop_bg.store(true, Ordering::Relaxed);
     let _ = sampler.await;
@@ -1526,6 +1668,32 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     }
     let calls_per_rotation = window_calls as f64 / rotations.len() as f64;
     let lease_per_rotation = ((g1 - g0) + (h1 - h0)) / rotations.len() as f64;
+    let cpu_of = |class, processes| {
+        cpu_class(
+            class,
+            processes,
+            tick,
+            (cpu0, cpu1),
+            idle_cpu,
+            rotations.len(),
+        )
+    };
+    let (cpu_sc, cpu_pg, cpu_dr) = (
+        cpu_of(|c| c.sidecars, n),
+        cpu_of(|c| c.postgres, cpu1.pg_processes),
+        cpu_of(|c| c.driver, 1),
+    );
+    let cpu_unreadable = [
+        Some(cpu0),
+        Some(cpu1),
+        idle_cpu.map(|i| i.0),
+        idle_cpu.map(|i| i.1),
+    ]
+    .iter()
+    .flatten()
+    .map(|c| c.unreadable)
+    .max()
+    .unwrap_or(0);
 
     // 7. Stop, logs.
     let (stop_time, stop_killed) = fleet.stop();
@@ -1578,6 +1746,10 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
          - Transactions (pg_stat_database xact_commit + xact_rollback of `{FLEET_DB}`): {window_xacts} in {window_secs:.1} s \
          ({:.1}/s, idle included); idle: {idle_per_min:.0}/min (measured over {idle_s:.0} s with no rotation); \
          per rotation: {xacts_per_rotation:.1} (the excess over the idle rate, per commit).\n\
+         - CPU (utime + stime from /proc; per rotation = the window's less the idle rate, per rotation): \
+         sidecars {sc:.1} ms ({sc_each:.2} ms each), Postgres ({pgn} processes) {pgr:.1} ms, this driver (watch streams, \
+         upstream, probe) {dr:.1} ms per rotation ({tick:.0} ms ticks: +- {scpm:.1}, {pgpm:.1}, {drpm:.1} ms); idle rate: sidecars {sci:.1}, Postgres {pgi:.1}, driver {dri:.1} ms/s; \
+         in the window: {scw:.0}, {pgw:.0}, {drw:.0} ms in all{cpu_note}.\n\
          - Sidecar memory: {:.1} MiB VmRSS in all ({:.1} MiB each){}.\n\
          - Violations: {violations} (out of order {out_of_order}, skipped versions {skipped}, two values for one version {two_values}, \
          value never issued {not_issued}, deliveries missed {missed}, streams ended {ended}).\n\
@@ -1635,6 +1807,25 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
             format!("\n- Probe errors: {probe_errors:?}")
         },
         c = collections.len(),
+        sc = cpu_sc.per_rotation_ms,
+        sc_each = cpu_sc.per_rotation_ms / n as f64,
+        pgr = cpu_pg.per_rotation_ms,
+        dr = cpu_dr.per_rotation_ms,
+        pgn = cpu1.pg_processes,
+        scpm = cpu_sc.plus_minus_ms,
+        pgpm = cpu_pg.plus_minus_ms,
+        drpm = cpu_dr.plus_minus_ms,
+        sci = cpu_sc.idle_ms_per_s,
+        pgi = cpu_pg.idle_ms_per_s,
+        dri = cpu_dr.idle_ms_per_s,
+        scw = cpu_sc.window_ms,
+        pgw = cpu_pg.window_ms,
+        drw = cpu_dr.window_ms,
+        cpu_note = if cpu_unreadable > 0 {
+            format!(" ({cpu_unreadable} processes unreadable in a sample)")
+        } else {
+            String::new()
+        },
     );
 
     if let Some(path) = &args.json {
@@ -1668,6 +1859,17 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
             "idle_seconds_measured": idle_s,
             "transactions_per_rotation_basis": per_rotation_basis,
             "transactions_per_rotation": xacts_per_rotation,
+            "cpu": {
+                "window_s": (cpu1.at - cpu0.at).as_secs_f64(),
+                "idle_s": idle_cpu.map(|(a, b)| (b.at - a.at).as_secs_f64()),
+                "sidecars": cpu_sc,
+                "sidecar_each_per_rotation_ms": cpu_sc.per_rotation_ms / n as f64,
+                "postgres": cpu_pg,
+                "postgres_processes": cpu1.pg_processes,
+                "tick_ms": tick,
+                "driver": cpu_dr,
+                "unreadable": cpu_unreadable,
+            },
             "rss_total_kib": rss,
             "rss_unreadable": rss_missing,
             "violations": {"total": violations, "out_of_order": out_of_order, "skipped": skipped, "two_values_one_version": two_values, "not_issued": not_issued, "missed": missed, "streams_ended": ended},
