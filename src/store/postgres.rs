@@ -673,14 +673,12 @@ impl PgStore {
             .await?;
             if let Some(r) = granted {
                 let (row, lease) = self.decode(collection, &r)?;
-                let until = lease.until.unwrap_or(now + ttl);
-                self.notify_lease(collection, holder, Some(until)).await;
                 return Ok(Acquired::Granted {
                     lease: Lease {
                         collection: collection.to_owned(),
                         holder: holder.to_owned(),
                         fence: lease.fence,
-                        until,
+                        until: lease.until.unwrap_or(now + ttl),
                     },
                     row,
                 });
@@ -820,7 +818,7 @@ impl PgStore {
     }
 
     async fn try_commit_failure(&self, lease: &Lease, b: &Backoff) -> Result<u64, sqlx::Error> {
-        let n = sqlx::query(
+        Ok(sqlx::query(
             "UPDATE token_broker_tokens SET
                 next_attempt_at = $3, failures = $4, failure_class = $5, failure_detail = $6,
                 spend_holder = CASE WHEN spend_holder <> $7 THEN spend_holder END,
@@ -838,12 +836,11 @@ impl PgStore {
         .bind(&lease.holder)
         .execute(&self.pool)
         .await?
-        .rows_affected();
-        Ok(self.given_back(lease, n).await)
+        .rows_affected())
     }
 
     async fn try_release(&self, lease: &Lease) -> Result<u64, sqlx::Error> {
-        let n = sqlx::query(
+        Ok(sqlx::query(
             "UPDATE token_broker_tokens SET lease_holder = NULL, lease_until = NULL, updated_at = now()
               WHERE collection = $1 AND lease_fence = $2 AND lease_holder = $3",
         )
@@ -852,23 +849,26 @@ impl PgStore {
         .bind(&lease.holder)
         .execute(&self.pool)
         .await?
-        .rows_affected();
-        Ok(self.given_back(lease, n).await)
+        .rows_affected())
     }
 
-    /// After a statement that gave `lease` back (`rows` > 0: it still held
-    /// it), tells the fleet so; returns `rows`.
-    async fn given_back(&self, lease: &Lease, rows: u64) -> u64 {
-        if rows > 0 {
-            self.notify_lease(&lease.collection, &lease.holder, None)
-                .await;
+    /// After a statement meant to give `lease` back changed `rows` rows:
+    /// `LeaseLost` when it no longer held it, else the give-back is announced.
+    async fn gave_back(&self, lease: &Lease, rows: u64) -> Result<(), StoreError> {
+        if rows == 0 {
+            return Err(StoreError::LeaseLost(lease.collection.clone()));
         }
-        rows
+        self.notify_lease(&lease.collection, &lease.holder, None)
+            .await;
+        Ok(())
     }
 
     /// Tells the fleet that `holder` took the lease of `collection` until
-    /// `until`, or gave it back (`None`), on [`LEASE_CHANNEL`]. A hint only:
-    /// when it fails, peers try the lease and find it held, as without it.
+    /// `until`, or gave it back (`None`), on [`LEASE_CHANNEL`], after the
+    /// statement that did it: a statement of its own under its own
+    /// `query_timeout`, so that it can neither fail nor time out the grant
+    /// or give-back it reports. A hint only: when it fails, peers try the
+    /// lease and find it held, as without it.
     async fn notify_lease(&self, collection: &str, holder: &str, until: Option<SystemTime>) {
         let micros = until.map_or(0, |u| {
             u.duration_since(std::time::UNIX_EPOCH)
@@ -877,10 +877,13 @@ impl PgStore {
         let sent = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(LEASE_CHANNEL)
             .bind(format!("{collection}:{micros}:{holder}"))
-            .execute(&self.pool)
-            .await;
-        if let Err(e) = sent {
-            debug!(collection, error = %describe(&e), "could not announce the refresh lease");
+            .execute(&self.pool);
+        match tokio::time::timeout(self.query_timeout, sent).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                debug!(collection, error = %describe(&e), "could not announce the refresh lease");
+            }
+            Err(_) => debug!(collection, "could not announce the refresh lease in time"),
         }
     }
 
@@ -1127,8 +1130,14 @@ impl Store for PgStore {
     ) -> BoxFuture<'_, Result<Acquired, StoreError>> {
         let (collection, holder) = (collection.to_owned(), holder.to_owned());
         Box::pin(async move {
-            self.timed(|| self.try_acquire(&collection, &holder, ttl, now))
-                .await
+            let acquired = self
+                .timed(|| self.try_acquire(&collection, &holder, ttl, now))
+                .await?;
+            if let Acquired::Granted { lease, .. } = &acquired {
+                self.notify_lease(&collection, &holder, Some(lease.until))
+                    .await;
+            }
+            Ok(acquired)
         })
     }
 
@@ -1149,13 +1158,10 @@ impl Store for PgStore {
         backoff: Backoff,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            match self
+            let rows = self
                 .timed(|| self.try_commit_failure(&lease, &backoff))
-                .await?
-            {
-                0 => Err(StoreError::LeaseLost(lease.collection)),
-                _ => Ok(()),
-            }
+                .await?;
+            self.gave_back(&lease, rows).await
         })
     }
 
@@ -1228,10 +1234,8 @@ impl Store for PgStore {
 
     fn release(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            match self.timed(|| self.try_release(&lease)).await? {
-                0 => Err(StoreError::LeaseLost(lease.collection)),
-                _ => Ok(()),
-            }
+            let rows = self.timed(|| self.try_release(&lease)).await?;
+            self.gave_back(&lease, rows).await
         })
     }
 
