@@ -135,8 +135,8 @@ pub async fn run(
         shutdown.clone(),
     );
     let served = serve_broker(broker, &config.server, listeners, shutdown, draining).await;
-    // The store's listener ends with `shutdown`; a black-holed connection
-    // must not hold the exit up (its close is bounded to 1 s inside).
+    // The store's listener ends with `shutdown`; whatever it is stuck on
+    // (a black-holed connection) must not hold the exit up for long.
     if tokio::time::timeout(Duration::from_secs(2), store.close())
         .await
         .is_err()

@@ -273,9 +273,11 @@ impl Collection {
         }
         let snap = self.state.borrow();
         let allowed = snap.attempt_allowed_at(now, &self.policy);
-        let peer_lease = lock(&self.peer_lease).until.filter(|until| *until > now);
+        // No attempt before a peer's announced lease ends.
+        let peer_lease = lock(&self.peer_lease).until;
+        let after_lease = |at: SystemTime| peer_lease.map_or(at, |until| at.max(until));
         let Some(t) = snap.servable(now) else {
-            return Some(allowed.max(peer_lease.unwrap_or(allowed)));
+            return Some(after_lease(allowed));
         };
         let due = if self.forced(t) {
             now
@@ -284,8 +286,7 @@ impl Collection {
         } else {
             self.soft_refresh_at(t)
         };
-        let due = due.max(allowed);
-        Some(due.max(peer_lease.unwrap_or(due)))
+        Some(after_lease(due.max(allowed)))
     }
 
     /// When this sidecar's soft refresh of `t` is wanted: at `refresh_at`, or

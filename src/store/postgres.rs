@@ -1391,12 +1391,12 @@ fn parse_notification(
         let collection = parts.next()?;
         let micros: u64 = parts.next()?.parse().ok()?;
         let holder = parts.next()?;
+        // Past 9999 is read as 9999, as for rows; the broker caps it anyway.
+        let micros = i64::try_from(micros).unwrap_or(MAX_US).min(MAX_US);
         return Some(StoreEvent::Lease {
             collection: collection.to_owned(),
             holder: holder.to_owned(),
-            until: (micros > 0)
-                .then(|| std::time::UNIX_EPOCH.checked_add(Duration::from_micros(micros)))
-                .flatten(),
+            until: (micros > 0).then(|| from_us(micros)).flatten(),
         });
     }
     let mut parts = payload.split(':');
