@@ -15,9 +15,16 @@ values: the values used here hold only names of variables, Secrets and keys.
 
     python tests/chart/check_chart.py [REPO_ROOT] [--emit-configs DIR]
 
+Tree mode (ci/tree-values.yaml, with the broker as a DaemonSet and as a Deployment, and
+variants): the broker's and the follower sidecar's ConfigMaps are parsed with tomllib and every
+TLS file path of either config is resolved through the container's volume mounts to the Secret
+key that provides it; the broker Service's name and port are what the followers' addresses
+name, and the DaemonSet's Service keeps traffic on the node (internalTrafficPolicy Local).
+
 With --emit-configs, the rendered config.toml of the default values, of ci/example-values.yaml,
 of the parent chart and of the parent chart in plain mode are written to DIR (defaults.toml,
-example.toml, parent.toml, plain.toml) for `token-broker check-config`.
+example.toml, parent.toml, plain.toml) for `token-broker check-config`; so are tree mode's
+broker and follower configs (broker.toml, follower.toml).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ except ModuleNotFoundError:  # Python 3.10: the same module from PyPI (scripts/p
     import tomli as tomllib
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import helm_python as helm
 import kubernetes_validate
@@ -52,6 +60,7 @@ CHART = ROOT / "helm" / "token-broker"
 PARENT = ROOT / "tests" / "chart" / "parent"
 TWO_ALIASES = ROOT / "tests" / "chart" / "two-aliases"
 EXAMPLE_VALUES = CHART / "ci" / "example-values.yaml"
+TREE_VALUES = CHART / "ci" / "tree-values.yaml"
 
 # The versions every rendering is validated against (native sidecars need 1.29), and one before.
 KUBE_VERSIONS = ("1.29.0", "1.31.0")
@@ -816,6 +825,242 @@ def two_aliases() -> None:
         check(len(keys) != len(set(keys)), "two aliases with the same fullnameOverride do clash (the uniqueness check sees it)")
 
 
+# ------------------------------------------------------------------------------------------
+# Tree mode: a broker (DaemonSet or Deployment + Service) and follower sidecars.
+
+BROKER = "rel-token-broker-broker"
+BROKER_SECRET = "token-broker-broker-tls"
+FOLLOWER_SECRET = "token-broker-follower-tls"
+BROKER_TLS = {"cert_file": "tls.crt", "key_file": "tls.key", "client_ca_file": "ca.crt"}
+FOLLOWER_TLS = {"ca_file": "ca.crt", "cert_file": "tls.crt", "key_file": "tls.key"}
+
+
+def mounted_file(pod: dict[str, Any], c: dict[str, Any], path: str) -> tuple[str, str, str, bool] | None:
+    """Where a file the container reads comes from: (kind, object name, key, mounted read-only),
+    through its volumeMounts and the pod's configMap, secret and projected volumes; None when no
+    mounted volume provides that path."""
+    vols = {v.get("name"): v for v in pod.get("volumes") or []}
+    for m in c.get("volumeMounts") or []:
+        base = str(m.get("mountPath", "")).rstrip("/") + "/"
+        if not path.startswith(base) or m.get("subPath"):
+            continue
+        rel = path[len(base):]
+        v = vols.get(m.get("name")) or {}
+        sources = (v.get("projected") or {}).get("sources") or [] if "projected" in v else [{k: v[k]} for k in ("secret", "configMap") if k in v]
+        for src in sources:
+            for kind in ("secret", "configMap"):
+                ref = src.get(kind)
+                if not ref:
+                    continue
+                name = ref.get("secretName") or ref.get("name")
+                items = ref.get("items")
+                if items is None and "/" not in rel:
+                    return (kind, name, rel, m.get("readOnly") is True)
+                for it in items or []:
+                    if it.get("path") == rel:
+                        return (kind, name, it.get("key"), m.get("readOnly") is True)
+    return None
+
+
+def check_files(pod: dict[str, Any], c: dict[str, Any], table: dict[str, Any], want: dict[str, str], secret: str, what: str) -> None:
+    """Every TLS path of a config table is a key of `secret`, mounted read-only in the container."""
+    for field, key in want.items():
+        path = table.get(field)
+        got = mounted_file(pod, c, str(path)) if path else None
+        check(got == ("secret", secret, key, True), f"{what}: {field} {path!r} is key {key} of Secret {secret}, mounted read-only in {c.get('name')}, got {got}")
+
+
+def tree_parts(objs: list[dict[str, Any]], what: str, workload: str) -> dict[str, Any]:
+    w = one(objs, workload, f"{what} broker", lambda o: o["metadata"]["name"] == BROKER)
+    pod = ((w.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return {
+        "workload": w, "pod": pod, "container": container(pod, "token-broker"),
+        "service": one(objs, "Service", f"{what} broker Service"),
+        "cm": one(objs, "ConfigMap", f"{what} broker ConfigMap", lambda o: o["metadata"]["name"] == BROKER),
+    }
+
+
+def check_followers(cfg: dict[str, Any], svc: dict[str, Any], pod: dict[str, Any], side: dict[str, Any], files: dict[str, str], secret: str, what: str) -> None:
+    """A follower's config: no [store], no [http], every collection a `broker` source whose https
+    addresses name the broker Service and its port, with TLS files from `secret`."""
+    check("store" not in cfg, f"{what}: a follower has no [store], got {cfg.get('store')}")
+    check("http" not in cfg, f"{what}: a follower has no [http] (no upstream), got {cfg.get('http')}")
+    cols = cfg.get("collections") or {}
+    check(bool(cols), f"{what}: the follower has collections")
+    host = f"{(svc.get('metadata') or {}).get('name')}.ns.svc"
+    port = ((svc.get("spec") or {}).get("ports") or [{}])[0].get("port")
+    for name, col in cols.items():
+        src = col.get("source") or {}
+        check(src.get("kind") == "broker", f"{what}: collection {name} has kind broker, got {src.get('kind')}")
+        check(src.get("collection") == name, f"{what}: collection {name} follows the broker's {name}, got {src.get('collection')}")
+        addrs = src.get("addrs") or []
+        check(bool(addrs), f"{what}: collection {name} has broker addresses")
+        for a in addrs:
+            u = urlsplit(a)
+            check(u.scheme == "https" and u.hostname == host and u.port == port, f"{what}: {name}'s address {a!r} is https://{host}:{port} (the broker Service and port)")
+        check(not (set(col) - {"source", "required", "prefetch"}), f"{what}: {name} keeps only required/prefetch beside its source (no readers, no policy), got {sorted(col)}")
+        check(str(src.get("ca_file", "")).startswith("/etc/token-broker/broker-tls/"), f"{what}: {name}'s ca_file under the broker-tls mount, got {src.get('ca_file')}")
+        check_files(pod, side, src, files, secret, f"{what} {name}")
+        check(set(k for k in src if k.endswith("_file")) == set(files), f"{what}: {name}'s TLS files are {sorted(files)}, got {sorted(k for k in src if k.endswith('_file'))}")
+    check(secret_env(side) == {}, f"{what}: the follower sidecar gets no secret variable, got {sorted(secret_env(side))}")
+
+
+def tree() -> None:
+    section("tree mode: broker and followers")
+    values = load_values(TREE_VALUES)
+    for kind, workload in (("daemonset", "DaemonSet"), ("deployment", "Deployment")):
+        what = f"tree {kind}"
+        v = merge(values, {"broker": {"kind": kind}})
+        lint_ok(CHART, v, what)
+        objs = objects(render(CHART, v))
+        check(not find(objs, "Secret"), f"{what}: the chart never renders a Secret")
+        b = tree_parts(objs, what, workload)
+        check(not find(objs, "DaemonSet" if kind == "deployment" else "Deployment", lambda o: o["metadata"]["name"] == BROKER), f"{what}: only a {workload} for the broker")
+        bpod, bc, svc, bcm = b["pod"], b["container"], b["service"], b["cm"]
+        bcfg = parse_toml(bcm, f"{what} broker")
+        side_cm = regular_configmap([o for o in objs if o["metadata"]["name"] != BROKER], f"{what} sidecar")
+        fcfg = parse_toml(side_cm, f"{what} follower")
+        if kind == "daemonset":
+            emit(bcm, "broker.toml")
+            emit(side_cm, "follower.toml")
+
+        # The broker: the store, the upstream source and secrets, readers, TLS on the network.
+        server = bcfg.get("server") or {}
+        check(server.get("listen") == "0.0.0.0:7443", f"{what}: the broker listens on 0.0.0.0:7443, got {server.get('listen')}")
+        check("insecure" not in server, f"{what}: no insecure with TLS, got {server}")
+        tls = server.get("tls") or {}
+        check(tls.get("client_cert") == "required" and tls.get("reload_interval") == "5s", f"{what}: [server.tls] client_cert required, reload_interval 5s, got {tls}")
+        check(set(tls) == set(BROKER_TLS) | {"client_cert", "reload_interval"}, f"{what}: [server.tls] fields, got {sorted(tls)}")
+        check_files(bpod, bc, tls, BROKER_TLS, BROKER_SECRET, f"{what} broker")
+        check(bcfg.get("store") == {"database_url_env": "TOKEN_BROKER_DATABASE_URL", "pool_size": 2, "migrate": False}, f"{what}: the broker holds [store] (migrate false: the Job migrates), got {bcfg.get('store')}")
+        bcol = (bcfg.get("collections") or {}).get("partner-api") or {}
+        check(bcol.get("readers") == ["spiffe://cluster.local/ns/app/sa/web", "dns:leaf.example", "uid:1000"], f"{what}: readers rendered into [collections.partner-api], got {bcol.get('readers')}")
+        check((bcol.get("source") or {}).get("kind") == "oauth2_client_credentials" and bcol.get("policy") == {"refresh_fraction": 0.75}, f"{what}: the broker keeps the upstream source and policy, got {bcol}")
+        check(set(secret_env(bc)) == {"PARTNER_CLIENT_SECRET", "TOKEN_BROKER_DATABASE_URL"}, f"{what}: the broker gets the upstream and database secrets, got {sorted(secret_env(bc))}")
+        check(bc.get("args") == SERVE_ARGS and bc.get("securityContext") == SECURITY_CONTEXT and bc.get("image") == IMAGE, f"{what}: the broker container: serve, the restrictive securityContext, the image")
+        ports = {p.get("name"): p.get("containerPort") for p in bc.get("ports") or []}
+        check(ports == {"tb-admin": 9464, "tb-broker": 7443}, f"{what}: broker ports admin 9464 and tb-broker 7443, got {ports}")
+        live, ready = bc.get("livenessProbe") or {}, bc.get("readinessProbe") or {}
+        check(live.get("grpc") == {"port": 9464, "service": "liveness"} and (ready.get("grpc") or {}).get("port") == 9464, f"{what}: the broker's probes on the admin port, got {live} {ready}")
+        check(((bc.get("startupProbe") or {}).get("grpc") or {}) == {"port": 9464, "service": "liveness"}, f"{what}: the broker's startup probe is the liveness check (readiness gates the Service), got {bc.get('startupProbe')}")
+        check("restartPolicy" not in bc and "lifecycle" not in bc, f"{what}: the broker is a plain container without the sidecar's postStart wait")
+        check(bpod.get("automountServiceAccountToken") is False, f"{what}: no service account token in the broker's pods")
+        check_annotations(b["workload"], bcm, f"{what} broker")
+        if kind == "deployment":
+            check(b["workload"]["spec"].get("replicas") == 2, f"{what}: 2 replicas by default, got {b['workload']['spec'].get('replicas')}")
+        else:
+            ru = (b["workload"]["spec"].get("updateStrategy") or {}).get("rollingUpdate") or {}
+            check(ru == {"maxSurge": 1, "maxUnavailable": 0}, f"{what}: the DaemonSet surges (a node keeps a ready broker), got {ru}")
+
+        # The Service: selects the broker's pods, port by name, node-local for the DaemonSet.
+        sspec = svc.get("spec") or {}
+        check((svc.get("metadata") or {}).get("name") == BROKER, f"{what}: the Service is {BROKER}, got {(svc.get('metadata') or {}).get('name')}")
+        plabels = ((b["workload"]["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
+        sel = sspec.get("selector") or {}
+        check(bool(sel) and all(plabels.get(k) == v for k, v in sel.items()), f"{what}: the Service selects the broker's pods, {sel} vs {plabels}")
+        check(sel == b["workload"]["spec"]["selector"]["matchLabels"], f"{what}: the Service's selector is the workload's")
+        sport = (sspec.get("ports") or [{}])[0]
+        check(sport.get("port") == 7443 and sport.get("targetPort") in ("tb-broker", 7443), f"{what}: the Service serves 7443 to the broker's port, got {sport}")
+        itp = "Local" if kind == "daemonset" else "Cluster"
+        check(sspec.get("internalTrafficPolicy") == itp, f"{what}: the Service's internalTrafficPolicy is {itp}, got {sspec.get('internalTrafficPolicy')}")
+
+        # The follower sidecar in the example Deployment.
+        dep = one(objs, "Deployment", f"{what} example", lambda o: o["metadata"]["name"].endswith("-example"))
+        dpod = dep["spec"]["template"]["spec"]
+        side = container(dpod, "token-broker", init=True)
+        check_sidecar(side, f"{what} follower sidecar")
+        check_followers(fcfg, svc, dpod, side, FOLLOWER_TLS, FOLLOWER_SECRET, what)
+        check((fcfg.get("collections") or {}).get("partner-api", {}).get("required") is True, f"{what}: the follower keeps required")
+        check(set(fcfg.get("collections") or {}) == set(bcfg.get("collections") or {}), f"{what}: the follower follows every broker collection")
+        check((fcfg.get("server") or {}).get("listen") == "127.0.0.1:50051", f"{what}: the follower's token API stays on loopback")
+        check_annotations(dep, side_cm, f"{what} example")
+
+        # The migration Job runs: the broker holds the store.
+        jcfg, jenv = job_parts(objs, what) if find(objs, "Job") else ({}, [])
+        check(jcfg == {"store": {"database_url_env": "TOKEN_BROKER_DATABASE_URL"}} and jenv == ["TOKEN_BROKER_DATABASE_URL"], f"{what}: the migration Job for the broker's store, got {jcfg} {jenv}")
+        validate_all(CHART, v, what)
+
+    # The broker alone (no followers, no example), clients unauthenticated: no client CA.
+    alone = {"broker": {"enabled": True, "kind": "deployment", "tls": {"secretName": BROKER_SECRET, "clientAuth": "none"}, "service": {"internalTrafficPolicy": "Local"}}}
+    objs = objects(render(CHART, alone))
+    b = tree_parts(objs, "broker alone", "Deployment")
+    tls = (parse_toml(b["cm"], "broker alone").get("server") or {}).get("tls") or {}
+    check(set(tls) == {"cert_file", "key_file", "reload_interval"}, f"broker alone, clientAuth none: no client_ca_file nor client_cert, got {sorted(tls)}")
+    check_files(b["pod"], b["container"], tls, {"cert_file": "tls.crt", "key_file": "tls.key"}, BROKER_SECRET, "broker alone")
+    check(mounted_file(b["pod"], b["container"], "/etc/token-broker/tls/ca.crt") is None, "broker alone, clientAuth none: ca.crt not mounted")
+    check(b["service"]["spec"].get("internalTrafficPolicy") == "Local", "broker.service.internalTrafficPolicy overrides the default")
+    check(not find(objs, "Job"), "broker without store: no migration Job")
+    check_api(objs, KUBE_VERSIONS[-1], "broker alone", expect_pods=False)
+
+    # Followers trusting the broker's own Secret (clientAuth optional): only its ca.crt reaches
+    # the application's pods, never the broker's key.
+    own = merge(alone, {"broker": {"kind": "daemonset", "tls": {"clientAuth": "optional"}, "service": {"internalTrafficPolicy": ""}}, "sidecar": {"follow": {"enabled": True, "tls": {"serverName": "broker.internal"}}}, "example": {"enabled": True}})
+    objs = objects(render(CHART, own))
+    b = tree_parts(objs, "broker's ca.crt", "DaemonSet")
+    dpod = one(objs, "Deployment", "broker's ca.crt example")["spec"]["template"]["spec"]
+    side = container(dpod, "token-broker", init=True)
+    fcfg = parse_toml(regular_configmap([o for o in objs if o["metadata"]["name"] != BROKER], "broker's ca.crt"), "broker's ca.crt")
+    check_followers(fcfg, b["service"], dpod, side, {"ca_file": "ca.crt"}, BROKER_SECRET, "followers with the broker's ca.crt")
+    check(fcfg["collections"]["demo"]["source"].get("server_name") == "broker.internal", f"sidecar.follow.tls.serverName is server_name, got {fcfg['collections']['demo']['source']}")
+    keys = [it.get("key") for v in dpod.get("volumes") or [] for s in (v.get("projected") or {}).get("sources") or [] for it in (s.get("secret") or {}).get("items") or []]
+    check(keys == ["ca.crt"], f"followers with the broker's Secret mount only its ca.crt, got {keys}")
+    check_api(objs, KUBE_VERSIONS[-1], "followers with the broker's ca.crt")
+
+    # Followers of a broker in another release: the given addresses, in order; no store, no Job.
+    addrs = ["https://tb-broker.shared.svc:7443", "https://tb-regional.shared.svc:7443"]
+    far = merge(load_values(EXAMPLE_VALUES), {"store": {"enabled": False}, "sidecar": {"follow": {"enabled": True, "addrs": addrs, "tls": {"secretName": FOLLOWER_SECRET}}}})
+    lint_ok(CHART, far, "followers of another release")
+    objs = objects(render(CHART, far))
+    check(not find(objs, "Job") and not find(objs, "Service") and not find(objs, "DaemonSet"), "followers of another release: no broker, no Job")
+    fcfg = parse_toml(regular_configmap(objs, "followers of another release"), "followers of another release")
+    check(all(c["source"].get("addrs") == addrs for c in fcfg.get("collections", {}).values()) and set(fcfg.get("collections", {})) == {"partner-api", "report.v2"}, f"followers of another release: each collection tries sidecar.follow.addrs in order, got {fcfg.get('collections')}")
+    check("store" not in fcfg and "http" not in fcfg, "followers of another release: no [store], no [http]")
+    fside = container(one(objs, "Deployment", "followers of another release")["spec"]["template"]["spec"], "token-broker", init=True)
+    check(secret_env(fside) == {}, f"followers of another release: no secret variables, got {sorted(secret_env(fside))}")
+    check_api(objs, KUBE_VERSIONS[-1], "followers of another release")
+
+    # Explicitly insecure on both sides: plain TCP, http addresses, no TLS files.
+    plain = {"broker": {"enabled": True, "insecure": True}, "sidecar": {"follow": {"enabled": True, "insecure": True}}, "example": {"enabled": True}}
+    lint_ok(CHART, plain, "insecure tree")
+    objs = objects(render(CHART, plain))
+    b = tree_parts(objs, "insecure tree", "DaemonSet")
+    server = parse_toml(b["cm"], "insecure broker").get("server") or {}
+    check(server.get("insecure") is True and "tls" not in server, f"insecure tree: [server] insecure = true, no [server.tls], got {server}")
+    fcfg = parse_toml(regular_configmap([o for o in objs if o["metadata"]["name"] != BROKER], "insecure follower"), "insecure follower")
+    src = fcfg["collections"]["demo"]["source"]
+    check(src.get("addrs") == [f"http://{BROKER}.ns.svc:7443"] and not any(k.endswith("_file") for k in src), f"insecure tree: http address, no TLS files, got {src}")
+    check("projected" not in (b["pod"]["volumes"][0]), "insecure tree: the broker's config volume is the ConfigMap alone")
+    check_api(objs, KUBE_VERSIONS[-1], "insecure tree")
+
+
+def tree_refused() -> None:
+    section("tree mode: bad values are refused")
+    base = load_values(TREE_VALUES)
+    expect_error(merge(base, {"broker": {"kind": "statefulset"}}), ["/broker/kind"], "broker.kind statefulset")
+    expect_error({"broker": {"enabled": True}}, ["/broker/tls/secretName"], "a TLS broker without its Secret")
+    expect_error({"broker": {"enabled": True, "tls": {"clientAuth": "sometimes"}}}, ["/broker/tls/clientAuth"], "broker.tls.clientAuth not required, optional or none")
+    expect_error({"broker": {"enabled": True, "insecure": True, "service": {"internalTrafficPolicy": "Nearby"}}}, ["/broker/service/internalTrafficPolicy"], "a bad internalTrafficPolicy")
+    expect_error({"broker": {"enabled": True, "insecure": True, "replicas": -1}}, ["/broker/replicas"], "negative broker.replicas")
+    expect_error({"broker": {"enabled": True, "insecure": True, "bogus": 1}}, ["/broker", "bogus"], "an unknown broker key")
+    expect_error({"sidecar": {"follow": {"enabled": True, "addrs": ["http://b.ns.svc:7443"]}}}, ["/sidecar/follow/addrs/0"], "an http broker address without sidecar.follow.insecure")
+    expect_error({"sidecar": {"follow": {"enabled": True, "addrs": ["b.ns.svc:7443"], "insecure": True}}}, ["/sidecar/follow/addrs/0"], "a broker address without a scheme")
+    expect_error({"sidecar": {"follow": {"enabled": True, "tls": {"ca": "x"}}}}, ["/sidecar/follow/tls", "ca"], "an unknown sidecar.follow.tls key")
+    expect_error({"config": {"server": {"tls": {"cert_file": "/x"}}}}, ["/config/server"], "config.server.tls (managed by broker.tls)")
+    expect_error({"config": {"collections": {"p": {"readers": ["everyone"], "source": {"kind": "demo"}}}}}, ["/config/collections/p/readers/0"], "a reader that is no spiffe://, dns: or uid: identity")
+    # Not expressible in the schema (or skipped with it): refused by the templates.
+    with tempfile.TemporaryDirectory() as tmp:
+        unchecked = without_schema(tmp)
+        expect_error({"broker": {"enabled": True}}, ["broker.tls.secretName is empty"], "a TLS broker without its Secret, schema skipped", path=unchecked, schema=False)
+        expect_error({"sidecar": {"follow": {"enabled": True, "addrs": ["http://b.ns.svc:7443"], "tls": {"secretName": "s"}}}}, ["is not https", "sidecar.follow.insecure"], "an http broker address, schema skipped", path=unchecked, schema=False)
+    expect_error({"sidecar": {"follow": {"enabled": True}}}, ["sidecar.follow.addrs is empty", "broker.enabled"], "a follower with no address and no broker", schema=False)
+    expect_error({"sidecar": {"follow": {"enabled": True, "addrs": ["https://b.ns.svc:7443"]}}}, ["sidecar.follow.tls.secretName is empty"], "an https follower without trust", schema=False)
+    expect_error(merge(base, {"sidecar": {"follow": {"tls": {"clientCert": False}}}}), ["broker.tls.clientAuth is required", "sidecar.follow.tls.clientCert"], "followers without a client certificate for a broker that requires one", schema=False)
+    expect_error(merge(base, {"sidecar": {"follow": {"tls": {"secretName": ""}}}}), ["sidecar.follow.tls.clientCert needs sidecar.follow.tls.secretName", "server key"], "the broker's own Secret as the followers' client certificate", schema=False)
+    expect_error(merge(base, {"broker": {"enabled": False}, "sidecar": {"follow": {"addrs": ["https://b.ns.svc:7443"]}}}), ["store.enabled with sidecar.follow.enabled and no broker"], "a store nothing holds", schema=False)
+    expect_error({"broker": {"enabled": True, "insecure": True}, "sidecar": {"follow": {"enabled": True}}}, ["is not https", "sidecar.follow.insecure"], "a plain-TCP broker and followers that were not told", schema=False)
+    expect_error({"broker": {"enabled": True, "insecure": True, "port": 9464}}, ["broker.port 9464 is the admin port"], "broker.port equal to admin.port", schema=False)
+
+
 def failures_expected() -> None:
     section("bad values are refused")
     env = {"secrets": {"existingSecret": "s", "env": [{"name": "PARTNER_CLIENT_SECRET", "key": "k"}]}}
@@ -871,7 +1116,7 @@ def failures_expected() -> None:
 
 def main() -> int:
     helm.disable_logging()
-    for step in (defaults, example, parent, two_aliases, failures_expected):
+    for step in (defaults, example, parent, two_aliases, tree, tree_refused, failures_expected):
         try:
             step()
         except Exception as e:  # a crash in one group must not hide the others

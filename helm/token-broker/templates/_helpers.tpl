@@ -117,8 +117,13 @@ SIGTERM at the same moment and may still call the broker while it drains), 0 in 
 {{- if not $d -}}
 {{- $d = ternary "5s" "" (eq (include "token-broker.sidecarMode" .) "plain") -}}
 {{- end -}}
-{{- if not (regexMatch "^0+(\\.0+)?(ns|us|ms|s|m|h|d)?$" $d) -}}
-{{- $d -}}
+{{- include "token-broker.nonZeroDuration" $d -}}
+{{- end }}
+
+{{/* A duration as given, or "" when it is zero ("0", "0s", "0.0ms"...) or empty. */}}
+{{- define "token-broker.nonZeroDuration" -}}
+{{- if not (regexMatch "^0+(\\.0+)?(ns|us|ms|s|m|h|d)?$" .) -}}
+{{- . -}}
 {{- end -}}
 {{- end }}
 
@@ -259,9 +264,25 @@ as `X_env` and `X_file`. Evaluated whether or not `store.enabled`, so old names 
 {{- toJson $store -}}
 {{- end }}
 
-{{/* The config as a map: the user's `config` plus what the chart manages. Fails on values the
-schema cannot check: every referenced variable must be provided by secrets.env or extraEnv. */}}
+{{/* The sidecar's config as a map (JSON): a follower's in follower mode. */}}
 {{- define "token-broker.configMap" -}}
+{{- include "token-broker.configFor" (dict "ctx" . "role" (ternary "follower" "sidecar" (eq (include "token-broker.following" .) "true"))) -}}
+{{- end }}
+
+{{/* The broker's (DaemonSet or Deployment) config as a map (JSON). */}}
+{{- define "token-broker.brokerConfigMap" -}}
+{{- include "token-broker.configFor" (dict "ctx" . "role" "broker") -}}
+{{- end }}
+
+{{/* A config as a map (JSON): the user's `config` plus what the chart manages, for a role:
+`sidecar` (the token API on loopback or the socket, `[store]` with store.enabled), `broker` (the
+token API on the network at broker.port, over TLS from broker.tls, `[store]` with store.enabled)
+or `follower` (a sidecar with no `[store]`, no `[http]` and one `kind = "broker"` source per
+collection). Fails on values the schema cannot check: every referenced variable must be provided
+by secrets.env (not given to a follower) or extraEnv. */}}
+{{- define "token-broker.configFor" -}}
+{{- $role := .role -}}
+{{- with .ctx -}}
 {{- $cfg := deepCopy (.Values.config | default dict) -}}
 {{- if not (get $cfg "collections") -}}
 {{- /* Nothing configured: a demo collection, so the chart installs as it is. (A default in
@@ -270,19 +291,47 @@ sets to null.) */ -}}
 {{- $_ := set $cfg "collections" (dict "demo" (dict "source" (dict "kind" "demo" "ttl" "5m"))) -}}
 {{- end -}}
 {{- $server := get $cfg "server" | default dict -}}
+{{- if eq $role "broker" -}}
+{{- $b := .Values.broker -}}
+{{- $_ := set $server "listen" (printf "%s:%d" (toString .Values.admin.bindAddress) (int $b.port)) -}}
+{{- with include "token-broker.nonZeroDuration" (toString ($b.shutdownDelay | default "")) -}}
+{{- $_ := set $server "shutdown_delay" . -}}
+{{- end -}}
+{{- $tls := include "token-broker.brokerTls" . | fromJson -}}
+{{- if $b.insecure -}}
+{{- $_ := set $server "insecure" true -}}
+{{- else -}}
+{{- $section := dict "reload_interval" ($b.tls.reloadInterval | default "5s") -}}
+{{- range $field, $key := $tls.files -}}
+{{- $_ := set $section $field (printf "%s/%s" $tls.dir $key) -}}
+{{- end -}}
+{{- if ne $b.tls.clientAuth "none" -}}
+{{- $_ := set $section "client_cert" $b.tls.clientAuth -}}
+{{- end -}}
+{{- $_ := set $server "tls" $section -}}
+{{- end -}}
+{{- else -}}
 {{- $_ := set $server "listen" (include "token-broker.tokenApiAddr" .) -}}
 {{- with include "token-broker.shutdownDelay" . -}}
 {{- $_ := set $server "shutdown_delay" . -}}
 {{- end -}}
+{{- end -}}
 {{- $_ := set $cfg "server" $server -}}
 {{- $_ := set $cfg "admin" (dict "enabled" true "listen" (printf "%s:%d" (toString .Values.admin.bindAddress) (int .Values.admin.port))) -}}
 {{- $store := include "token-broker.storeSection" . | fromJson -}}
-{{- if .Values.store.enabled -}}
+{{- $_ := include "token-broker.storeUsed" . -}}
+{{- if and .Values.store.enabled (ne $role "follower") -}}
 {{- $_ := set $cfg "store" $store -}}
 {{- end -}}
+{{- if eq $role "follower" -}}
+{{- $_ := unset $cfg "http" -}}
+{{- $_ := set $cfg "collections" (include "token-broker.followerCollections" (dict "ctx" . "collections" $cfg.collections) | fromJson) -}}
+{{- end -}}
 {{- $provided := list -}}
+{{- if ne $role "follower" -}}
 {{- range .Values.secrets.env -}}
 {{- $provided = append $provided .name -}}
+{{- end -}}
 {{- end -}}
 {{- range .Values.extraEnv -}}
 {{- $provided = append $provided .name -}}
@@ -293,12 +342,23 @@ sets to null.) */ -}}
 {{- end -}}
 {{- end -}}
 {{- toJson $cfg -}}
+{{- end -}}
 {{- end }}
 
-{{/* The config file's text. */}}
-{{- define "token-broker.configToml" -}}
+{{/* A config file's text, from a config map (JSON). */}}
+{{- define "token-broker.tomlFile" -}}
 # Rendered by the token-broker Helm chart from its values; edit the values, not this file.
-{{ include "token-broker.toml.table" (dict "prefix" "" "table" (include "token-broker.configMap" . | fromJson)) -}}
+{{ include "token-broker.toml.table" (dict "prefix" "" "table" (. | fromJson)) -}}
+{{- end }}
+
+{{/* The sidecar's config file. */}}
+{{- define "token-broker.configToml" -}}
+{{- include "token-broker.tomlFile" (include "token-broker.configMap" .) -}}
+{{- end }}
+
+{{/* The broker's config file. */}}
+{{- define "token-broker.brokerConfigToml" -}}
+{{- include "token-broker.tomlFile" (include "token-broker.brokerConfigMap" .) -}}
 {{- end }}
 
 {{/* The migration Job's config file: `[store]` only (`token-broker migrate` reads nothing else):
@@ -355,6 +415,177 @@ variable: the file comes from migration.extraVolumes. */}}
 {{- end -}}
 {{- toYaml (prepend ($v.migration.extraEnv | default list) $entry) -}}
 {{- end -}}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Tree mode.
+A broker (broker.enabled: a DaemonSet or a Deployment behind a Service) holds the store and the
+upstream secrets and serves the token API over TLS; sidecars in follower mode
+(sidecar.follow.enabled) hold neither and follow its collections (`kind = "broker"`). */}}
+
+{{/* "true" when the sidecar is a follower, else "". */}}
+{{- define "token-broker.following" -}}
+{{- if (((.Values.sidecar | default dict).follow | default dict).enabled) -}}true{{- end -}}
+{{- end }}
+
+{{/* "true" when something renders `[store]` (the broker, or sidecars that are not followers):
+the migration Job runs only then. A store that nothing uses fails. */}}
+{{- define "token-broker.storeUsed" -}}
+{{- if .Values.store.enabled -}}
+{{- if or ((.Values.broker | default dict).enabled) (ne (include "token-broker.following" .) "true") -}}
+true
+{{- else -}}
+{{- fail "token-broker: store.enabled with sidecar.follow.enabled and no broker (broker.enabled): followers hold no database; the store belongs to the broker's release" -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* <fullname>-broker: the broker's ConfigMap, Service and DaemonSet or Deployment. */}}
+{{- define "token-broker.brokerName" -}}
+{{- printf "%s-broker" (include "token-broker.fullname" . | trunc 56 | trimSuffix "-") -}}
+{{- end }}
+
+{{/* Labels that select the broker's pods. */}}
+{{- define "token-broker.brokerSelectorLabels" -}}
+{{ include "token-broker.selectorLabels" . }}
+app.kubernetes.io/component: broker
+{{- end }}
+
+{{/* The broker's TLS files (JSON): `secret` (broker.tls.secretName, "" when broker.insecure),
+`dir` (where it is mounted) and `files` (config field -> key of the Secret): the server's
+certificate and key, and with client certificates (tls.clientAuth required or optional) the CA
+that verifies them. One source for the config's paths and the projected volume's items. */}}
+{{- define "token-broker.brokerTls" -}}
+{{- $b := .Values.broker -}}
+{{- $files := dict -}}
+{{- $secret := "" -}}
+{{- if not $b.insecure -}}
+{{- $secret = $b.tls.secretName | default "" -}}
+{{- if not $secret -}}
+{{- fail "token-broker: broker.tls.secretName is empty: name the kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt; a cert-manager Certificate's) the broker serves with, or set broker.insecure: true for plain TCP" -}}
+{{- end -}}
+{{- $files = dict "cert_file" "tls.crt" "key_file" "tls.key" -}}
+{{- if ne $b.tls.clientAuth "none" -}}
+{{- $_ := set $files "client_ca_file" "ca.crt" -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (dict "secret" $secret "dir" (printf "%s/tls" (include "token-broker.configDir" .)) "subdir" "tls" "files" $files) -}}
+{{- end }}
+
+{{/* A follower's TLS files (JSON), as token-broker.brokerTls: sidecar.follow.tls.secretName, else
+the broker's own Secret when the broker is in this release (its ca.crt only: its key never
+leaves the broker's pods); `ca.crt` always, `tls.crt`/`tls.key` with tls.clientCert. */}}
+{{- define "token-broker.followTls" -}}
+{{- $f := .Values.sidecar.follow -}}
+{{- $ftls := $f.tls | default dict -}}
+{{- $b := .Values.broker | default dict -}}
+{{- $secret := $ftls.secretName | default "" -}}
+{{- if and (not $secret) $b.enabled (not $b.insecure) -}}
+{{- if $ftls.clientCert -}}
+{{- fail "token-broker: sidecar.follow.tls.clientCert needs sidecar.follow.tls.secretName, a Secret with the followers' own tls.crt and tls.key (the broker's Secret holds the broker's server key, which must not reach every pod)" -}}
+{{- end -}}
+{{- $secret = $b.tls.secretName | default "" -}}
+{{- end -}}
+{{- if and $b.enabled (not $b.insecure) (eq ($b.tls.clientAuth | default "") "required") (not $ftls.clientCert) -}}
+{{- fail "token-broker: broker.tls.clientAuth is required, so followers must present a certificate: set sidecar.follow.tls.clientCert: true and sidecar.follow.tls.secretName (tls.crt, tls.key, ca.crt), or broker.tls.clientAuth: optional" -}}
+{{- end -}}
+{{- $files := dict -}}
+{{- if $secret -}}
+{{- $_ := set $files "ca_file" "ca.crt" -}}
+{{- if $ftls.clientCert -}}
+{{- $_ := set $files "cert_file" "tls.crt" -}}
+{{- $_ := set $files "key_file" "tls.key" -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (dict "secret" $secret "dir" (printf "%s/broker-tls" (include "token-broker.configDir" .)) "subdir" "broker-tls" "files" $files) -}}
+{{- end }}
+
+{{/* The broker addresses a follower tries in order (JSON list): sidecar.follow.addrs, else this
+release's broker Service, https://<fullname>-broker.<namespace>.svc:<broker.port>. Plain http
+only with sidecar.follow.insecure. */}}
+{{- define "token-broker.followAddrs" -}}
+{{- $f := .Values.sidecar.follow -}}
+{{- $b := .Values.broker | default dict -}}
+{{- $addrs := $f.addrs | default list -}}
+{{- if not $addrs -}}
+{{- if not $b.enabled -}}
+{{- fail "token-broker: sidecar.follow.addrs is empty and this release has no broker (broker.enabled): give the broker's addresses" -}}
+{{- end -}}
+{{- $addrs = list (printf "%s://%s.%s.svc:%d" (ternary "http" "https" (eq (toString $b.insecure) "true")) (include "token-broker.brokerName" .) .Release.Namespace (int $b.port)) -}}
+{{- end -}}
+{{- range $addrs -}}
+{{- if and (not (hasPrefix "https://" .)) (not $f.insecure) -}}
+{{- fail (printf "token-broker: the broker address %s is not https: followers reach the broker over TLS; set sidecar.follow.insecure: true to allow plain http (and broker.insecure on the broker)" .) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $addrs -}}
+{{- end }}
+
+{{/* A follower's collections (JSON): for each configured collection one that follows the
+broker's collection of the same name, keeping `required` and `prefetch` (the source, its policy
+and readers stay with the broker). dict: ctx, collections. */}}
+{{- define "token-broker.followerCollections" -}}
+{{- $ctx := .ctx -}}
+{{- $f := $ctx.Values.sidecar.follow -}}
+{{- $addrs := include "token-broker.followAddrs" $ctx | fromJsonArray -}}
+{{- $tls := include "token-broker.followTls" $ctx | fromJson -}}
+{{- if and (not $tls.secret) (not $f.insecure) -}}
+{{- fail "token-broker: sidecar.follow.tls.secretName is empty: name the Secret whose ca.crt the followers trust (or set sidecar.follow.insecure: true)" -}}
+{{- end -}}
+{{- $out := dict -}}
+{{- range $name, $c := .collections -}}
+{{- $src := dict "kind" "broker" "addrs" $addrs "collection" $name -}}
+{{- range $field, $key := $tls.files -}}
+{{- $_ := set $src $field (printf "%s/%s" $tls.dir $key) -}}
+{{- end -}}
+{{- with ($f.tls | default dict).serverName -}}
+{{- $_ := set $src "server_name" . -}}
+{{- end -}}
+{{- $col := dict "source" $src -}}
+{{- range $k := list "required" "prefetch" -}}
+{{- if hasKey ($c | default dict) $k -}}
+{{- $_ := set $col $k (index $c $k) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $out $name $col -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end }}
+
+{{/* A config volume (a list item for `volumes:`): the ConfigMap alone, or projected with the
+TLS files of a Secret under a subdirectory (one volume, so no mount is nested in a read-only
+ConfigMap mount; the kubelet updates projected Secrets, so cert-manager's rotations reach the
+files). dict: name, configMap, tls (token-broker.brokerTls or token-broker.followTls). */}}
+{{- define "token-broker.configVolume" -}}
+- name: {{ .name }}
+{{- if .tls.secret }}
+  projected:
+    sources:
+      - configMap:
+          name: {{ .configMap }}
+      - secret:
+          name: {{ .tls.secret }}
+          items:
+          {{- range $key := values .tls.files | uniq | sortAlpha }}
+            - key: {{ $key }}
+              path: {{ $.tls.subdir }}/{{ $key }}
+          {{- end }}
+{{- else }}
+  configMap:
+    name: {{ .configMap }}
+{{- end }}
+{{- end }}
+
+{{/* Pod annotations for a config file's text (dict: ctx, toml): a checksum of the config, so
+pods roll when it changes, and the Prometheus scrape annotations. */}}
+{{- define "token-broker.annotationsFor" -}}
+checksum/token-broker-config: {{ .toml | sha256sum }}
+{{- with .ctx }}
+{{- if .Values.metrics.scrapeAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.admin.port | int | toString | quote }}
+prometheus.io/path: {{ .Values.metrics.path | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* ---------------------------------------------------------------- Sidecar. */}}
@@ -422,10 +653,24 @@ token-broker/sidecar: {{ include "token-broker.fullname" . }}
 {{- define "token-broker.sidecarContainer" -}}
 {{- $native := .native -}}
 {{- with .ctx -}}
-- name: {{ .Values.containerName }}
+{{- $wait := ((.Values.sidecar | default dict).waitOnStart | default dict).enabled -}}
+{{- include "token-broker.containerSpec" (dict "ctx" . "name" .Values.containerName "native" $native "wait" (and (not $native) $wait) "startup" (ternary "readiness" "liveness" $native) "secrets" (ne (include "token-broker.following" .) "true") "ports" list "resources" .Values.resources "volume" (include "token-broker.configVolumeName" .) "socket" .Values.tokenApi.socket.enabled) -}}
+{{- end -}}
+{{- end }}
+
+{{/* One token-broker container, a list item: what the sidecar and the broker's DaemonSet or
+Deployment share. dict: ctx; name; native (restartPolicy: Always); wait (the plain sidecar's
+postStart wait); startup ("readiness" or "liveness": the startup probe's check); secrets (the
+secrets.env variables; a follower gets none); ports (further container ports: dicts of name and
+port); resources; volume (the config volume, mounted read-only at the config directory);
+socket (mount the token API's socket directory). */}}
+{{- define "token-broker.containerSpec" -}}
+{{- $p := . -}}
+{{- with .ctx -}}
+- name: {{ $p.name }}
   image: {{ include "token-broker.image" . | quote }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
-  {{- if $native }}
+  {{- if $p.native }}
   restartPolicy: Always
   {{- end }}
   args:
@@ -437,8 +682,10 @@ token-broker/sidecar: {{ include "token-broker.fullname" . }}
       value: {{ .Values.logFormat | quote }}
     - name: RUST_LOG
       value: {{ .Values.logLevel | quote }}
+    {{- if $p.secrets }}
     {{- with include "token-broker.secretEnv" . | trim }}
     {{- . | nindent 4 }}
+    {{- end }}
     {{- end }}
     {{- with .Values.extraEnv }}
     {{- toYaml . | nindent 4 }}
@@ -447,8 +694,12 @@ token-broker/sidecar: {{ include "token-broker.fullname" . }}
     - name: {{ .Values.admin.portName | default "tb-admin" }}
       containerPort: {{ int .Values.admin.port }}
       protocol: TCP
-  {{- $wait := (.Values.sidecar | default dict).waitOnStart | default dict }}
-  {{- if and (not $native) $wait.enabled }}
+    {{- range $p.ports }}
+    - name: {{ .name }}
+      containerPort: {{ int .port }}
+      protocol: TCP
+    {{- end }}
+  {{- if $p.wait }}
   lifecycle:
     # The image has no shell: exec the binary. The kubelet starts the pod's next container
     # only once this hook has returned, so list this container first.
@@ -460,13 +711,14 @@ token-broker/sidecar: {{ include "token-broker.fullname" . }}
           - --addr
           - {{ include "token-broker.tokenApiAddr" . }}
           - --timeout
-          - {{ $wait.timeout | default "60s" }}
+          - {{ .Values.sidecar.waitOnStart.timeout | default "60s" }}
   {{- end }}
   {{- if .Values.probes.startup.enabled }}
   startupProbe:
-    {{- /* Native: the pod's containers start once this passes, so it waits for readiness
-    (every required collection servable). Plain: it only waits for the process to answer. */}}
-    {{- include "token-broker.probeHandler" (dict "ctx" . "kind" (ternary "readiness" "liveness" $native)) | nindent 4 }}
+    {{- /* A native sidecar: the pod's containers start once this passes, so it waits for
+    readiness (every required collection servable). Otherwise it only waits for the process to
+    answer. */}}
+    {{- include "token-broker.probeHandler" (dict "ctx" . "kind" $p.startup) | nindent 4 }}
     {{- toYaml (omit .Values.probes.startup "enabled") | nindent 4 }}
   {{- end }}
   livenessProbe:
@@ -480,14 +732,14 @@ token-broker/sidecar: {{ include "token-broker.fullname" . }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   resources:
-    {{- toYaml .Values.resources | nindent 4 }}
+    {{- toYaml $p.resources | nindent 4 }}
   securityContext:
     {{- toYaml .Values.securityContext | nindent 4 }}
   volumeMounts:
-    - name: {{ include "token-broker.configVolumeName" . }}
+    - name: {{ $p.volume }}
       mountPath: {{ include "token-broker.configDir" . }}
       readOnly: true
-    {{- if .Values.tokenApi.socket.enabled }}
+    {{- if $p.socket }}
     - name: {{ include "token-broker.socketVolumeName" . }}
       mountPath: {{ .Values.tokenApi.socket.dir }}
     {{- end }}
@@ -497,11 +749,14 @@ token-broker/sidecar: {{ include "token-broker.fullname" . }}
 {{- end -}}
 {{- end }}
 
-{{/* The pod's volumes for the sidecar: list items for `volumes:`. */}}
+{{/* The pod's volumes for the sidecar: list items for `volumes:`. A follower's config volume
+also holds its broker TLS files (token-broker.followTls). */}}
 {{- define "token-broker.volumes" -}}
-- name: {{ include "token-broker.configVolumeName" . }}
-  configMap:
-    name: {{ include "token-broker.fullname" . }}
+{{- $tls := dict -}}
+{{- if eq (include "token-broker.following" .) "true" -}}
+{{- $tls = include "token-broker.followTls" . | fromJson -}}
+{{- end -}}
+{{- include "token-broker.configVolume" (dict "name" (include "token-broker.configVolumeName" .) "configMap" (include "token-broker.fullname" .) "tls" $tls) }}
 {{- if .Values.tokenApi.socket.enabled }}
 - name: {{ include "token-broker.socketVolumeName" . }}
   emptyDir:
@@ -534,10 +789,5 @@ your client too): a list item for its `env:`. */}}
 {{/* Pod annotations: Prometheus scrape annotations and a checksum of the config, so pods roll
 when it changes. Mapping entries for the pod template's `annotations:`. */}}
 {{- define "token-broker.podAnnotations" -}}
-checksum/token-broker-config: {{ include "token-broker.configToml" . | sha256sum }}
-{{- if .Values.metrics.scrapeAnnotations }}
-prometheus.io/scrape: "true"
-prometheus.io/port: {{ .Values.admin.port | int | toString | quote }}
-prometheus.io/path: {{ .Values.metrics.path | quote }}
-{{- end }}
+{{- include "token-broker.annotationsFor" (dict "ctx" . "toml" (include "token-broker.configToml" .)) -}}
 {{- end }}
