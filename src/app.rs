@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, CollectionSpec};
 use crate::clock::Clock;
 use crate::config::{Config, ServerConfig, SourceConfig};
+use crate::grpc::remote::BrokerSource;
 use crate::listen::{BindError, Listener, Origin};
 use crate::source::http::HttpClient;
 use crate::source::{DemoSource, HttpJsonSource, OAuthSource, OverDriveSource, Source};
@@ -48,6 +49,7 @@ pub fn sources(config: &Config) -> anyhow::Result<Vec<CollectionSpec>> {
                 SourceConfig::HttpJson(spec) => {
                     Arc::new(HttpJsonSource::new(spec.clone(), http.clone()))
                 }
+                SourceConfig::Broker(spec) => Arc::new(BrokerSource::new(spec.clone())),
             };
             Ok(CollectionSpec {
                 name: c.name.clone(),

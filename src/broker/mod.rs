@@ -23,7 +23,9 @@
 //! `readiness`) and the start-up of the tasks; `collection.rs` is one
 //! collection's state and its transitions (with the state table);
 //! `refresher/` decides when to refresh and by which path; `follower.rs`
-//! turns peers' commits into L1 changes; `watch.rs` streams them.
+//! turns peers' commits into L1 changes; `relay.rs` runs a collection whose
+//! source is another token-broker (followed, not fetched: the remote's
+//! versions and instants are kept); `watch.rs` streams them.
 
 mod collection;
 mod error;
@@ -31,6 +33,7 @@ mod follower;
 mod parents;
 pub mod policy;
 mod refresher;
+mod relay;
 mod watch;
 
 use std::collections::HashMap;
@@ -175,7 +178,13 @@ impl Broker {
         });
         let mut tasks = Vec::new();
         {
-            let collections: Vec<_> = inner.collections.values().cloned().collect();
+            // Followed collections (a remote broker's) have no rows to follow.
+            let collections: Vec<_> = inner
+                .collections
+                .values()
+                .filter(|c| c.source.remote().is_none())
+                .cloned()
+                .collect();
             let (shared, store) = (Inner::shared(&inner), store.clone());
             let mut started = false;
             tasks.push(crate::supervise::spawn(
@@ -196,6 +205,15 @@ impl Broker {
         }
         for c in inner.collections.values() {
             let (c, store, shared) = (c.clone(), store.clone(), Inner::shared(&inner));
+            if let Some(remote) = c.source.remote() {
+                tasks.push(crate::supervise::spawn(
+                    "relay",
+                    Some(c.name.clone()),
+                    shutdown.clone(),
+                    move || relay::run(c.clone(), remote.clone(), shared.clone()),
+                ));
+                continue;
+            }
             tasks.push(crate::supervise::spawn(
                 "refresher",
                 Some(c.name.clone()),

@@ -177,6 +177,8 @@ pub enum SourceConfig {
     OAuth(OAuthSpec),
     OverDrive(OverDriveSpec),
     HttpJson(HttpJsonSpec),
+    /// Another token-broker, followed over its gRPC API.
+    Broker(crate::grpc::remote::BrokerSpec),
 }
 
 impl SourceConfig {
@@ -185,7 +187,7 @@ impl SourceConfig {
         match self {
             Self::OverDrive(o) => Some((&o.oauth, "oauth")),
             Self::HttpJson(h) => h.bearer_from.as_deref().map(|p| (p, "bearer_from")),
-            Self::Demo { .. } | Self::OAuth(_) => None,
+            Self::Demo { .. } | Self::OAuth(_) | Self::Broker(_) => None,
         }
     }
 }

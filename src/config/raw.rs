@@ -17,7 +17,7 @@ use crate::store::crypto::Keyring;
 
 use super::checks::{check_fraction, check_positive, check_range};
 use super::secrets::{required_secret, secret_ref};
-use super::sources::{RawDemo, RawHttpJson, RawOAuth, RawOverDrive, SOURCE_KINDS};
+use super::sources::{RawBroker, RawDemo, RawHttpJson, RawOAuth, RawOverDrive, SOURCE_KINDS};
 use super::{
     AdminConfig, CollectionConfig, CollectionName, Config, ConfigError, ServerConfig, SourceConfig,
     WORKER_THREADS, check_shutdown_delay, parse_admin_listen,
@@ -364,6 +364,10 @@ impl RawCollection {
             "http_json" => {
                 let raw: RawHttpJson = deserialize_at(table, &at)?;
                 SourceConfig::HttpJson(raw.validate(&at)?)
+            }
+            "broker" => {
+                let raw: RawBroker = deserialize_at(table, &at)?;
+                SourceConfig::Broker(raw.validate(&at, &name)?)
             }
             other => {
                 return Err(ConfigError::new(

@@ -10,6 +10,7 @@ use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use crate::grpc::remote::{BrokerSpec, ClientTls, RemoteAddr};
 use crate::source::{
     Body, ClientAuth, ExpiresFormat, Grant, HttpJsonSpec, JsonSpec, OAuthSpec, OverDriveSpec,
     ValueSpec,
@@ -27,6 +28,7 @@ pub(super) const SOURCE_KINDS: &[&str] = &[
     "oauth2_refresh_token",
     "overdrive",
     "http_json",
+    "broker",
 ];
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -115,6 +117,163 @@ pub(super) struct RawHttpJson {
     token_pointer: Option<String>,
     expires_pointer: Option<String>,
     expires_format: Option<RawExpiresFormat>,
+}
+
+/// `kind = "broker"`: another token-broker, followed over its gRPC API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBroker {
+    addrs: Vec<String>,
+    collection: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    server_name: Option<String>,
+    connect_timeout: Option<HumanDuration>,
+    /// Allows `http://` to a host that is not loopback (tokens in clear).
+    #[serde(default)]
+    insecure: bool,
+}
+
+impl RawBroker {
+    pub(super) fn validate(self, at: &str, name: &str) -> Result<BrokerSpec, ConfigError> {
+        let f = |n: &str| format!("{at}.{n}");
+        if self.addrs.is_empty() {
+            return Err(ConfigError::new(
+                f("addrs"),
+                "needs at least one address (https://host:port, http://host:port or unix:/path)",
+            ));
+        }
+        let mut addrs = Vec::with_capacity(self.addrs.len());
+        for (i, a) in self.addrs.iter().enumerate() {
+            let field = format!("{at}.addrs[{i}]");
+            let addr = remote_addr(&field, a)?;
+            if let RemoteAddr::Http(u) = &addr
+                && !self.insecure
+                && !loopback(u)
+            {
+                return Err(ConfigError::new(
+                    field,
+                    "http:// to a host that is not loopback sends tokens in clear: use https:// \
+                     (with ca_file), or set insecure = true",
+                ));
+            }
+            addrs.push(addr);
+        }
+        let collection = self.collection.unwrap_or_else(|| name.to_owned());
+        CollectionName::parse(&collection)
+            .map_err(|r| ConfigError::new(f("collection"), format!("collection name {r}")))?;
+        let https = addrs.iter().any(|a| matches!(a, RemoteAddr::Https(_)));
+        for (field, path) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if let Some(p) = path {
+                if !https {
+                    return Err(ConfigError::new(
+                        f(field),
+                        "only used with an https:// address",
+                    ));
+                }
+                let pem = std::fs::read(p).map_err(|e| {
+                    ConfigError::new(f(field), format!("cannot read {}: {e}", p.display()))
+                })?;
+                if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+                    return Err(ConfigError::new(
+                        f(field),
+                        format!("{} is not a PEM file", p.display()),
+                    ));
+                }
+            }
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::new(f("key_file"), "needs cert_file's key"));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    f("cert_file"),
+                    "needs key_file's certificate",
+                ));
+            }
+            _ => {}
+        }
+        if https && self.ca_file.is_none() {
+            return Err(ConfigError::new(
+                f("ca_file"),
+                "an https:// address needs the CA bundle that signed the remote's certificate",
+            ));
+        }
+        if let Some(n) = &self.server_name {
+            non_empty(&f("server_name"), n)?;
+        }
+        let connect_timeout = self.connect_timeout.map_or(Duration::from_secs(2), |h| h.0);
+        check_positive(
+            &f("connect_timeout"),
+            connect_timeout,
+            Duration::from_millis(10),
+        )?;
+        Ok(BrokerSpec {
+            addrs,
+            collection,
+            tls: ClientTls {
+                ca_file: self.ca_file,
+                cert_file: self.cert_file,
+                key_file: self.key_file,
+                server_name: self.server_name,
+            },
+            connect_timeout,
+        })
+    }
+}
+
+/// Whether an `http://` address names this host's loopback.
+fn loopback(url: &str) -> bool {
+    Url::parse(url).ok().is_some_and(|u| match u.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    })
+}
+
+/// A remote broker's address: `https://host:port`, `http://host:port` or
+/// `unix:/path`.
+fn remote_addr(field: &str, s: &str) -> Result<RemoteAddr, ConfigError> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(ConfigError::new(
+                field,
+                "unix: needs an absolute socket path",
+            ));
+        }
+        return Ok(RemoteAddr::Unix(PathBuf::from(path)));
+    }
+    let url =
+        Url::parse(s).map_err(|e| ConfigError::new(field, format!("invalid address: {e}")))?;
+    let plain = match url.scheme() {
+        "https" => false,
+        "http" => true,
+        _ => {
+            return Err(ConfigError::new(
+                field,
+                "must be https://host:port, http://host:port or unix:/path",
+            ));
+        }
+    };
+    if url.host_str().is_none() || url.port_or_known_default().is_none() {
+        return Err(ConfigError::new(field, "needs a host"));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || !url.username().is_empty() {
+        return Err(ConfigError::new(field, "must be only scheme://host:port"));
+    }
+    let s = s.trim_end_matches('/').to_owned();
+    Ok(if plain {
+        RemoteAddr::Http(s)
+    } else {
+        RemoteAddr::Https(s)
+    })
 }
 
 #[derive(Debug, Deserialize)]

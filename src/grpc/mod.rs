@@ -5,6 +5,7 @@
 //! one place ([`status`]); nothing below this module knows about protobuf.
 
 mod convert;
+pub mod remote;
 pub mod server;
 mod service;
 pub mod status;

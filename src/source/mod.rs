@@ -221,4 +221,54 @@ pub trait Source: Send + Sync + 'static {
     /// Fetches a fresh credential. Called by at most one task per collection at
     /// a time, under the broker's fetch timeout.
     fn fetch(&self, ctx: FetchContext) -> BoxFuture<'_, Result<Fetched, FetchError>>;
+
+    /// For a source that is another token-broker: the remote, which the
+    /// broker follows instead of fetching (no refresher, no store).
+    fn remote(&self) -> Option<std::sync::Arc<dyn Remote>> {
+        None
+    }
+}
+
+/// A token stream from another token-broker (`WatchToken`), each token with
+/// the version and instants the remote gave it.
+pub type TokenStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<crate::token::Token, FetchError>> + Send>>;
+
+/// A source that is another token-broker: followed, not fetched. Its tokens
+/// keep the version and the instants the remote assigned, so a version means
+/// the same token at every tier. Endpoints are indexed `0..endpoints()`, in
+/// the configured order; the broker chooses which one to use (failover and
+/// backoff live in the broker, as for every source).
+///
+/// Contract: a token that is malformed (no value, version 0, missing or
+/// inconsistent instants) is a `BadResponse` error, never a token; error
+/// details are safe to log.
+pub trait Remote: Send + Sync + 'static {
+    /// How many addresses there are (at least one).
+    fn endpoints(&self) -> usize;
+
+    /// Address `i`, for logs.
+    fn endpoint(&self, i: usize) -> String;
+
+    /// Opens `WatchToken` on endpoint `i` for the tokens after
+    /// `after_version`; resolves once the remote has accepted the stream.
+    fn watch(&self, i: usize, after_version: u64)
+    -> BoxFuture<'_, Result<TokenStream, FetchError>>;
+
+    /// `GetCollectionToken` on endpoint `i`, within `timeout`.
+    fn get(
+        &self,
+        i: usize,
+        min_remaining: Option<Duration>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<crate::token::Token, FetchError>>;
+
+    /// `InvalidateToken` of `version` (compare-and-invalidate at the remote)
+    /// on endpoint `i`, within `timeout`.
+    fn invalidate(
+        &self,
+        i: usize,
+        version: u64,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<crate::token::Token, FetchError>>;
 }

@@ -1,0 +1,232 @@
+//! A tree of brokers: leaves whose collections are `kind = "broker"` sources
+//! following a mid-tier token-broker over its own gRPC API. In process here
+//! (the mid tier on scripted sources, leaves built from config text, all over
+//! real TCP sockets); `tree_processes` below runs real binaries on Postgres.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use token_broker::grpc::pb::{
+    GetCollectionTokenRequest, InvalidateTokenRequest, WatchTokenRequest,
+};
+use token_broker::listen::ListenAddr;
+use token_broker::store::MemoryStore;
+use tonic::Code;
+
+use crate::support::scripted::{Scripted, policy, spec};
+use crate::support::server::TestServer;
+use crate::support::{get, next_token, ts};
+
+fn leaf_config(mid: &TestServer, extra: &str) -> String {
+    let ListenAddr::Tcp(addr) = &mid.addr else {
+        panic!("tcp mid tier")
+    };
+    format!(
+        r#"
+[collections.c]
+source = {{ kind = "broker", addrs = ["http://{addr}"] {extra} }}
+"#
+    )
+}
+
+async fn leaf(mid: &TestServer, extra: &str) -> TestServer {
+    TestServer::from_toml(&leaf_config(mid, extra), Arc::new(MemoryStore::new())).await
+}
+
+/// A leaf serves the mid tier's token with the same version and instants;
+/// watchers on both tiers see the same versions in order; an invalidate of
+/// the current version at many leaves causes one upstream call at the mid
+/// tier; an older version returns the current token without a refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leaf_serves_watches_and_invalidates_through_its_mid_tier_as_through_a_local_broker() {
+    let source = Scripted::tokens(Duration::from_secs(300));
+    let mid = TestServer::start(vec![spec("c", source.clone(), policy(), true)]).await;
+    let mut leaves = Vec::new();
+    for _ in 0..4 {
+        leaves.push(leaf(&mid, "").await);
+    }
+    let mut mid_client = mid.client().await;
+    let from_mid = get(&mut mid_client, "c", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut watches = Vec::new();
+    for l in &leaves {
+        let mut c = l.client().await;
+        let t = get(&mut c, "c", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(t.version, from_mid.version);
+        assert_eq!(t.value, from_mid.value);
+        assert_eq!(ts(&t.expires_at), ts(&from_mid.expires_at));
+        assert_eq!(ts(&t.refresh_at), ts(&from_mid.refresh_at));
+        assert_eq!(ts(&t.fetched_at), ts(&from_mid.fetched_at));
+        let stream = c
+            .watch_token(WatchTokenRequest {
+                collection: "c".into(),
+                after_version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        watches.push(stream);
+    }
+    let mut mid_watch = mid_client
+        .watch_token(WatchTokenRequest {
+            collection: "c".into(),
+            after_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_token(&mut mid_watch).await.version, from_mid.version);
+    for w in &mut watches {
+        assert_eq!(next_token(w).await.version, from_mid.version);
+    }
+    assert_eq!(source.calls(), 1);
+
+    // Every leaf, three callers each, reports the current version at once.
+    let v = from_mid.version;
+    let mut calls = Vec::new();
+    for l in &leaves {
+        for _ in 0..3 {
+            let mut c = l.client().await;
+            calls.push(tokio::spawn(async move {
+                c.invalidate_token(InvalidateTokenRequest {
+                    collection: "c".into(),
+                    version: v,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+            }));
+        }
+    }
+    for call in calls {
+        let r = call.await.unwrap();
+        assert_eq!(r.token.unwrap().version, v + 1);
+    }
+    assert_eq!(
+        source.calls(),
+        2,
+        "twelve reports of one version at four leaves cost one upstream call"
+    );
+    // Every tier's watchers get the new version, the same token.
+    let at_mid = next_token(&mut mid_watch).await;
+    assert_eq!(at_mid.version, v + 1);
+    for w in &mut watches {
+        let t = next_token(w).await;
+        assert_eq!((t.version, &t.value), (at_mid.version, &at_mid.value));
+    }
+    // An older version: the current token, no refresh.
+    let mut c = leaves[0].client().await;
+    let r = c
+        .invalidate_token(InvalidateTokenRequest {
+            collection: "c".into(),
+            version: v,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.refreshed);
+    assert_eq!(r.token.unwrap().version, v + 1);
+    assert_eq!(source.calls(), 2);
+}
+
+/// `min_remaining` that the leaf's token cannot meet is forwarded: the mid
+/// tier refreshes, and the leaf serves the new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leaf_forwards_min_remaining() {
+    let source = Scripted::tokens(Duration::from_secs(60));
+    let mid = TestServer::start(vec![spec("c", source.clone(), policy(), true)]).await;
+    let leaf = leaf(&mid, "").await;
+    let mut c = leaf.client().await;
+    let first = get(&mut c, "c", Duration::from_secs(5)).await.unwrap();
+    // Wait a little so the next token outlives this one.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let remaining = ts(&first.expires_at)
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    let mut req = tonic::Request::new(GetCollectionTokenRequest {
+        collection: "c".into(),
+        min_remaining: Some(
+            prost_types::Duration::try_from(remaining + Duration::from_millis(500)).unwrap(),
+        ),
+    });
+    req.set_timeout(Duration::from_secs(5));
+    let t = c
+        .get_collection_token(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap();
+    assert!(t.version > first.version, "min_remaining was not forwarded");
+    assert_eq!(source.calls(), 2);
+}
+
+/// A leaf whose remote is unreachable keeps serving its token, fails over
+/// to the next address, and never invents a token or a version: with no
+/// remote at all it answers UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leaf_fails_over_keeps_serving_and_never_invents_a_token() {
+    // Nothing listens on this address: bind, note, close.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let source = Scripted::tokens(Duration::from_secs(300));
+    let mid = TestServer::start(vec![spec("c", source.clone(), policy(), true)]).await;
+    let ListenAddr::Tcp(mid_addr) = mid.addr.clone() else {
+        panic!()
+    };
+    // The dead address first: the leaf fails over to the mid tier.
+    let config = format!(
+        r#"
+[collections.c]
+source = {{ kind = "broker", addrs = ["http://{dead}", "http://{mid_addr}"], connect_timeout = "200ms" }}
+policy = {{ backoff_initial = "50ms", backoff_max = "200ms" }}
+"#
+    );
+    let leaf = TestServer::from_toml(&config, Arc::new(MemoryStore::new())).await;
+    let mut c = leaf.client().await;
+    let t = get(&mut c, "c", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(t.version, 1);
+    // The mid tier goes away: the leaf keeps serving the same token.
+    mid.stop(Duration::from_secs(5)).await;
+    for _ in 0..5 {
+        let again = get(&mut c, "c", Duration::from_secs(2)).await.unwrap();
+        assert_eq!((again.version, &again.value), (t.version, &t.value));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A leaf that never reached any remote: no token, UNAVAILABLE, fast.
+    let config = format!(
+        r#"
+[collections.c]
+source = {{ kind = "broker", addrs = ["http://{dead}"], connect_timeout = "200ms" }}
+"#
+    );
+    let orphan = TestServer::from_toml(&config, Arc::new(MemoryStore::new())).await;
+    let mut c = orphan.client().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let err = get(&mut c, "c", Duration::from_secs(3)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
+
+/// A remote that does not have the collection: the leaf's callers get a
+/// permanent failure (FAILED_PRECONDITION), not a token and not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leaf_of_an_unknown_remote_collection_fails_permanently() {
+    let mid = TestServer::start(vec![spec(
+        "c",
+        Scripted::tokens(Duration::from_secs(300)),
+        policy(),
+        true,
+    )])
+    .await;
+    let leaf = leaf(&mid, r#", collection = "nope""#).await;
+    let mut c = leaf.client().await;
+    let err = get(&mut c, "c", Duration::from_secs(5)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("rejected"), "{}", err.message());
+}
