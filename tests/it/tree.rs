@@ -230,3 +230,92 @@ async fn a_leaf_of_an_unknown_remote_collection_fails_permanently() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("rejected"), "{}", err.message());
 }
+
+/// Real processes: two mid-tier brokers on one Postgres database, three
+/// leaves (no database) following both, readers on every leaf. `kill -9` of
+/// the mid tier that two leaves use first: they fail over, no read fails,
+/// and every leaf's watchers keep seeing versions in order, one value per
+/// version, the same across leaves; the upstream is asked once per rotation
+/// (one more at most, for a lease holder killed mid-call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_mid_tier_broker_its_leaves_fail_over_and_no_read_fails() {
+    use crate::support::fleet::{FleetEnv, Sidecar, fleet_config};
+    use crate::support::load::{
+        Readers, assert_in_order, assert_one_value_per_version, watch_each,
+    };
+    use crate::support::postgres::TestDb;
+    use crate::support::upstream::{OAuthConfig, OAuthServer};
+
+    let db = TestDb::create().await;
+    let env = FleetEnv::new(db.url.clone());
+    let oauth = OAuthServer::start(OAuthConfig {
+        expires_in: Some(6),
+        ..OAuthConfig::new("fleet", &env.client_secret)
+    })
+    .await;
+    let mut mids = env
+        .start_fleet(&fleet_config(&oauth.token_url(), ""), 2)
+        .await;
+    let leaf_config = |first: &Sidecar, second: &Sidecar| {
+        format!(
+            r#"
+[collections.api]
+prefetch = true
+source = {{ kind = "broker", addrs = ["unix:{}", "unix:{}"], connect_timeout = "500ms" }}
+policy = {{ backoff_initial = "100ms", backoff_max = "1s" }}
+"#,
+            first.sock().display(),
+            second.sock().display()
+        )
+    };
+    let mut leaves = Vec::new();
+    for (a, b) in [(0, 1), (0, 1), (1, 0)] {
+        leaves.push(Sidecar::start(&leaf_config(&mids[a], &mids[b]), &[]).await);
+    }
+    let watchers = watch_each(&leaves, 2).await;
+    let leaves = Arc::new(leaves);
+    let readers = Readers::start(&leaves, 6);
+    let low = |watchers: &[crate::support::load::Watched]| {
+        watchers
+            .iter()
+            .map(|(_, w)| w.lock().unwrap().last().map_or(0, |s| s.version))
+            .min()
+            .unwrap()
+    };
+    let wait_for = |v: u64, what: &'static str| {
+        let watchers = &watchers;
+        let leaves = &leaves;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while low(watchers) < v {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{what}: leaves not at version {v} within 60 s; leaf 0 log:\n{}",
+                    leaves[0].log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(2, "before the kill").await;
+    let at_kill = low(&watchers);
+    mids[0].kill9();
+    wait_for(at_kill + 3, "after the kill").await;
+    let (reads, failures) = readers.stop().await;
+    assert_eq!(failures, 0, "reads failed while a token was servable");
+    assert!(reads.len() > 50, "too few reads: {}", reads.len());
+    for (i, w) in &watchers {
+        assert_in_order(&w.lock().unwrap(), &format!("leaf {i}"));
+    }
+    let seen: Vec<_> = watchers
+        .iter()
+        .flat_map(|(_, w)| w.lock().unwrap().clone())
+        .collect();
+    assert_one_value_per_version(&seen);
+    let top = seen.iter().map(|s| s.version).max().unwrap();
+    assert!(
+        oauth.calls() as u64 <= top + 1,
+        "{} upstream calls for {top} versions",
+        oauth.calls()
+    );
+}
