@@ -1,0 +1,1888 @@
+//! Tree-of-brokers simulation: one throwaway Postgres, M mid-tier
+//! `token-broker serve` processes with `[store]` on it (each with the OAuth
+//! collections fleet-sim configures), L leaf processes with no `[store]`
+//! whose collections are `kind = "broker"` sources listing every mid (leaf k
+//! lists mid k % M first, then the others in turn), and one fake OAuth2
+//! endpoint; measured. Run it through `scripts/tree-sim` (which builds it,
+//! raises `ulimit -n` and kills the process group on exit); `--help` lists
+//! the options.
+//!
+//! Contract:
+//! - Everything it starts is its own and removed at exit, also on Ctrl-C,
+//!   SIGTERM or an error: the Postgres cluster (initdb in a temp dir under
+//!   `/tmp`, as fleet-sim starts it), the fake upstream (`127.0.0.1:0`), the
+//!   mids and the leaves (Unix sockets in the temp dir, admin on
+//!   `127.0.0.1:0`). No fixed port. The temp dir is kept with `--keep` or
+//!   when a violation was seen.
+//! - The mids are spawned held and released together, then (once every mid
+//!   answers `GetCollectionToken`) the leaves likewise; a tier's "ready" time
+//!   counts from its release until every process of it answered for every
+//!   collection.
+//! - The commit instant of a rotation is the receipt of its `NOTIFY
+//!   token_broker` by a probe connection LISTENing on Postgres (as in
+//!   fleet-sim); a watcher's delay is when its `WatchToken` stream yielded
+//!   the version minus that receipt. Watchers run on every leaf and on every
+//!   mid (for comparison).
+//! - Database connections: `pg_stat_activity` of the sidecars' database, and
+//!   per class the established TCP connections to Postgres' port held by the
+//!   mids' and by the leaves' processes (`/proc/<pid>/fd` against
+//!   `/proc/net/tcp`).
+//! - CPU: utime + stime from `/proc/<pid>/stat` per class (mids, leaves,
+//!   Postgres with its children, this driver) over the window (gross: the
+//!   idle rate is not subtracted, unlike fleet-sim's per-rotation figure).
+//! - `--kill-mid`: readers (one `GetCollectionToken` client per leaf, 50-150
+//!   ms pause, as tests/it/support/load.rs `Readers`) run through the window;
+//!   halfway, mid 0 (leaf 0's primary) gets SIGKILL. Any failed read is a
+//!   violation; the time from the kill until every orphaned leaf's watcher
+//!   had the next rotation is reported.
+//! - Token values are never printed or written: only 64-bit hashes are kept.
+//! - Output: a markdown row (with its header) and a summary on stdout,
+//!   progress on stderr, every number in `--json FILE`. Exit status 0 when
+//!   the run completed without violations, 1 otherwise (2 on bad usage).
+//!
+//! The process, Postgres, upstream, probe and statistics code is copied from
+//! benches/fleet_sim.rs (kept self-contained, as each bench is its own
+//! crate); change both together.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Parser;
+use serde_json::json;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
+use token_broker::grpc::pb::{GetCollectionTokenRequest, WatchTokenRequest};
+use token_broker::listen::ListenAddr;
+
+/// The database the mids use (the driver watches it from `postgres`).
+const FLEET_DB: &str = "fleet";
+/// Longest wait, after the window, for watchers to settle.
+const SETTLE: Duration = Duration::from_secs(5);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tree-sim",
+    bin_name = "scripts/tree-sim",
+    about = "A tree of real token-broker processes: mids on a throwaway Postgres and a fake OAuth2 endpoint, \
+             leaves following the mids (kind = \"broker\", no database), measured"
+)]
+struct Args {
+    /// Mid-tier brokers (with `[store]` on the throwaway Postgres).
+    #[arg(long, default_value_t = 5)]
+    mids: usize,
+    /// Leaf sidecars (no `[store]`; every collection follows all the mids).
+    #[arg(long, default_value_t = 200)]
+    leaves: usize,
+    /// Collections per broker (each its own oauth2_client_credentials endpoint path at the mids).
+    #[arg(long, default_value_t = 1)]
+    collections: usize,
+    /// Measured window after every leaf is ready and watched [default: 3.5 rotations].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Token lifetime the fake endpoint grants (`expires_in`, whole seconds).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    rotation: Duration,
+    /// Readers on every leaf through the window, and SIGKILL of mid 0 (leaf 0's primary) halfway.
+    #[arg(long)]
+    kill_mid: bool,
+    /// Readers on every leaf through the window (implied by --kill-mid).
+    #[arg(long)]
+    readers: bool,
+    /// The token-broker binary to run.
+    #[arg(long, env = "TREE_SIM_BIN", default_value = "target/release/token-broker")]
+    bin: PathBuf,
+    /// Write every number to this file as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep the temp dir (logs, Postgres log) even without a violation.
+    #[arg(long)]
+    keep: bool,
+    /// Give up when a tier is not ready this long after its release.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    ready_timeout: Duration,
+    /// Ignored (`cargo bench` passes it).
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn hash_value(v: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+fn say(msg: impl std::fmt::Display) {
+    eprintln!("tree-sim: {msg}");
+}
+
+// ---------------------------------------------------------------------------
+// Work dir
+
+/// The temp dir holding the cluster, sockets and logs; removed on drop unless kept.
+struct WorkDir {
+    path: PathBuf,
+    keep: Arc<AtomicBool>,
+}
+
+impl WorkDir {
+    fn create() -> anyhow::Result<Self> {
+        // Under /tmp: Unix socket paths must stay under 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("tree-sim.")
+            .tempdir_in("/tmp")
+            .context("creating the temp dir")?;
+        let path = dir.keep();
+        // Traversable by the postgres user when we run it as root.
+        run_quiet(Command::new("chmod").arg("0711").arg(&path))?;
+        Ok(Self {
+            path,
+            keep: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep.load(Ordering::Relaxed) {
+            say(format!("kept {}", self.path.display()));
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A command run as the `postgres` user when we are root (initdb, postgres
+/// and pgbouncer refuse to run as root), else as ourselves.
+fn as_pg_user(root: bool, program: &Path) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+// ---------------------------------------------------------------------------
+// Postgres
+
+/// Newest `/usr/lib/postgresql/*/bin` with initdb and pg_ctl, else pg_ctl's
+/// dir on PATH (as scripts/pg-env finds them).
+fn pg_bin() -> anyhow::Result<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .filter(|(_, d)| d.join("initdb").exists() && d.join("pg_ctl").exists())
+        .collect();
+    dirs.sort();
+    if let Some((_, d)) = dirs.pop() {
+        return Ok(d);
+    }
+    let out = Command::new("sh")
+        .args(["-c", "readlink -f \"$(command -v pg_ctl)\""])
+        .output()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    match p.parent() {
+        Some(d) if d.join("initdb").exists() => Ok(d.to_owned()),
+        _ => bail!("no initdb/pg_ctl found (install Debian's postgresql package)"),
+    }
+}
+
+/// A throwaway cluster; stopped (immediate) on drop.
+struct PgCluster {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    root: bool,
+}
+
+impl PgCluster {
+    fn start(work: &Path, max_connections: usize, root: bool) -> anyhow::Result<Self> {
+        let bin = pg_bin()?;
+        let dir = work.join("pg");
+        std::fs::create_dir(&dir)?;
+        if root {
+            run_quiet(Command::new("chown").arg("postgres:").arg(&dir))?;
+        }
+        let data = dir.join("data");
+        run_quiet(
+            as_pg_user(root, &bin.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]),
+        )
+        .context("initdb")?;
+        let mut last = anyhow!("no attempt");
+        for _ in 0..3 {
+            let port = free_port()?;
+            // TREE_SIM_PG_OPTS: further server options, for a diagnosis
+            // (e.g. `-c log_statement=all`; the log is postgres.log in --keep's dir).
+            let opts = format!(
+                "-F -c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections={max_connections} \
+                 -c fsync=off -c full_page_writes=off {}",
+                dir.display(),
+                std::env::var("TREE_SIM_PG_OPTS").unwrap_or_default()
+            );
+            let cluster = Self {
+                bin: bin.clone(),
+                data: data.clone(),
+                port,
+                root,
+            };
+            match run_quiet(
+                as_pg_user(root, &bin.join("pg_ctl"))
+                    .arg("-D")
+                    .arg(&data)
+                    .arg("-l")
+                    .arg(dir.join("postgres.log"))
+                    .args(["-w", "-t", "60", "-o", &opts, "start"]),
+            ) {
+                Ok(()) => return Ok(cluster),
+                Err(e) => {
+                    drop(cluster);
+                    last = e;
+                }
+            }
+        }
+        let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+        Err(last.context(format!("postgres did not start; its log:\n{log}")))
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The postmaster's pid, from the first line of `postmaster.pid`.
+    fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn version(&self) -> String {
+        Command::new(self.bin.join("postgres"))
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.data.join("postmaster.pid").exists() {
+            let _ = as_pg_user(self.root, &self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "immediate", "-w", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+// ---------------------------------------------------------------------------
+// Fake upstream
+
+struct Upstream {
+    ttl_secs: std::sync::atomic::AtomicU64,
+    /// (collection, arrival) of every token request.
+    calls: Mutex<Vec<(String, Instant)>>,
+    /// Hashes of every token issued.
+    issued: Mutex<HashSet<u64>>,
+}
+
+impl Upstream {
+    fn calls_between(&self, from: Instant, to: Instant) -> usize {
+        lock(&self.calls)
+            .iter()
+            .filter(|(_, t)| *t >= from && *t <= to)
+            .count()
+    }
+
+    fn calls_per_collection(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for (c, _) in lock(&self.calls).iter() {
+            *m.entry(c.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+async fn token_endpoint(
+    axum::extract::State(up): axum::extract::State<Arc<Upstream>>,
+    axum::extract::Path(collection): axum::extract::Path<String>,
+) -> impl axum::response::IntoResponse {
+    use rand::Rng as _;
+    lock(&up.calls).push((collection, Instant::now()));
+    let token: String = rand::rng()
+        .sample_iter(&rand::distr::Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
+    lock(&up.issued).insert(hash_value(&token));
+    let body = json!({"access_token": token, "token_type": "Bearer", "expires_in": up.ttl_secs.load(Ordering::Relaxed)});
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+}
+
+async fn start_upstream(up: Arc<Upstream>) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/c/{collection}/token", axum::routing::post(token_endpoint))
+        .with_state(up);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            say(format!("fake upstream stopped: {e}"));
+        }
+    });
+    Ok(addr)
+}
+async fn connect(sock: PathBuf, until: Instant) -> anyhow::Result<TokenBrokerClient<Channel>> {
+    let addr = ListenAddr::Unix(sock);
+    loop {
+        match token_broker::client::connect(&addr).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > until => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
+
+/// What one sidecar's readiness probe saw: when it had every collection, and
+/// each collection's (version, value hash).
+struct Ready {
+    at: Instant,
+    tokens: Vec<(String, u64, u64)>,
+}
+
+async fn await_ready(
+    sock: PathBuf,
+    collections: Arc<Vec<String>>,
+    until: Instant,
+) -> anyhow::Result<(TokenBrokerClient<Channel>, Ready)> {
+    let mut client = connect(sock, until).await?;
+    let mut tokens = Vec::new();
+    for c in collections.iter() {
+        loop {
+            let mut req = tonic::Request::new(GetCollectionTokenRequest {
+                collection: c.clone(),
+                min_remaining: None,
+            });
+            req.set_timeout(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100)),
+            );
+            match client.get_collection_token(req).await {
+                Ok(r) => {
+                    let t = r
+                        .into_inner()
+                        .token
+                        .ok_or_else(|| anyhow!("answer without a token"))?;
+                    tokens.push((c.clone(), t.version, hash_value(&t.value)));
+                    break;
+                }
+                Err(e) if Instant::now() > until => bail!("{c}: {}", e.code()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+    Ok((
+        client,
+        Ready {
+            at: Instant::now(),
+            tokens,
+        },
+    ))
+}
+
+/// One token as a watcher received it.
+#[derive(Clone, Copy)]
+struct Seen {
+    version: u64,
+    hash: u64,
+    at: Instant,
+}
+
+struct Watcher {
+    sidecar: usize,
+    collection: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    ended: Arc<AtomicBool>,
+}
+
+async fn watch(
+    mut client: TokenBrokerClient<Channel>,
+    sidecar: usize,
+    collection: String,
+) -> anyhow::Result<Watcher> {
+    let mut stream = client
+        .watch_token(WatchTokenRequest {
+            collection: collection.clone(),
+            after_version: 0,
+        })
+        .await
+        .with_context(|| format!("WatchToken {collection} on sidecar {sidecar}"))?
+        .into_inner();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let ended = Arc::new(AtomicBool::new(false));
+    let (out, end) = (seen.clone(), ended.clone());
+    tokio::spawn(async move {
+        while let Ok(Some(msg)) = stream.message().await {
+            let at = Instant::now();
+            if let Some(t) = msg.token {
+                lock(&out).push(Seen {
+                    version: t.version,
+                    hash: hash_value(&t.value),
+                    at,
+                });
+            }
+        }
+        end.store(true, Ordering::Relaxed);
+    });
+    Ok(Watcher {
+        sidecar,
+        collection,
+        seen,
+        ended,
+    })
+}
+// ---------------------------------------------------------------------------
+// Probe and database samples
+
+/// The commits the probe saw, in arrival order.
+type Notices = Arc<Mutex<Vec<Notice>>>;
+
+/// A commit as the probe saw it.
+#[derive(Clone)]
+struct Notice {
+    collection: String,
+    version: u64,
+    at: Instant,
+}
+
+/// LISTENs on `token_broker` from its own thread (so that the watchers'
+/// work does not delay its stamps) until `stop`.
+fn start_probe(
+    url: String,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(Notices, std::thread::JoinHandle<Vec<String>>)> {
+    let notices = Arc::new(Mutex::new(Vec::new()));
+    let out = notices.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let mut errors = Vec::new();
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(anyhow!(e)));
+                return errors;
+            }
+        };
+        rt.block_on(async {
+            let mut l = match PgListener::connect(&url).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow!(e)));
+                    return;
+                }
+            };
+            if let Err(e) = l.listen("token_broker").await {
+                let _ = ready_tx.send(Err(anyhow!(e)));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(200), l.try_recv()).await {
+                    Err(_) => {}
+                    Ok(Ok(Some(n))) => {
+                        let at = Instant::now();
+                        let mut parts = n.payload().split(':');
+                        let c = parts.next().unwrap_or_default().to_owned();
+                        match parts.next().and_then(|v| v.parse().ok()) {
+                            Some(version) => lock(&out).push(Notice {
+                                collection: c,
+                                version,
+                                at,
+                            }),
+                            None => errors.push(format!("unparsed payload {:?}", n.payload())),
+                        }
+                    }
+                    Ok(Ok(None)) => errors.push("probe connection lost (reconnecting)".into()),
+                    Ok(Err(e)) => {
+                        errors.push(format!("probe: {e}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        errors
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(15))
+        .map_err(|_| anyhow!("the probe did not connect within 15 s"))??;
+    Ok((notices, handle))
+}
+fn rss_kib(pids: &[u32]) -> (u64, usize) {
+    let mut total = 0;
+    let mut missing = 0;
+    for pid in pids {
+        let kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            });
+        match kib {
+            Some(k) => total += k,
+            None => missing += 1,
+        }
+    }
+    (total, missing)
+}
+
+/// (ppid, utime + stime, cutime + cstime) of a process, in clock ticks.
+fn proc_times(pid: &str) -> Option<(u32, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces): state, ppid, ..
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+    Some((
+        f.get(1)?.parse().ok()?,
+        num(11)? + num(12)?,
+        num(13)? + num(14)?,
+    ))
+}
+
+/// Milliseconds per clock tick, the unit of `/proc/<pid>/stat` times.
+fn tick_ms() -> f64 {
+    let hz = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|hz| *hz > 0.0)
+        .unwrap_or(100.0);
+    1000.0 / hz
+}
+// ---------------------------------------------------------------------------
+// Statistics
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[derive(serde::Serialize, Clone, Copy, Default)]
+struct Dist {
+    count: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    min_ms: f64,
+}
+
+fn dist(mut v: Vec<f64>) -> Dist {
+    v.sort_by(|a, b| a.total_cmp(b));
+    Dist {
+        count: v.len(),
+        p50_ms: percentile(&v, 0.5),
+        p99_ms: percentile(&v, 0.99),
+        max_ms: v.last().copied().unwrap_or(f64::NAN),
+        min_ms: v.first().copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Signed `a - b` in milliseconds.
+fn diff_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b { ms(a - b) } else { -ms(b - a) }
+}
+
+/// A log line's text from its target on (`target::path: message fields`),
+/// without the span prefix (`refresh{collection=..}: `) that comes before.
+fn without_spans(rest: &str) -> &str {
+    let mut from = 0;
+    while let Some(i) = rest[from..].find(": ") {
+        let at = from + i + 2;
+        let word = rest[at..].split_whitespace().next().unwrap_or_default();
+        if word.contains("::") && !word.contains('{') {
+            return &rest[at..];
+        }
+        from = at;
+    }
+    rest
+}
+// ---------------------------------------------------------------------------
+// The run
+
+/// The throwaway cluster (`max_connections` = 3N + 50) with database
+/// `FLEET_DB` created, and a small pool on database `postgres`.
+async fn start_postgres(
+    workp: &Path,
+    n: usize,
+    root: bool,
+) -> anyhow::Result<(PgCluster, PgPool, usize)> {
+    let max_connections = 3 * n + 50;
+    let pg = PgCluster::start(workp, max_connections, root)?;
+    // For scripts/tree-sim: what to stop should this process die without cleaning up
+    // (postgres runs in a session of its own, outside our process group).
+    if let Some(state) = std::env::var_os("TREE_SIM_STATE") {
+        std::fs::write(
+            state,
+            format!(
+                "{}\n{}\n{}\n",
+                workp.display(),
+                pg.bin.display(),
+                u8::from(root)
+            ),
+        )?;
+    }
+    say(format!(
+        "{} on 127.0.0.1:{} (max_connections {max_connections})",
+        pg.version(),
+        pg.port
+    ));
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&pg.url("postgres"))
+        .await
+        .context("connecting to the cluster")?;
+    // A literal: sqlx refuses unaudited dynamic SQL (FLEET_DB is "fleet").
+    sqlx::query("CREATE DATABASE fleet").execute(&admin).await?;
+    Ok((pg, admin, max_connections))
+}
+
+// ---------------------------------------------------------------------------
+// Tiers of processes
+
+struct Proc {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Proc {
+    fn sock(&self) -> PathBuf {
+        self.dir.join("tb.sock")
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+/// One tier's processes, spawned held at a gate (`sh` reading one newline
+/// from a pipe they share, then exec'ing the broker, as fleet-sim does);
+/// all stopped on drop (SIGTERM, then SIGKILL after 10 s).
+struct Tier {
+    name: &'static str,
+    procs: Vec<Proc>,
+    gate: Option<std::io::PipeWriter>,
+}
+
+impl Tier {
+    fn spawn(
+        name: &'static str,
+        n: usize,
+        bin: &Path,
+        work: &Path,
+        config: impl Fn(usize) -> PathBuf,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let (gate_r, gate_w) = std::io::pipe().context("creating the start gate")?;
+        let mut tier = Tier {
+            name,
+            procs: Vec::with_capacity(n),
+            gate: Some(gate_w),
+        };
+        for i in 0..n {
+            // Short names: Unix socket paths must stay under 108 bytes.
+            let dir = work.join(name).join(i.to_string());
+            std::fs::create_dir_all(&dir)?;
+            let log = std::fs::File::create(dir.join("server.log"))?;
+            let child = Command::new("sh")
+                .arg("-c")
+                .arg("read -r _ && exec \"$0\" \"$@\"")
+                .arg(bin)
+                .arg("serve")
+                .arg("--config")
+                .arg(config(i))
+                .arg("--listen")
+                .arg(format!("unix:{}", dir.join("tb.sock").display()))
+                .args(["--admin-listen", "127.0.0.1:0"])
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .env_remove("RUST_LOG")
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::from(gate_r.try_clone()?))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("spawning {name} {i}"))?;
+            tier.procs.push(Proc { dir, child });
+        }
+        Ok(tier)
+    }
+
+    /// Releases every held process with one write.
+    fn release(&mut self) -> anyhow::Result<()> {
+        if let Some(mut g) = self.gate.take() {
+            g.write_all("\n".repeat(self.procs.len()).as_bytes())
+                .with_context(|| format!("releasing the {}", self.name))?;
+        }
+        Ok(())
+    }
+
+    /// Pids of the processes still running (a killed mid drops out).
+    fn pids(&mut self) -> Vec<u32> {
+        self.procs
+            .iter_mut()
+            .filter_map(|p| matches!(p.child.try_wait(), Ok(None)).then(|| p.child.id()))
+            .collect()
+    }
+
+    fn exited(&mut self, except: &HashSet<usize>) -> Option<(usize, std::process::ExitStatus, String)> {
+        self.procs.iter_mut().enumerate().find_map(|(i, p)| {
+            if except.contains(&i) {
+                return None;
+            }
+            let status = p.child.try_wait().ok()??;
+            Some((i, status, p.log()))
+        })
+    }
+
+    /// Stops every process; returns how long it took and how many needed SIGKILL.
+    fn stop(&mut self) -> (Duration, usize) {
+        let t = Instant::now();
+        self.gate = None;
+        let pids: Vec<String> = self.pids().iter().map(u32::to_string).collect();
+        for chunk in pids.chunks(500) {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .args(chunk)
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut killed = 0;
+        while !self.pids().is_empty() {
+            if Instant::now() > deadline {
+                for p in &mut self.procs {
+                    if matches!(p.child.try_wait(), Ok(None)) {
+                        killed += 1;
+                        let _ = p.child.kill();
+                        let _ = p.child.wait();
+                    }
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (t.elapsed(), killed)
+    }
+
+    /// WARN and ERROR lines over the tier's logs, with the most frequent.
+    fn log_summary(&self) -> (usize, usize, usize, Vec<(String, usize)>) {
+        let (mut warns, mut errors, mut with_any) = (0, 0, 0);
+        let mut kinds: HashMap<String, usize> = HashMap::new();
+        for p in &self.procs {
+            let mut any = false;
+            for line in p.log().lines() {
+                let level = if line.contains(" WARN ") {
+                    warns += 1;
+                    "WARN"
+                } else if line.contains(" ERROR ") {
+                    errors += 1;
+                    "ERROR"
+                } else {
+                    continue;
+                };
+                any = true;
+                let rest = line
+                    .split_once(&format!(" {level} "))
+                    .map_or(line, |(_, r)| r.trim());
+                let key: String = format!("{level} {}", without_spans(rest))
+                    .chars()
+                    .take(160)
+                    .collect();
+                *kinds.entry(key).or_insert(0) += 1;
+            }
+            if any {
+                with_any += 1;
+            }
+        }
+        let mut kinds: Vec<_> = kinds.into_iter().collect();
+        kinds.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        kinds.truncate(5);
+        (warns, errors, with_any, kinds)
+    }
+}
+
+impl Drop for Tier {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn mid_config(collections: &[String], upstream: SocketAddr) -> String {
+    let mut c = String::from(
+        "[store]\n\
+         database_url_env = \"TREE_SIM_DATABASE_URL\"\n\
+         encryption_key_env = \"TREE_SIM_ENCRYPTION_KEY\"\n\
+         pool_size = 1\n",
+    );
+    for name in collections {
+        c.push_str(&format!(
+            "\n[collections.{name}]\nprefetch = true\nrequired = true\n\
+             source = {{ kind = \"oauth2_client_credentials\", token_url = \"http://{upstream}/c/{name}/token\", \
+             client_id = \"tree-sim\", client_secret_env = \"TREE_SIM_CLIENT_SECRET\" }}\n"
+        ));
+    }
+    c
+}
+
+/// A leaf's config: every collection follows all the mids, `first` first.
+fn leaf_config(collections: &[String], mid_socks: &[PathBuf], first: usize) -> String {
+    let m = mid_socks.len();
+    let addrs: Vec<String> = (0..m)
+        .map(|j| format!("\"unix:{}\"", mid_socks[(first + j) % m].display()))
+        .collect();
+    let mut c = String::new();
+    for name in collections {
+        c.push_str(&format!(
+            "[collections.{name}]\nprefetch = true\nrequired = true\n\
+             source = {{ kind = \"broker\", addrs = [{}], connect_timeout = \"500ms\" }}\n\
+             policy = {{ backoff_initial = \"100ms\", backoff_max = \"1s\" }}\n\n",
+            addrs.join(", ")
+        ));
+    }
+    c
+}
+
+/// Waits until every process of `tier` answers for every collection; fails
+/// early when one exits. Returns the clients, each one's ready delay (ms,
+/// from `t0`) and the tokens seen.
+async fn await_tier(
+    tier: &mut Tier,
+    collections: &Arc<Vec<String>>,
+    t0: Instant,
+    timeout: Duration,
+    keep_flag: &AtomicBool,
+    workp: &Path,
+) -> anyhow::Result<(Vec<TokenBrokerClient<Channel>>, Vec<f64>, Vec<(String, u64, u64)>)> {
+    let n = tier.procs.len();
+    let until = t0 + timeout;
+    let mut set = JoinSet::new();
+    for (i, p) in tier.procs.iter().enumerate() {
+        let (sock, cols) = (p.sock(), collections.clone());
+        set.spawn(async move { (i, await_ready(sock, cols, until).await) });
+    }
+    let mut clients: Vec<Option<TokenBrokerClient<Channel>>> = vec![None; n];
+    let mut ready_at = Vec::with_capacity(n);
+    let mut tokens = Vec::new();
+    let mut not_ready = Vec::new();
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let r = tokio::select! {
+            r = set.join_next() => match r {
+                Some(r) => r,
+                None => break,
+            },
+            _ = check.tick() => {
+                if let Some((i, status, log)) = tier.exited(&HashSet::new()) {
+                    keep_flag.store(true, Ordering::Relaxed);
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    bail!(
+                        "{} {i} exited ({status}) before its tier was ready; the end of its log:\n{}\n(all logs kept in {})",
+                        tier.name,
+                        tail.join("\n"),
+                        workp.display()
+                    );
+                }
+                continue;
+            }
+        };
+        match r {
+            Ok((i, Ok((client, ready)))) => {
+                clients[i] = Some(client);
+                ready_at.push(diff_ms(ready.at, t0));
+                tokens.extend(ready.tokens);
+            }
+            Ok((i, Err(e))) => not_ready.push(format!("{} {i}: {e:#}", tier.name)),
+            Err(e) => not_ready.push(format!("readiness task: {e}")),
+        }
+    }
+    if !not_ready.is_empty() {
+        keep_flag.store(true, Ordering::Relaxed);
+        for e in not_ready.iter().take(5) {
+            say(format!("not ready: {e}"));
+        }
+        bail!(
+            "{} of {n} {} not ready within {timeout:?}; logs kept in {}",
+            not_ready.len(),
+            tier.name,
+            workp.display()
+        );
+    }
+    Ok((clients.into_iter().flatten().collect(), ready_at, tokens))
+}
+
+async fn open_watchers(
+    clients: &[TokenBrokerClient<Channel>],
+    collections: &[String],
+) -> anyhow::Result<Vec<Watcher>> {
+    let mut set = JoinSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        for col in collections {
+            set.spawn(watch(c.clone(), i, col.clone()));
+        }
+    }
+    let mut watchers = Vec::new();
+    while let Some(r) = set.join_next().await {
+        watchers.push(r.map_err(|e| anyhow!("watch task: {e}"))??);
+    }
+    watchers.sort_by(|a, b| (a.sidecar, &a.collection).cmp(&(b.sidecar, &b.collection)));
+    Ok(watchers)
+}
+
+// ---------------------------------------------------------------------------
+// Readers
+
+/// One answer a reader had.
+#[derive(Clone, Copy)]
+struct Read {
+    version: u64,
+    hash: u64,
+}
+
+struct Readers {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicUsize>,
+    /// Failures while the reader's last token had not expired yet.
+    failures_servable: Arc<AtomicUsize>,
+    first_errors: Arc<Mutex<Vec<String>>>,
+    /// Every reader's answers, in order.
+    reads: Arc<Mutex<Vec<(usize, Vec<Read>)>>>,
+    tasks: JoinSet<()>,
+}
+
+impl Readers {
+    /// One client per leaf (a connection of its own), each reading every collection in turn with a
+    /// 50-150 ms pause (a 5 s deadline per call).
+    fn start(socks: Vec<PathBuf>, collections: &Arc<Vec<String>>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let failures_servable = Arc::new(AtomicUsize::new(0));
+        let first_errors = Arc::new(Mutex::new(Vec::new()));
+        let reads = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = JoinSet::new();
+        for (i, sock) in socks.into_iter().enumerate() {
+            let (stop, failures, failures_servable, first_errors, reads, cols) = (
+                stop.clone(),
+                failures.clone(),
+                failures_servable.clone(),
+                first_errors.clone(),
+                reads.clone(),
+                collections.clone(),
+            );
+            tasks.spawn(async move {
+                let mut client = match connect(sock, Instant::now() + Duration::from_secs(10)).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        lock(&first_errors).push(format!("leaf {i}: reader could not connect: {e:#}"));
+                        return;
+                    }
+                };
+                let mut mine = Vec::new();
+                let mut expires: HashMap<String, SystemTime> = HashMap::new();
+                let mut k = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let col = &cols[k % cols.len()];
+                    k += 1;
+                    let mut req = tonic::Request::new(GetCollectionTokenRequest {
+                        collection: col.clone(),
+                        min_remaining: None,
+                    });
+                    req.set_timeout(Duration::from_secs(5));
+                    match client.get_collection_token(req).await {
+                        Ok(r) => match r.into_inner().token {
+                            Some(t) => {
+                                if let Some(e) = t.expires_at.as_ref() {
+                                    let at = SystemTime::UNIX_EPOCH
+                                        + Duration::new(e.seconds.max(0) as u64, e.nanos.max(0) as u32);
+                                    expires.insert(col.clone(), at);
+                                }
+                                mine.push((col.clone(), Read {
+                                    version: t.version,
+                                    hash: hash_value(&t.value),
+                                }));
+                            }
+                            None => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                        },
+                        Err(e) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            if expires.get(col).is_some_and(|x| *x > SystemTime::now()) {
+                                failures_servable.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let mut fe = lock(&first_errors);
+                            if fe.len() < 5 {
+                                fe.push(format!("leaf {i} {col}: {} {}", e.code(), e.message()));
+                            }
+                        }
+                    }
+                    let pause = 50 + rand::random::<u64>() % 100;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                let mut by_col: HashMap<String, Vec<Read>> = HashMap::new();
+                for (c, r) in mine {
+                    by_col.entry(c).or_default().push(r);
+                }
+                let mut out = lock(&reads);
+                for (_, rs) in by_col {
+                    out.push((i, rs));
+                }
+            });
+        }
+        Readers {
+            stop,
+            failures,
+            failures_servable,
+            first_errors,
+            reads,
+            tasks,
+        }
+    }
+
+    async fn finish(mut self) -> (usize, usize, Vec<String>, Vec<(usize, Vec<Read>)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        while self.tasks.join_next().await.is_some() {}
+        (
+            self.failures.load(Ordering::Relaxed),
+            self.failures_servable.load(Ordering::Relaxed),
+            lock(&self.first_errors).clone(),
+            std::mem::take(&mut *lock(&self.reads)),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Connections and CPU per class
+
+/// Inodes of the established TCP connections to `port` on 127.0.0.1.
+fn pg_socket_inodes(port: u16) -> HashSet<u64> {
+    let mut out = HashSet::new();
+    let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
+        return out;
+    };
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 || f[3] != "01" {
+            continue;
+        }
+        let rport = f[2]
+            .rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+        if rport == Some(port)
+            && let Ok(inode) = f[9].parse()
+        {
+            out.insert(inode);
+        }
+    }
+    out
+}
+
+/// How many of `inodes` the processes `pids` hold.
+fn held_by(pids: &[u32], inodes: &HashSet<u64>) -> usize {
+    let mut n = 0;
+    for pid in pids {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten() {
+            if let Ok(target) = std::fs::read_link(e.path())
+                && let Some(s) = target.to_str()
+                && let Some(inode) = s.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']'))
+                && inode.parse::<u64>().is_ok_and(|i| inodes.contains(&i))
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// pg_stat_activity of the sidecars' database: (token-broker listener,
+/// token-broker pool, other).
+async fn db_connections(admin: &PgPool) -> anyhow::Result<(i64, i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE application_name LIKE 'token-broker listener%'),
+                count(*) FILTER (WHERE application_name = 'token-broker'),
+                count(*) FILTER (WHERE application_name NOT LIKE 'token-broker%')
+           FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(FLEET_DB)
+    .fetch_one(admin)
+    .await?)
+}
+
+/// CPU time (ms) used so far by each class.
+#[derive(Clone, Copy, serde::Serialize)]
+struct Cpu {
+    mids: f64,
+    leaves: f64,
+    postgres: f64,
+    driver: f64,
+    unreadable: usize,
+}
+
+fn cpu_now(mids: &[u32], leaves: &[u32], postmaster: Option<u32>, tick: f64) -> Cpu {
+    let mut unreadable = 0;
+    let mut read = |pid: &str| match proc_times(pid) {
+        Some((_, t, _)) => t,
+        None => {
+            unreadable += 1;
+            0
+        }
+    };
+    let m: u64 = mids.iter().map(|p| read(&p.to_string())).sum();
+    let l: u64 = leaves.iter().map(|p| read(&p.to_string())).sum();
+    let d = read("self");
+    let mut pg = 0;
+    if let Some(pm) = postmaster
+        && let Some((_, own, children)) = proc_times(&pm.to_string())
+    {
+        pg = own + children;
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if let Some((ppid, t, _)) = e.file_name().to_str().and_then(proc_times)
+                && ppid == pm
+            {
+                pg += t;
+            }
+        }
+    } else {
+        unreadable += 1;
+    }
+    Cpu {
+        mids: m as f64 * tick,
+        leaves: l as f64 * tick,
+        postgres: pg as f64 * tick,
+        driver: d as f64 * tick,
+        unreadable,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Propagation
+
+/// Per-watcher checks and commit -> watcher delays over `rotations`.
+#[derive(Default, serde::Serialize)]
+struct Propagation {
+    #[serde(skip)]
+    delays: Vec<f64>,
+    #[serde(skip)]
+    last_per_rotation: Vec<f64>,
+    /// (rotation, watcher) pairs never delivered.
+    missed: usize,
+    out_of_order: usize,
+    /// Watchers whose last version is not the latest committed.
+    not_latest: usize,
+    streams_ended: usize,
+}
+
+/// `exempt(watcher, notice)`: a pair that is not expected (a killed mid's
+/// own watcher after the kill).
+fn propagation(
+    watchers: &[Watcher],
+    rotations: &[Notice],
+    latest: &HashMap<String, u64>,
+    exempt: impl Fn(&Watcher, &Notice) -> bool,
+    ended_ok: impl Fn(&Watcher) -> bool,
+    by_version: &mut HashMap<(String, u64), HashSet<u64>>,
+) -> Propagation {
+    let mut p = Propagation::default();
+    let seen: Vec<Vec<Seen>> = watchers.iter().map(|w| lock(&w.seen).clone()).collect();
+    for (w, s) in watchers.iter().zip(&seen) {
+        if w.ended.load(Ordering::Relaxed) && !ended_ok(w) {
+            p.streams_ended += 1;
+        }
+        for pair in s.windows(2) {
+            if pair[1].version <= pair[0].version {
+                p.out_of_order += 1;
+            }
+        }
+        for x in s {
+            by_version
+                .entry((w.collection.clone(), x.version))
+                .or_default()
+                .insert(x.hash);
+        }
+        if !ended_ok(w)
+            && let Some(v) = latest.get(&w.collection)
+            && s.last().is_none_or(|x| x.version < *v)
+        {
+            p.not_latest += 1;
+        }
+    }
+    for r in rotations {
+        let mut last = f64::MIN;
+        for (w, s) in watchers.iter().zip(&seen) {
+            if w.collection != r.collection || exempt(w, r) {
+                continue;
+            }
+            match s.iter().find(|x| x.version == r.version) {
+                Some(x) => {
+                    let d = diff_ms(x.at, r.at);
+                    last = last.max(d);
+                    p.delays.push(d);
+                }
+                None => p.missed += 1,
+            }
+        }
+        if last > f64::MIN {
+            p.last_per_rotation.push(last);
+        }
+    }
+    p
+}
+
+// ---------------------------------------------------------------------------
+// The run
+
+async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let (m, n) = (args.mids, args.leaves);
+    if m == 0 || n == 0 || args.collections == 0 {
+        bail!("--mids, --leaves and --collections must be at least 1");
+    }
+    let ttl_secs = args.rotation.as_secs();
+    if ttl_secs < 2 || args.rotation.subsec_nanos() != 0 {
+        bail!("--rotation must be whole seconds, at least 2s");
+    }
+    let duration = args.duration.unwrap_or_else(|| args.rotation.mul_f64(3.5));
+    let bin = std::fs::canonicalize(&args.bin).with_context(|| {
+        format!("--bin {}: not found (build with cargo build --release)", args.bin.display())
+    })?;
+    let readers_on = args.readers || args.kill_mid;
+    let collections: Arc<Vec<String>> =
+        Arc::new((0..args.collections).map(|i| format!("c{i}")).collect());
+    let root = is_root();
+    let workp = &work.path;
+    say(format!("work dir {}", workp.display()));
+
+    // 1. Postgres (room for the mids' listener + pool and more).
+    let (pg, admin, max_connections) = start_postgres(workp, m + 5, root).await?;
+    let url = pg.url(FLEET_DB);
+
+    // 2. Upstream
+    let upstream = Arc::new(Upstream {
+        ttl_secs: ttl_secs.into(),
+        calls: Mutex::new(Vec::new()),
+        issued: Mutex::new(HashSet::new()),
+    });
+    let up_addr = start_upstream(upstream.clone()).await?;
+
+    // 3. Configs: one for the mids, one per rotation of the mids' list.
+    let mid_cfg = workp.join("mid.toml");
+    std::fs::write(&mid_cfg, mid_config(&collections, up_addr))?;
+    let mid_socks: Vec<PathBuf> = (0..m)
+        .map(|i| workp.join("mid").join(i.to_string()).join("tb.sock"))
+        .collect();
+    let leaf_cfgs: Vec<PathBuf> = (0..m).map(|r| workp.join(format!("leaf{r}.toml"))).collect();
+    for (r, p) in leaf_cfgs.iter().enumerate() {
+        std::fs::write(p, leaf_config(&collections, &mid_socks, r))?;
+    }
+    let key: [u8; 32] = rand::random();
+    let secret: [u8; 24] = rand::random();
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mid_env = vec![
+        ("TREE_SIM_DATABASE_URL", url.clone()),
+        ("TREE_SIM_ENCRYPTION_KEY", format!("k1:{}", b64.encode(key))),
+        ("TREE_SIM_CLIENT_SECRET", b64.encode(secret)),
+    ];
+
+    let stop_bg = Arc::new(AtomicBool::new(false));
+    let (notices, probe) = start_probe(url.clone(), stop_bg.clone())?;
+
+    // 4. The mids, then the leaves.
+    let t_spawn = Instant::now();
+    let mut mids = Tier::spawn("mid", m, &bin, workp, |_| mid_cfg.clone(), &mid_env)?;
+    mids.release()?;
+    let t_mids = Instant::now();
+    let (mid_clients, mid_ready, mid_tokens) =
+        await_tier(&mut mids, &collections, t_mids, args.ready_timeout, &keep_flag, workp).await?;
+    let mid_ready = dist(mid_ready);
+    say(format!("{m} mids ready after {:.2} s", mid_ready.max_ms / 1000.0));
+
+    let t_spawn_leaves = Instant::now();
+    let mut leaves = Tier::spawn("leaf", n, &bin, workp, |k| leaf_cfgs[k % m].clone(), &[])?;
+    let leaf_spawn_time = t_spawn_leaves.elapsed();
+    leaves.release()?;
+    let t_leaves = Instant::now();
+    let (leaf_clients, leaf_ready, leaf_tokens) =
+        await_tier(&mut leaves, &collections, t_leaves, args.ready_timeout, &keep_flag, workp)
+            .await?;
+    let t_ready = Instant::now();
+    let leaf_ready = dist(leaf_ready);
+    let startup_calls = upstream.calls_between(t_spawn, t_ready);
+    say(format!(
+        "{n} leaves spawned in {:.2} s, all ready {:.2} s after their release (p50 {:.2} s); {startup_calls} upstream calls",
+        leaf_spawn_time.as_secs_f64(),
+        leaf_ready.max_ms / 1000.0,
+        leaf_ready.p50_ms / 1000.0
+    ));
+
+    // 5. Watchers on every leaf and every mid.
+    let leaf_watchers = open_watchers(&leaf_clients, &collections).await?;
+    let mid_watchers = open_watchers(&mid_clients, &collections).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leaf_watchers
+        .iter()
+        .chain(&mid_watchers)
+        .any(|w| lock(&w.seen).is_empty())
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Connections once everything is up.
+    let (postmaster, tick) = (pg.postmaster_pid(), tick_ms());
+    let inodes = pg_socket_inodes(pg.port);
+    let (mid_conns_start, leaf_conns_start) =
+        (held_by(&mids.pids(), &inodes), held_by(&leaves.pids(), &inodes));
+
+    // 6. The window.
+    let readers = readers_on
+        .then(|| Readers::start(leaves.procs.iter().map(Proc::sock).collect(), &collections));
+    let cpu0 = cpu_now(&mids.pids(), &leaves.pids(), postmaster, tick);
+    // The mid to kill drops out of the later samples: its own time up to the kill is added.
+    let killed_pid = mids.procs[0].child.id().to_string();
+    let killed_t0 = proc_times(&killed_pid).map_or(0, |t| t.1);
+    let mut killed_ms = 0.0;
+    let t_w0 = Instant::now();
+    say(format!(
+        "{} leaf + {} mid watchers open{}; measuring for {}",
+        leaf_watchers.len(),
+        mid_watchers.len(),
+        if readers_on { format!(", {n} readers") } else { String::new() },
+        humantime::format_duration(duration)
+    ));
+    let t_w1 = t_w0 + duration;
+    let killed: usize = 0;
+    let mut t_kill: Option<Instant> = None;
+    let mut conn_peak = (0i64, 0i64, 0i64);
+    let mut leaf_conns_peak = leaf_conns_start;
+    let mut cpu_before_kill = None;
+    let mut polls = 0u64;
+    while Instant::now() < t_w1 {
+        tokio::time::sleep(Duration::from_millis(500).min(t_w1.saturating_duration_since(Instant::now())))
+            .await;
+        if let Ok(c) = db_connections(&admin).await
+            && c.0 + c.1 + c.2 > conn_peak.0 + conn_peak.1 + conn_peak.2
+        {
+            conn_peak = c;
+        }
+        polls += 1;
+        if polls % 10 == 0 {
+            leaf_conns_peak =
+                leaf_conns_peak.max(held_by(&leaves.pids(), &pg_socket_inodes(pg.port)));
+        }
+        if args.kill_mid && t_kill.is_none() && Instant::now() >= t_w0 + duration / 2 {
+            cpu_before_kill = Some(cpu_now(&mids.pids(), &leaves.pids(), postmaster, tick));
+            killed_ms = proc_times(&killed_pid).map_or(0, |t| t.1).saturating_sub(killed_t0) as f64 * tick;
+            let p = &mut mids.procs[killed];
+            p.child.kill().context("SIGKILL of the mid")?;
+            t_kill = Some(Instant::now());
+            let _ = p.child.wait();
+            say(format!("SIGKILLed mid {killed} (the primary of {} leaves)", n.div_ceil(m)));
+        }
+    }
+    let conns = db_connections(&admin).await?;
+    let inodes = pg_socket_inodes(pg.port);
+    let (mid_conns, leaf_conns) = (held_by(&mids.pids(), &inodes), held_by(&leaves.pids(), &inodes));
+    let leaf_pids = leaves.pids();
+    let (leaf_rss, leaf_rss_missing) = rss_kib(&leaf_pids);
+    let (mid_rss, _) = rss_kib(&mids.pids());
+
+    // Settle: every rotation whose upstream call fell in the window has
+    // committed, and every live watcher has the latest version.
+    let in_window = |ns: &[Notice], to: Instant| -> Vec<Notice> {
+        ns.iter().filter(|x| x.at >= t_w0 && x.at <= to).cloned().collect()
+    };
+    let is_dead_mid_watcher = |w: &Watcher| t_kill.is_some() && w.sidecar == killed;
+    let settle_until = Instant::now() + SETTLE;
+    loop {
+        let now = Instant::now();
+        let rot = in_window(&lock(&notices), now);
+        let calls = upstream.calls_between(t_w0, t_w1);
+        let latest: HashMap<&str, u64> = rot.iter().fold(HashMap::new(), |mut acc, x| {
+            let e = acc.entry(x.collection.as_str()).or_insert(0);
+            *e = (*e).max(x.version);
+            acc
+        });
+        let caught_up = leaf_watchers
+            .iter()
+            .chain(mid_watchers.iter().filter(|w| !is_dead_mid_watcher(w)))
+            .all(|w| {
+                latest.get(w.collection.as_str()).is_none_or(|v| {
+                    lock(&w.seen).last().is_some_and(|s| s.version >= *v)
+                        || w.ended.load(Ordering::Relaxed)
+                })
+            });
+        if (rot.len() >= calls && caught_up) || now > settle_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t_end = Instant::now();
+    let cpu1 = cpu_now(&mids.pids(), &leaf_pids, postmaster, tick);
+    let reader_out = match readers {
+        Some(r) => Some(r.finish().await),
+        None => None,
+    };
+    stop_bg.store(true, Ordering::Relaxed);
+    let probe_errors = tokio::task::spawn_blocking(move || probe.join().unwrap_or_default())
+        .await
+        .unwrap_or_default();
+
+    // 7. Analysis.
+    let all_notices = lock(&notices).clone();
+    let rotations = in_window(&all_notices, t_end);
+    let window_calls = upstream.calls_between(t_w0, t_w1);
+    let window_secs = (t_end - t_w0).as_secs_f64();
+    let latest: HashMap<String, u64> = all_notices.iter().fold(HashMap::new(), |mut acc, x| {
+        let e = acc.entry(x.collection.clone()).or_insert(0);
+        *e = (*e).max(x.version);
+        acc
+    });
+    let mut by_version: HashMap<(String, u64), HashSet<u64>> = HashMap::new();
+    for (c, v, h) in mid_tokens.iter().chain(&leaf_tokens) {
+        by_version.entry((c.clone(), *v)).or_default().insert(*h);
+    }
+    let leaf_p = propagation(&leaf_watchers, &rotations, &latest, |_, _| false, |_| false, &mut by_version);
+    let mid_p = propagation(
+        &mid_watchers,
+        &rotations,
+        &latest,
+        |w, r| t_kill.is_some_and(|k| w.sidecar == killed && r.at >= k),
+        |w| is_dead_mid_watcher(w),
+        &mut by_version,
+    );
+    // Readers: in order per (reader, collection), and their values too.
+    let (read_failures, read_failures_servable, read_errors, reads) =
+        reader_out.unwrap_or((0, 0, Vec::new(), Vec::new()));
+    let mut reads_total = 0;
+    let mut reads_backwards = 0;
+    for (_, rs) in &reads {
+        reads_total += rs.len();
+        reads_backwards += rs.windows(2).filter(|p| p[1].version < p[0].version).count();
+    }
+    // (The reader's collection is not kept per read; values are checked per
+    // version across collections, which is stricter.)
+    let mut reader_versions: HashMap<u64, HashSet<u64>> = HashMap::new();
+    for (_, rs) in &reads {
+        for r in rs {
+            reader_versions.entry(r.version).or_default().insert(r.hash);
+        }
+    }
+    let two_values_reads = if collections.len() == 1 {
+        reader_versions.values().filter(|v| v.len() > 1).count()
+    } else {
+        0
+    };
+    if collections.len() == 1 {
+        for (v, hs) in &reader_versions {
+            by_version.entry((collections[0].clone(), *v)).or_default().extend(hs);
+        }
+    }
+    let two_values = by_version.values().filter(|v| v.len() > 1).count().max(two_values_reads);
+    let issued = lock(&upstream.issued).clone();
+    let not_issued = by_version.values().flatten().filter(|h| !issued.contains(h)).count();
+
+    // The kill: the next rotation after it, at the orphaned leaves.
+    let mut kill_doc = serde_json::Value::Null;
+    let mut kill_line = String::new();
+    let mut orphan_missing = 0;
+    if let Some(k) = t_kill {
+        let orphans: Vec<&Watcher> = leaf_watchers.iter().filter(|w| w.sidecar % m == killed).collect();
+        let mut next_all = Vec::new();
+        let mut next_commit = Vec::new();
+        let mut commit_after_kill = Vec::new();
+        for c in collections.iter() {
+            let Some(r) = rotations.iter().find(|x| &x.collection == c && x.at > k) else {
+                continue;
+            };
+            commit_after_kill.push(diff_ms(r.at, k));
+            for w in orphans.iter().filter(|w| &w.collection == c) {
+                match lock(&w.seen).iter().find(|x| x.version >= r.version) {
+                    Some(x) => {
+                        next_all.push(diff_ms(x.at, k));
+                        next_commit.push(diff_ms(x.at, r.at));
+                    }
+                    None => orphan_missing += 1,
+                }
+            }
+        }
+        let (to_all, from_commit) = (dist(next_all), dist(next_commit));
+        let failover_warns: usize = leaves
+            .procs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % m == killed)
+            .map(|(_, p)| p.log().matches("remote broker failed").count())
+            .sum();
+        kill_line = format!(
+            "\n- Kill: mid {killed} SIGKILLed {:.1} s into the window ({} orphaned leaves); the next commit came {:.1} s later; \
+             every orphaned leaf's watcher had it {:.2} s after the kill ({:.1} ms after its commit; p50 {:.1} ms); \
+             {orphan_missing} orphaned watchers never had it; {failover_warns} failover WARN lines on the orphans.",
+            diff_ms(k, t_w0) / 1000.0,
+            orphans.len() / collections.len(),
+            commit_after_kill.iter().copied().fold(f64::NAN, f64::max) / 1000.0,
+            to_all.max_ms / 1000.0,
+            from_commit.max_ms,
+            from_commit.p50_ms,
+        );
+        kill_doc = json!({
+            "killed_mid": killed,
+            "at_s_into_window": diff_ms(k, t_w0) / 1000.0,
+            "orphaned_leaves": orphans.len() / collections.len(),
+            "next_commit_after_kill_ms": commit_after_kill,
+            "kill_to_orphan_watcher": to_all,
+            "next_commit_to_orphan_watcher": from_commit,
+            "orphan_watchers_without_next": orphan_missing,
+            "failover_warn_lines": failover_warns,
+            "cpu_before_kill": cpu_before_kill,
+        });
+    }
+
+    let violations = leaf_p.missed
+        + leaf_p.out_of_order
+        + leaf_p.not_latest
+        + leaf_p.streams_ended
+        + mid_p.missed
+        + mid_p.out_of_order
+        + mid_p.not_latest
+        + mid_p.streams_ended
+        + two_values
+        + not_issued
+        + read_failures
+        + reads_backwards
+        + orphan_missing
+        + leaf_conns.max(leaf_conns_peak)
+        + usize::from(rotations.is_empty())
+        + usize::from(window_calls != rotations.len());
+    if rotations.is_empty() {
+        say("no rotation committed in the window: make --duration longer than --rotation");
+    }
+    let calls_per_rotation = window_calls as f64 / rotations.len() as f64;
+    let cpu_s = (cpu1.mids - cpu0.mids + killed_ms, cpu1.leaves - cpu0.leaves, cpu1.postgres - cpu0.postgres, cpu1.driver - cpu0.driver);
+    let nrot = rotations.len().max(1) as f64;
+
+    let leaf_d = dist(leaf_p.delays.clone());
+    let leaf_last = dist(leaf_p.last_per_rotation.clone());
+    let mid_d = dist(mid_p.delays.clone());
+    let mid_last = dist(mid_p.last_per_rotation.clone());
+
+    // 8. Stop, logs.
+    let (leaf_stop, leaf_killed) = leaves.stop();
+    let (mid_stop, mid_killed) = mids.stop();
+    let (lw, le, lwith, ltop) = leaves.log_summary();
+    let (mw, me, mwith, mtop) = mids.log_summary();
+    if violations > 0 {
+        keep_flag.store(true, Ordering::Relaxed);
+    }
+
+    let header = "| tree | collections | kill a mid | leaves ready after release | upstream calls at start-up | upstream calls / rotation | commit -> leaf watcher p50 / p99 / max | commit -> last leaf watcher p50 / p99 / max | commit -> mid watcher p50 / p99 / max | DB connections (mids + leaves; pg_stat_activity total) | missed | failed reads | leaf RSS each | CPU ms/s mids / leaves / Postgres / driver | violations |";
+    let sep = "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+    let row = format!(
+        "| {m} mids x {n} leaves | {c} | {kill} | {ready:.2} s | {startup_calls} | {calls_per_rotation:.2} | {a:.1} / {b:.1} / {cc:.1} ms | {d:.1} / {e:.1} / {f:.1} ms | {g:.1} / {h:.1} / {i:.1} ms | {mid_conns} + {leaf_conns} ({pgt}) | {missed} | {rf} | {rss:.1} MiB | {cm:.0} / {cl:.0} / {cp:.0} / {cd:.0} | {violations} |",
+        c = collections.len(),
+        kill = if args.kill_mid { "yes" } else { "no" },
+        ready = leaf_ready.max_ms / 1000.0,
+        a = leaf_d.p50_ms,
+        b = leaf_d.p99_ms,
+        cc = leaf_d.max_ms,
+        d = leaf_last.p50_ms,
+        e = leaf_last.p99_ms,
+        f = leaf_last.max_ms,
+        g = mid_d.p50_ms,
+        h = mid_d.p99_ms,
+        i = mid_d.max_ms,
+        pgt = conns.0 + conns.1 + conns.2,
+        missed = leaf_p.missed + mid_p.missed,
+        rf = if readers_on { read_failures.to_string() } else { "-".into() },
+        rss = leaf_rss as f64 / 1024.0 / leaf_pids.len().max(1) as f64,
+        cm = cpu_s.0 / window_secs,
+        cl = cpu_s.1 / window_secs,
+        cp = cpu_s.2 / window_secs,
+        cd = cpu_s.3 / window_secs,
+    );
+    println!("{header}\n{sep}\n{row}\n");
+    let top = |t: &[(String, usize)]| {
+        t.iter().map(|(k, c)| format!("    {c} x {k}")).collect::<Vec<_>>().join("\n")
+    };
+    println!(
+        "{m} mids x {n} leaves x {c} collections, {ttl_secs} s tokens, window {window_secs:.1} s, run {:.1} s (wall); {}.\n\
+         - Start: mids ready {:.2} s after their release; {n} leaves spawned in {:.2} s, all ready {:.2} s after their release (p50 {:.2} s); \
+         {startup_calls} upstream calls by then (expected {c}).\n\
+         - Rotations in the window: {} (probe NOTIFY receipts); upstream calls in the window: {window_calls} ({calls_per_rotation:.2} per rotation); \
+         in all, per collection: {:?}.\n\
+         - Commit -> leaf watcher ({} deliveries): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (min {:.1} ms); last leaf per rotation: p50 {:.1}, p99 {:.1}, max {:.1} ms.\n\
+         - Commit -> mid watcher ({} deliveries): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (min {:.1} ms); last mid per rotation: p50 {:.1}, max {:.1} ms.\n\
+         - Database connections: held by the mids {mid_conns} (at start {mid_conns_start}), by the leaves {leaf_conns} (at start {leaf_conns_start}, peak {leaf_conns_peak}); \
+         pg_stat_activity of `{FLEET_DB}` at the end: {} token-broker listener + {} token-broker pool + {} other (this probe); peak sample {} (max_connections {max_connections}).\n\
+         - CPU in the window ({window_secs:.1} s, gross, {tick:.0} ms ticks): mids {:.0} ms ({:.1} ms/s), leaves {:.0} ms ({:.1} ms/s, {:.2} ms per leaf per rotation), \
+         Postgres {:.0} ms ({:.1} ms/s), driver {:.0} ms ({:.1} ms/s; watchers{}, upstream, probe); per rotation: mids {:.0}, leaves {:.0}, Postgres {:.0}, driver {:.0} ms{}.\n\
+         - Memory (VmRSS): leaves {:.1} MiB in all, {:.1} MiB each{}; mids {:.1} MiB in all.\n\
+         - Readers: {}.\n\
+         - Violations: {violations} (leaf: missed {}, out of order {}, not at the latest {}, streams ended {}; mid: missed {}, out of order {}, not at the latest {}, streams ended {}; \
+         two values for one version {two_values}; value never issued {not_issued}; failed reads {read_failures}; reads going back {reads_backwards}; \
+         leaf DB connections {leaf_conns} (peak {leaf_conns_peak}); upstream calls != rotations: {}).{kill_line}\n\
+         - Logs: leaves {lw} WARN / {le} ERROR on {lwith}{}; mids {mw} WARN / {me} ERROR on {mwith}{}.\n\
+         - Stop: leaves {:.2} s ({leaf_killed} SIGKILLed), mids {:.2} s ({mid_killed} SIGKILLed).{}",
+        started.elapsed().as_secs_f64(),
+        pg.version(),
+        mid_ready.max_ms / 1000.0,
+        leaf_spawn_time.as_secs_f64(),
+        leaf_ready.max_ms / 1000.0,
+        leaf_ready.p50_ms / 1000.0,
+        rotations.len(),
+        upstream.calls_per_collection(),
+        leaf_d.count,
+        leaf_d.p50_ms,
+        leaf_d.p99_ms,
+        leaf_d.max_ms,
+        leaf_d.min_ms,
+        leaf_last.p50_ms,
+        leaf_last.p99_ms,
+        leaf_last.max_ms,
+        mid_d.count,
+        mid_d.p50_ms,
+        mid_d.p99_ms,
+        mid_d.max_ms,
+        mid_d.min_ms,
+        mid_last.p50_ms,
+        mid_last.max_ms,
+        conns.0,
+        conns.1,
+        conns.2,
+        conn_peak.0 + conn_peak.1 + conn_peak.2,
+        cpu_s.0,
+        cpu_s.0 / window_secs,
+        cpu_s.1,
+        cpu_s.1 / window_secs,
+        cpu_s.1 / nrot / n as f64,
+        cpu_s.2,
+        cpu_s.2 / window_secs,
+        cpu_s.3,
+        cpu_s.3 / window_secs,
+        if readers_on { ", readers" } else { "" },
+        cpu_s.0 / nrot,
+        cpu_s.1 / nrot,
+        cpu_s.2 / nrot,
+        cpu_s.3 / nrot,
+        if cpu1.unreadable > usize::from(t_kill.is_some()) { format!(" ({} unreadable)", cpu1.unreadable) } else { String::new() },
+        leaf_rss as f64 / 1024.0,
+        leaf_rss as f64 / 1024.0 / leaf_pids.len().max(1) as f64,
+        if leaf_rss_missing > 0 { format!(" ({leaf_rss_missing} unreadable)") } else { String::new() },
+        mid_rss as f64 / 1024.0,
+        if readers_on {
+            format!(
+                "{reads_total} reads on {n} leaves, {read_failures} failed ({read_failures_servable} while the reader's last token was unexpired){}",
+                read_errors.first().map(|e| format!("; first: {e}")).unwrap_or_default()
+            )
+        } else {
+            "none (--kill-mid or --readers runs them)".into()
+        },
+        leaf_p.missed,
+        leaf_p.out_of_order,
+        leaf_p.not_latest,
+        leaf_p.streams_ended,
+        mid_p.missed,
+        mid_p.out_of_order,
+        mid_p.not_latest,
+        mid_p.streams_ended,
+        window_calls != rotations.len(),
+        if ltop.is_empty() { String::new() } else { format!(" (most frequent:\n{})\n ", top(&ltop)) },
+        if mtop.is_empty() { String::new() } else { format!(" (most frequent:\n{})\n ", top(&mtop)) },
+        leaf_stop.as_secs_f64(),
+        mid_stop.as_secs_f64(),
+        if probe_errors.is_empty() { String::new() } else { format!("\n- Probe errors: {probe_errors:?}") },
+        c = collections.len(),
+    );
+
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "mids": m,
+            "leaves": n,
+            "collections": collections.len(),
+            "token_lifetime_s": ttl_secs,
+            "kill_mid": args.kill_mid,
+            "readers": readers_on,
+            "window_s": window_secs,
+            "wall_s": started.elapsed().as_secs_f64(),
+            "mids_ready": mid_ready,
+            "leaves_spawn_s": leaf_spawn_time.as_secs_f64(),
+            "leaves_ready": leaf_ready,
+            "upstream_calls_at_startup": startup_calls,
+            "upstream_calls_per_collection_total": upstream.calls_per_collection(),
+            "rotations": rotations.len(),
+            "upstream_calls_in_window": window_calls,
+            "upstream_calls_per_rotation": calls_per_rotation,
+            "commit_to_leaf_watcher": leaf_d,
+            "commit_to_last_leaf_watcher": leaf_last,
+            "commit_to_mid_watcher": mid_d,
+            "commit_to_last_mid_watcher": mid_last,
+            "leaf_checks": leaf_p,
+            "mid_checks": mid_p,
+            "db_connections": {
+                "held_by_mids": mid_conns, "held_by_mids_at_start": mid_conns_start,
+                "held_by_leaves": leaf_conns, "held_by_leaves_at_start": leaf_conns_start, "held_by_leaves_peak": leaf_conns_peak,
+                "pg_stat_activity": {"listener": conns.0, "pool": conns.1, "other": conns.2},
+                "pg_stat_activity_peak_total": conn_peak.0 + conn_peak.1 + conn_peak.2,
+            },
+            "max_connections": max_connections,
+            "cpu_window_ms": {"mids": cpu_s.0, "leaves": cpu_s.1, "postgres": cpu_s.2, "driver": cpu_s.3, "tick_ms": tick},
+            "rss_kib": {"leaves": leaf_rss, "leaves_each": leaf_rss as f64 / leaf_pids.len().max(1) as f64, "mids": mid_rss},
+            "readers": {"reads": reads_total, "failed": read_failures, "failed_while_servable": read_failures_servable, "backwards": reads_backwards, "first_errors": read_errors},
+            "kill": kill_doc,
+            "violations": {"total": violations, "two_values_one_version": two_values, "not_issued": not_issued},
+            "logs": {"leaves": {"warn": lw, "error": le, "top": ltop}, "mids": {"warn": mw, "error": me, "top": mtop}},
+            "probe_errors": probe_errors,
+            "markdown_row": row,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    drop(leaves);
+    drop(mids);
+    admin.close().await;
+    drop(pg);
+    Ok(violations == 0)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            say(format!("cannot build the runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let work = match WorkDir::create() {
+        Ok(w) => w,
+        Err(e) => {
+            say(format!("{e:#}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.keep {
+        work.keep.store(true, Ordering::Relaxed);
+    }
+    let keep = work.keep.clone();
+    let result = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run(args, keep, &work) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted (SIGINT): stopping everything")),
+            _ = term.recv() => Err(anyhow!("terminated (SIGTERM): stopping everything")),
+        }
+    });
+    let code = match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            say("violations seen, or nothing measured (see above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            say(format!("error: {e:#}"));
+            ExitCode::FAILURE
+        }
+    };
+    rt.shutdown_timeout(Duration::from_secs(2));
+    drop(work);
+    code
+}
