@@ -13,7 +13,9 @@
 //! |---|---|---|---|
 //! | following endpoint `i` | a token arrives | installed (`Snapshot::install`: never a lower version, never a relabel) | versions only increase; one value per version |
 //! | following endpoint `i` | the stream breaks or cannot open | following endpoint `i + 1` at once; after a whole round of failures, backing off (full jitter) | the current token is served until its hard expiry; nothing is invented |
+//! | not yet asked for (lazy) | the first demand (`activate`) | following | a lazy collection is not fetched at the root before anyone asks |
 //! | any | demand (`wake`) | one forwarded call; its token installed, or its failure recorded as backoff | a failure is never a token; callers with nothing servable fail fast while backing off |
+//! | current token `PROBE_GRACE` past `refresh_at`, nothing newer | probe (`GetCollectionToken`), again every `PROBE_EVERY` | the same token with the remote's new instants (a refetch of one value is not pushed), and `stale` when the remote says so | a follower serves stale exactly when its root does, and never past the remote's hard expiry |
 //!
 //! Contract: no store is touched (a leaf needs no database); the token
 //! instants are the remote's, read on this sidecar's clock (tiers should
@@ -23,7 +25,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
@@ -31,7 +35,7 @@ use tracing::{debug, info, warn};
 use super::collection::Collection;
 use super::{Shared, epoch_ms};
 use crate::metrics::RefreshOutcome;
-use crate::source::{FailureClass, FetchError, Remote};
+use crate::source::{FailureClass, FetchError, Remote, RemoteToken};
 use crate::store::Backoff;
 use crate::token::Token;
 
@@ -40,8 +44,26 @@ use crate::token::Token;
 /// reconnected to in a tight loop).
 const SHORT_LIVED: Duration = Duration::from_secs(2);
 
-/// Runs `c` from `remote` until shutdown.
+/// How long past the current token's `refresh_at` a follower waits for the
+/// remote's next version before it asks the remote (`Call::Probe`): the
+/// remote may be failing (its answer says `stale`), or have refetched the
+/// same value with new instants (which no watch stream carries).
+const PROBE_GRACE: Duration = Duration::from_secs(1);
+/// How often it asks again while no newer token arrives.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs `c` from `remote` until shutdown: from the start when it is
+/// prefetched, else from the first caller's demand (so a lazy collection
+/// is not fetched at the root before anyone asks).
 pub(super) async fn run(c: Arc<Collection>, remote: Arc<dyn Remote>, shared: Shared) {
+    while !c.demand.active.load(Ordering::Relaxed) {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = c.wake.notified() => {}
+        }
+    }
+    // The permit this wake-up consumed may have carried demand.
+    c.wake.notify_one();
     let n = remote.endpoints().max(1);
     let mut relay = Relay {
         c,
@@ -51,6 +73,7 @@ pub(super) async fn run(c: Arc<Collection>, remote: Arc<dyn Remote>, shared: Sha
         n,
         failures: 0,
         logged: false,
+        probed: None,
     };
     relay.follow().await;
 }
@@ -67,6 +90,8 @@ struct Relay {
     /// A failure was logged at warn since the last success (the first
     /// failure of an outage warns, the rest are debug).
     logged: bool,
+    /// The last probe: of which token (version, `fetched_at`), and when.
+    probed: Option<(u64, SystemTime, Instant)>,
 }
 
 impl Relay {
@@ -114,10 +139,12 @@ impl Relay {
                 );
                 let until = tokio::time::Instant::now() + delay;
                 loop {
+                    let probe = self.probe_at();
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep_until(until) => break,
-                        () = self.c.wake.notified() => self.serve_demand().await,
+                        () = self.c.wake.notified() => self.serve(false).await,
+                        () = sleep_until(probe) => self.serve(true).await,
                     }
                 }
             }
@@ -128,12 +155,14 @@ impl Relay {
     async fn pump(&mut self, mut stream: crate::source::TokenStream) -> Result<(), FetchError> {
         self.succeeded();
         // Demand recorded while the stream was down is served now.
-        self.serve_demand().await;
+        self.serve(false).await;
         let shutdown = self.shared.shutdown.clone();
         loop {
+            let probe = self.probe_at();
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = self.c.wake.notified() => self.serve_demand().await,
+                () = self.c.wake.notified() => self.serve(false).await,
+                () = sleep_until(probe) => self.serve(true).await,
                 item = stream.next() => match item {
                     None => return Ok(()),
                     Some(Err(e)) => return Err(e),
@@ -145,9 +174,29 @@ impl Relay {
         }
     }
 
-    /// Forwards the demand L1 cannot meet: one call, on the endpoint in use
-    /// first and then on the others when it cannot be reached.
-    async fn serve_demand(&mut self) {
+    /// When to ask the remote about the current token: `PROBE_GRACE` past
+    /// its `refresh_at`, then every `PROBE_EVERY` while it stays current.
+    fn probe_at(&self) -> Option<Instant> {
+        // Only a servable token is asked about: without one, callers'
+        // demand asks (and a probe would find nothing to ask about).
+        let (version, fetched_at, refresh_at) = {
+            let snap = self.c.state.borrow();
+            let t = snap.servable(self.shared.clock.now())?;
+            (t.version, t.fetched_at, t.refresh_at)
+        };
+        let mut at = Instant::now() + self.shared.clock.until(refresh_at + PROBE_GRACE);
+        if let Some((v, f, when)) = self.probed
+            && (v, f) == (version, fetched_at)
+        {
+            at = at.max(when + PROBE_EVERY);
+        }
+        Some(at)
+    }
+
+    /// Forwards the demand L1 cannot meet (or, with `probe`, asks about the
+    /// current token): one call, on the endpoint in use first and then on
+    /// the others when it cannot be reached.
+    async fn serve(&mut self, probe: bool) {
         let now = self.shared.clock.now();
         let want_until_ms = self.c.demand.want_until_ms.load(Ordering::Relaxed);
         let call = {
@@ -162,6 +211,10 @@ impl Relay {
                 Some(t) if epoch_ms(t.expires_at) < want_until_ms => {
                     let until = UNIX_EPOCH + Duration::from_millis(want_until_ms);
                     Call::Get(Some(until.duration_since(now).unwrap_or_default()))
+                }
+                Some(t) if probe => {
+                    self.probed = Some((t.version, t.fetched_at, Instant::now()));
+                    Call::Get(None)
                 }
                 Some(_) => return,
                 None if backing_off => return,
@@ -192,7 +245,7 @@ impl Relay {
             }
         }
         match result {
-            Ok(token) => {
+            Ok(RemoteToken { token, stale }) => {
                 if let Call::Invalidate(v) = call {
                     let _ = self.c.demand.force_version.compare_exchange(
                         v,
@@ -209,8 +262,16 @@ impl Relay {
                     RefreshOutcome::Unchanged
                 };
                 self.c.record_outcome(outcome, Some(version));
+                // The remote's failing refresh shows here as its `stale`.
+                let failure = stale.then(|| Backoff {
+                    failures: 1,
+                    next_attempt_at: now + PROBE_EVERY,
+                    class: FailureClass::UpstreamError,
+                    detail: "the remote broker serves this token stale (its refresh is failing)"
+                        .to_owned(),
+                });
                 self.c.publish(&self.shared, |s| {
-                    s.failure = None;
+                    s.failure = failure;
                     s.finish();
                 });
             }
@@ -298,6 +359,14 @@ impl Relay {
             self.logged = true;
             warn!(collection = %self.c.name, %endpoint, error = %e, "remote broker failed; serving the current token while it is servable and failing over");
         }
+    }
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

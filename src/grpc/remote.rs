@@ -33,7 +33,8 @@ use tonic::{Code, Status};
 use super::pb;
 use super::pb::token_broker_client::TokenBrokerClient;
 use crate::source::{
-    BoxFuture, FailureClass, FetchContext, FetchError, Fetched, Remote, Source, TokenStream,
+    BoxFuture, FailureClass, FetchContext, FetchError, Fetched, Remote, RemoteToken, Source,
+    TokenStream,
 };
 use crate::token::{Secret, Token};
 
@@ -278,7 +279,7 @@ impl Remote for RemoteBroker {
         i: usize,
         min_remaining: Option<Duration>,
         timeout: Duration,
-    ) -> BoxFuture<'_, Result<Token, FetchError>> {
+    ) -> BoxFuture<'_, Result<RemoteToken, FetchError>> {
         Box::pin(async move {
             let mut client = self.client(i)?;
             let mut req = tonic::Request::new(pb::GetCollectionTokenRequest {
@@ -290,7 +291,7 @@ impl Remote for RemoteBroker {
             let result = match answer {
                 Err(_) => Err(FetchError::new(FailureClass::Timeout, "no answer in time")),
                 Ok(Err(s)) => Err(classify(&s)),
-                Ok(Ok(r)) => from_pb(r.into_inner().token),
+                Ok(Ok(r)) => remote_token(r.into_inner().token),
             };
             if let Err(e) = &result {
                 self.forget(i, e);
@@ -304,7 +305,7 @@ impl Remote for RemoteBroker {
         i: usize,
         version: u64,
         timeout: Duration,
-    ) -> BoxFuture<'_, Result<Token, FetchError>> {
+    ) -> BoxFuture<'_, Result<RemoteToken, FetchError>> {
         Box::pin(async move {
             let mut client = self.client(i)?;
             let mut req = tonic::Request::new(pb::InvalidateTokenRequest {
@@ -318,7 +319,7 @@ impl Remote for RemoteBroker {
             let result = match answer {
                 Err(_) => Err(FetchError::new(FailureClass::Timeout, "no answer in time")),
                 Ok(Err(s)) => Err(classify(&s)),
-                Ok(Ok(r)) => from_pb(r.into_inner().token),
+                Ok(Ok(r)) => remote_token(r.into_inner().token),
             };
             if let Err(e) = &result {
                 self.forget(i, e);
@@ -326,6 +327,15 @@ impl Remote for RemoteBroker {
             result
         })
     }
+}
+
+/// A unary answer's token with its `stale` flag.
+fn remote_token(t: Option<pb::Token>) -> Result<RemoteToken, FetchError> {
+    let stale = t.as_ref().is_some_and(|t| t.stale);
+    Ok(RemoteToken {
+        token: from_pb(t)?,
+        stale,
+    })
 }
 
 /// A remote's token as this sidecar keeps it, or why it is not one.
@@ -378,6 +388,13 @@ fn classify(s: &Status) -> FetchError {
         Code::ResourceExhausted => FailureClass::RateLimited,
         _ => FailureClass::UpstreamError,
     };
+    // The remote's own class of its upstream's failure, when it says.
+    let class = s
+        .metadata()
+        .get(super::status::FAILURE_CLASS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(FailureClass::parse)
+        .unwrap_or(class);
     let message: String = s.message().chars().take(MAX_DETAIL).collect();
     let mut e = FetchError::new(
         class,
@@ -462,6 +479,12 @@ mod tests {
         let e = classify(&s);
         assert_eq!(e.class, FailureClass::UpstreamError);
         assert_eq!(e.retry_after, Some(Duration::from_millis(1500)));
+        let mut s = Status::failed_precondition("upstream failing");
+        s.metadata_mut().insert(
+            crate::grpc::status::FAILURE_CLASS_HEADER,
+            "invalid_credentials".parse().unwrap(),
+        );
+        assert_eq!(classify(&s).class, FailureClass::InvalidCredentials);
         assert_eq!(
             classify(&Status::not_found("x")).class,
             FailureClass::Rejected

@@ -12,11 +12,16 @@
 //!
 //! Messages carry collection names, failure classes and times only: never
 //! tokens, secrets, upstream bodies or store errors. UNAVAILABLE and
-//! FAILED_PRECONDITION for a failing upstream also carry `grpc-retry-pushback-ms`.
+//! FAILED_PRECONDITION for a failing upstream also carry `grpc-retry-pushback-ms`
+//! and the failure class in [`FAILURE_CLASS_HEADER`] (a follower broker takes
+//! the class over, so its callers see the root's).
 
 use tonic::{Code, Status};
 
 use crate::broker::BrokerError;
+
+/// The trailer naming the failure class of a failing upstream.
+pub const FAILURE_CLASS_HEADER: &str = "token-broker-failure-class";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -57,6 +62,10 @@ impl From<ApiError> for Status {
                     if let Ok(v) = retry_in.as_millis().to_string().parse() {
                         status.metadata_mut().insert("grpc-retry-pushback-ms", v);
                     }
+                    status.metadata_mut().insert(
+                        FAILURE_CLASS_HEADER,
+                        tonic::metadata::MetadataValue::from_static(class.as_str()),
+                    );
                     status
                 }
                 BrokerError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),

@@ -261,7 +261,7 @@ pub trait Remote: Send + Sync + 'static {
         i: usize,
         min_remaining: Option<Duration>,
         timeout: Duration,
-    ) -> BoxFuture<'_, Result<crate::token::Token, FetchError>>;
+    ) -> BoxFuture<'_, Result<RemoteToken, FetchError>>;
 
     /// `InvalidateToken` of `version` (compare-and-invalidate at the remote)
     /// on endpoint `i`, within `timeout`.
@@ -270,5 +270,13 @@ pub trait Remote: Send + Sync + 'static {
         i: usize,
         version: u64,
         timeout: Duration,
-    ) -> BoxFuture<'_, Result<crate::token::Token, FetchError>>;
+    ) -> BoxFuture<'_, Result<RemoteToken, FetchError>>;
+}
+
+/// A remote broker's answer to a unary call.
+#[derive(Debug, Clone)]
+pub struct RemoteToken {
+    pub token: crate::token::Token,
+    /// The remote serves it past `refresh_at` because its refresh is failing.
+    pub stale: bool,
 }

@@ -246,6 +246,9 @@ async fn stale_serving_of_opaque_tokens_stops_at_max_stale() {
         ts(&token.fetched_at) + Duration::from_secs(150)
     );
     advance(Duration::from_secs(120)).await;
+    // (A leaf learns of its remote's failure by asking, a round trip after
+    // the advance: `settle` lets that happen; a local broker knew already.)
+    settle().await;
     let stale = get(&mut client, "opaque", T).await.unwrap();
     assert!(stale.stale && stale.version == 1);
     advance(server.clock.until(ts(&token.expires_at))).await;

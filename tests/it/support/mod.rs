@@ -64,10 +64,19 @@ pub fn ts(t: &Option<prost_types::Timestamp>) -> SystemTime {
     SystemTime::try_from(t.expect("timestamp")).unwrap()
 }
 
-/// Lets spawned tasks run without letting (paused) time move much.
+/// Lets spawned tasks run without letting (paused) time move much. Through
+/// a leaf (`server::THROUGH_LEAF`), news crosses a socket between two
+/// brokers: a few 1 ms sleeps let the runtime poll its sockets (a yield
+/// does not).
 pub async fn settle() {
     for _ in 0..50 {
         tokio::task::yield_now().await;
+    }
+    if std::env::var_os(server::THROUGH_LEAF).is_some() {
+        for _ in 0..20 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            tokio::task::yield_now().await;
+        }
     }
 }
 

@@ -22,7 +22,15 @@ pub struct TestServer {
     pub clock: Clock,
     pub shutdown: CancellationToken,
     handle: Option<JoinHandle<()>>,
+    /// Under `TB_TEST_THROUGH_LEAF`: the mid-tier broker this leaf follows.
+    mid: Option<Box<TestServer>>,
 }
+
+/// Set (to anything) to run every [`TestServer`] built from specs as a leaf:
+/// the specs run in a mid-tier broker, and the server the test talks to is
+/// a broker whose collections are `kind = "broker"` sources following it, so
+/// the same tests check that a leaf answers as a local broker does.
+pub const THROUGH_LEAF: &str = "TB_TEST_THROUGH_LEAF";
 
 impl TestServer {
     pub async fn start(specs: Vec<CollectionSpec>) -> Self {
@@ -41,7 +49,53 @@ impl TestServer {
         cfg: ServerConfig,
         listener: Listener,
     ) -> Self {
+        if std::env::var_os(THROUGH_LEAF).is_some() {
+            return Self::leaf_of(specs, cfg, listener).await;
+        }
         Self::start_full(specs, cfg, listener, Arc::new(MemoryStore::new())).await
+    }
+
+    /// The specs in a mid-tier broker on 127.0.0.1:0, and a leaf following
+    /// every collection of it (same names, same policies) on `listener`.
+    async fn leaf_of(specs: Vec<CollectionSpec>, cfg: ServerConfig, listener: Listener) -> Self {
+        let names: Vec<(String, bool, bool)> = specs
+            .iter()
+            .map(|s| (s.name.clone(), s.prefetch, s.required))
+            .collect();
+        let mid_listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let mid = Self::start_full(
+            specs,
+            cfg.clone(),
+            mid_listener,
+            Arc::new(MemoryStore::new()),
+        )
+        .await;
+        let ListenAddr::Tcp(mid_addr) = &mid.addr else {
+            unreachable!()
+        };
+        let mut text = String::new();
+        for (name, prefetch, required) in names {
+            text.push_str(&format!(
+                "[collections.{name:?}]\nprefetch = {prefetch}\nrequired = {required}\n\
+                 source = {{ kind = \"broker\", addrs = [\"http://{mid_addr}\"] }}\n"
+            ));
+        }
+        let config = Config::parse(&text).unwrap_or_else(|e| panic!("config: {e}\n{text}"));
+        let leaf_specs = token_broker::app::sources(&config).unwrap();
+        // One clock for both tiers, as NTP keeps real hosts in step (two
+        // anchors taken a few ms apart would be a skew of their own).
+        let mut leaf = Self::start_clocked(
+            leaf_specs,
+            cfg,
+            listener,
+            Arc::new(MemoryStore::new()),
+            mid.clock.clone(),
+        )
+        .await;
+        leaf.mid = Some(Box::new(mid));
+        leaf
     }
 
     /// A server built from config text (as `serve --config` would), on a
@@ -61,8 +115,18 @@ impl TestServer {
         listener: Listener,
         store: Arc<MemoryStore>,
     ) -> Self {
-        let addr = listener.local_addr().unwrap();
         let clock = Clock::tokio_anchored(SystemTime::now());
+        Self::start_clocked(specs, cfg, listener, store, clock).await
+    }
+
+    async fn start_clocked(
+        specs: Vec<CollectionSpec>,
+        cfg: ServerConfig,
+        listener: Listener,
+        store: Arc<MemoryStore>,
+        clock: Clock,
+    ) -> Self {
+        let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let broker = Broker::start(specs, store, clock.clone(), shutdown.clone());
         let stop = shutdown.clone();
@@ -76,11 +140,15 @@ impl TestServer {
             clock,
             shutdown,
             handle: Some(handle),
+            mid: None,
         }
     }
 
     /// Starts shutdown and waits (at most `within`) for the server to return.
     pub async fn stop(mut self, within: Duration) {
+        if let Some(mid) = self.mid.take() {
+            mid.shutdown.cancel();
+        }
         self.shutdown.cancel();
         let handle = self.handle.take().expect("running");
         tokio::time::timeout(within, handle)
