@@ -166,9 +166,12 @@ impl Relay {
                 item = stream.next() => match item {
                     None => return Ok(()),
                     Some(Err(e)) => return Err(e),
-                    Some(Ok(token)) => {
-                        self.install(token);
-                    }
+                    Some(Ok(token)) => match self.checked(token) {
+                        Ok(token) => {
+                            self.install(token);
+                        }
+                        Err(e) => return Err(e),
+                    },
                 },
             }
         }
@@ -236,7 +239,13 @@ impl Relay {
             result = match call {
                 Call::Invalidate(v) => self.remote.invalidate(i, v, timeout).await,
                 Call::Get(min) => self.remote.get(i, min, timeout).await,
-            };
+            }
+            .and_then(|r| {
+                Ok(RemoteToken {
+                    token: self.checked(r.token)?,
+                    stale: r.stale,
+                })
+            });
             match &result {
                 Err(e) if matches!(e.class, FailureClass::Connect | FailureClass::Timeout) => {
                     continue;
@@ -305,6 +314,23 @@ impl Relay {
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
+    }
+
+    /// A remote token this sidecar will serve: one that claims to live
+    /// longer than `max_lifetime` from now is a hostile or broken remote's
+    /// (every broker caps its tokens there), an error rather than a token.
+    fn checked(&self, token: Token) -> Result<Token, FetchError> {
+        let now = self.shared.clock.now();
+        if token.expires_at > now + self.c.policy.max_lifetime {
+            return Err(FetchError::new(
+                FailureClass::BadResponse,
+                format!(
+                    "remote token version {} expires further ahead than max_lifetime",
+                    token.version
+                ),
+            ));
+        }
+        Ok(token)
     }
 
     /// Installs a remote token as it came; true when it is a new version.

@@ -319,3 +319,137 @@ policy = {{ backoff_initial = "100ms", backoff_max = "1s" }}
         oauth.calls()
     );
 }
+
+/// A remote that answers garbage: each of its tokens is broken in one way
+/// (no value, version 0, no expiry, refresh after expiry, an expiry a
+/// century away). None is ever served or streamed by the leaf; callers get
+/// `bad_response` (FAILED_PRECONDITION), and the leaf's log holds no value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hostile_remote_is_an_error_never_a_token() {
+    use std::time::SystemTime;
+    use token_broker::grpc::pb;
+    use token_broker::grpc::pb::token_broker_server::{TokenBroker, TokenBrokerServer};
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    struct Hostile {
+        token: pb::Token,
+    }
+    #[tonic::async_trait]
+    impl TokenBroker for Hostile {
+        async fn get_collection_token(
+            &self,
+            _: tonic::Request<pb::GetCollectionTokenRequest>,
+        ) -> Result<tonic::Response<pb::GetCollectionTokenResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::GetCollectionTokenResponse {
+                token: Some(self.token.clone()),
+            }))
+        }
+        async fn invalidate_token(
+            &self,
+            _: tonic::Request<pb::InvalidateTokenRequest>,
+        ) -> Result<tonic::Response<pb::InvalidateTokenResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::InvalidateTokenResponse {
+                token: Some(self.token.clone()),
+                refreshed: true,
+            }))
+        }
+        type WatchTokenStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<pb::WatchTokenResponse, tonic::Status>>>;
+        async fn watch_token(
+            &self,
+            _: tonic::Request<pb::WatchTokenRequest>,
+        ) -> Result<tonic::Response<Self::WatchTokenStream>, tonic::Status> {
+            Ok(tonic::Response::new(tokio_stream::iter(vec![Ok(
+                pb::WatchTokenResponse {
+                    token: Some(self.token.clone()),
+                },
+            )])))
+        }
+    }
+
+    crate::support::capture_logs();
+    let now = SystemTime::now();
+    let good = pb::Token {
+        collection: "c".into(),
+        value: crate::support::random_secret("hostile"),
+        version: 7,
+        fetched_at: Some(now.into()),
+        expires_at: Some((now + Duration::from_secs(60)).into()),
+        refresh_at: Some((now + Duration::from_secs(30)).into()),
+        stale: false,
+    };
+    let breaks: Vec<(&str, pb::Token)> = vec![
+        (
+            "no value",
+            pb::Token {
+                value: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "version 0",
+            pb::Token {
+                version: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "no expiry",
+            pb::Token {
+                expires_at: None,
+                ..good.clone()
+            },
+        ),
+        (
+            "refresh after expiry",
+            pb::Token {
+                refresh_at: good.expires_at,
+                expires_at: good.refresh_at,
+                ..good.clone()
+            },
+        ),
+        (
+            "a century",
+            pb::Token {
+                expires_at: Some((now + Duration::from_secs(100 * 365 * 86400)).into()),
+                ..good.clone()
+            },
+        ),
+    ];
+    for (what, token) in breaks {
+        let value = token.value.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TokenBrokerServer::new(Hostile { token }))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let config = format!(
+            "[collections.c]\nsource = {{ kind = \"broker\", addrs = [\"http://{addr}\"] }}\n"
+        );
+        let leaf = TestServer::from_toml(&config, Arc::new(MemoryStore::new())).await;
+        let mut c = leaf.client().await;
+        let err = get(&mut c, "c", Duration::from_secs(3)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{what}: {err:?}");
+        assert!(
+            err.message().contains("bad_response"),
+            "{what}: {}",
+            err.message()
+        );
+        let mut stream = c
+            .watch_token(WatchTokenRequest {
+                collection: "c".into(),
+                after_version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let next = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+        assert!(next.is_err(), "{what}: a hostile token was streamed");
+        if !value.is_empty() {
+            crate::support::assert_no_secret_logged(&[value.as_str()]);
+        }
+        server.abort();
+    }
+}
