@@ -448,7 +448,7 @@ async fn a_hostile_remote_is_an_error_never_a_token() {
         let next = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
         assert!(next.is_err(), "{what}: a hostile token was streamed");
         if !value.is_empty() {
-            crate::support::assert_no_secret_logged(&[value.as_str()]);
+            crate::support::assert_no_secret_logged([value.as_str()]);
         }
         server.abort();
     }
