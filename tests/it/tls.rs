@@ -123,6 +123,35 @@ async fn tls_round_trip_with_a_client_certificate_and_none_without_one() {
 }
 
 #[tokio::test]
+async fn a_silent_client_does_not_hold_up_other_handshakes() {
+    let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
+    let dir = TlsDir::new(&server_ca.server(), &client_ca);
+    let (server, addr) = start(&config(&dir, "", OPEN)).await;
+    // Connected, and never says a word (the handshake would wait for it).
+    let silent: Vec<_> = silent_connections(addr, 3).await;
+    let web = client_ca.client(&[WEB], &[]);
+    let started = Instant::now();
+    fresh_get(addr, &server_ca, &web).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+    server.stop(Duration::from_secs(10)).await;
+}
+
+async fn silent_connections(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Let the server accept them before the real client comes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    v
+}
+
+#[tokio::test]
 async fn client_cert_optional_lets_an_anonymous_caller_in() {
     let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
     let dir = TlsDir::new(&server_ca.server(), &client_ca);
