@@ -440,10 +440,23 @@ fn plain_tcp_on_a_reachable_address_needs_tls_or_insecure() {
     }
 
     // The same rule when the address comes from the flag, naming it.
-    let out = Command::new(BIN)
+    // Spawned, not `output()`: were the check missing, it would serve forever.
+    let mut child = Command::new(BIN)
         .args(["serve", "--dev", "--no-admin", "--listen", "0.0.0.0:0"])
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve --listen 0.0.0.0:0 started instead of failing");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(
