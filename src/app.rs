@@ -27,6 +27,7 @@ use crate::broker::{Broker, CollectionSpec};
 use crate::clock::Clock;
 use crate::config::{Config, ServerConfig, SourceConfig};
 use crate::grpc::remote::BrokerSource;
+use crate::grpc::authz::Authz;
 use crate::listen::{BindError, Listener, Origin};
 use crate::source::http::HttpClient;
 use crate::source::{DemoSource, HttpJsonSource, OAuthSource, OverDriveSource, Source};
@@ -60,6 +61,17 @@ pub fn sources(config: &Config) -> anyhow::Result<Vec<CollectionSpec>> {
             })
         })
         .collect()
+}
+
+/// Who may read which collection, from each collection's `readers`; the
+/// gRPC layer enforces it (the broker never sees it).
+pub fn authz(config: &Config) -> Authz {
+    Authz::new(
+        config
+            .collections
+            .iter()
+            .map(|c| (c.name.as_str(), c.readers.as_deref())),
+    )
 }
 
 /// Opens the configured store: Postgres when `[store]` is set (migrated or
@@ -136,7 +148,8 @@ pub async fn run(
         Clock::system(),
         shutdown.clone(),
     );
-    let served = serve_broker(broker, &config.server, listeners, shutdown, draining).await;
+    let authz = authz(&config);
+    let served = serve_broker(broker, &config.server, authz, listeners, shutdown, draining).await;
     // The store's listener ends with `shutdown`; whatever it is stuck on
     // (a black-holed connection) must not hold the exit up for long.
     if tokio::time::timeout(Duration::from_secs(2), store.close())
@@ -157,6 +170,7 @@ pub async fn run(
 pub async fn serve_broker(
     broker: Broker,
     server: &ServerConfig,
+    authz: Authz,
     listeners: Listeners,
     shutdown: CancellationToken,
     draining: CancellationToken,
@@ -172,7 +186,14 @@ pub async fn serve_broker(
     // rotated refresh token the upstream already spent the old one for),
     // within the same grace.
     let (served, stopped) = tokio::join!(
-        crate::grpc::server::serve(broker.clone(), server, listeners.api, &reporter, shutdown,),
+        crate::grpc::server::serve(
+            broker.clone(),
+            server,
+            authz,
+            listeners.api,
+            &reporter,
+            shutdown,
+        ),
         broker.stopped(server.shutdown_grace),
     );
     if !stopped {
@@ -193,15 +214,17 @@ pub async fn serve_broker(
 /// The token API alone (with its health statuses) on `listener` until
 /// `shutdown`, then drained within `server.shutdown_grace`: no admin listener,
 /// and no wait for the broker's tasks (a refresh in flight is abandoned, not
-/// committed). For tests of the gRPC layer with a broker of scripted sources.
+/// committed). For tests of the gRPC layer with a broker of scripted sources
+/// (`authz`: [`Authz::open`], or [`authz`] of a config).
 pub async fn serve_api(
     broker: Broker,
     server: &ServerConfig,
+    authz: Authz,
     listener: Listener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let reporter = crate::grpc::server::health(&broker, &shutdown).await;
-    crate::grpc::server::serve(broker, server, listener, &reporter, shutdown).await?;
+    crate::grpc::server::serve(broker, server, authz, listener, &reporter, shutdown).await?;
     Ok(())
 }
 

@@ -13,7 +13,9 @@
 //! - [`source`]: the upstream seam and its implementations.
 //! - [`grpc`]: the only module that sees generated protobuf types: the service,
 //!   validation, error-to-status mapping and server assembly.
-//! - [`listen`]: listen addresses (TCP loopback or Unix socket).
+//! - [`listen`]: listen addresses (TCP or Unix socket).
+//! - [`tls`]: the token API's TLS material (loaded, re-read on change) and
+//!   the identities a client certificate names.
 //! - [`client`]: the human-facing client subcommands.
 //! - [`telemetry`]: logging and OpenTelemetry trace set-up.
 //! - [`metrics`]: the Prometheus metrics the broker and the gRPC layer record.
@@ -34,4 +36,5 @@ pub mod source;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;
+pub mod tls;
 pub mod token;

@@ -273,6 +273,7 @@ fn configure(args: ServeArgs) -> Result<Serving, config::ConfigError> {
         config.server.listen = listen
             .parse::<ListenAddr>()
             .map_err(|e| flag_error("--listen", e))?;
+        config::check_listen("--listen", &config.server)?;
     }
     let admin = Origin::admin(args.admin_listen.is_some());
     if args.no_admin {

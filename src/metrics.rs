@@ -42,6 +42,16 @@ pub struct MethodLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabel {
+    pub rpc: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
     pub collection: String,
     pub outcome: &'static str,
@@ -143,6 +153,8 @@ pub struct Metrics {
     store_degraded: Gauge,
     ready: Gauge,
     task_restarts: Family<TaskLabels, Counter>,
+    authz_refusals: Family<RpcLabel, Counter>,
+    tls_reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -171,6 +183,8 @@ impl Metrics {
             store_degraded: Gauge::default(),
             ready: Gauge::default(),
             task_restarts: Family::default(),
+            authz_refusals: Family::default(),
+            tls_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -260,6 +274,16 @@ impl Metrics {
             "Background tasks restarted after a panic, by task (refresher, follower, listener, health) and collection (empty for tasks that serve none)",
             m.task_restarts.clone(),
         );
+        registry.register(
+            "authz_refusals",
+            "TokenBroker calls refused because the caller is not among the collection's readers (or asked for an unknown collection while some are protected), by rpc",
+            m.authz_refusals.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Changes of the token API's TLS files, by outcome: ok (new connections use them) or failed (the previous material stays)",
+            m.tls_reloads.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -297,6 +321,19 @@ impl Metrics {
                 .get_or_create(&MethodLabel { method })
                 .observe(d.as_secs_f64());
         }
+    }
+
+    /// One call refused by a collection's `readers`.
+    pub fn authz_refusal(&self, rpc: &'static str) {
+        self.authz_refusals.get_or_create(&RpcLabel { rpc }).inc();
+    }
+
+    /// One change of the TLS files: used (`true`) or kept out (`false`).
+    pub fn tls_reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.tls_reloads
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn notification_lag(&self, lag: Duration) {

@@ -31,6 +31,7 @@ use crate::listen::ListenAddr;
 use crate::source::http::HttpSettings;
 use crate::source::{HttpJsonSpec, OAuthSpec, OverDriveSpec};
 use crate::store::PgSettings;
+use crate::tls::TlsSettings;
 
 /// A config problem, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +110,10 @@ pub struct ServerConfig {
     /// After the first SIGTERM/SIGINT, how long to keep serving (readiness
     /// NOT_SERVING) before shutting down; at most [`MAX_SHUTDOWN_DELAY`].
     pub shutdown_delay: Duration,
+    /// `[server.tls]`: serve TLS on the TCP listener.
+    pub tls: Option<TlsSettings>,
+    /// Allows plain TCP on an address other hosts can reach ([`check_listen`]).
+    pub insecure: bool,
 }
 
 /// Bounds of `server.worker_threads` (and `serve --worker-threads`): a sidecar
@@ -153,7 +158,36 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             worker_threads: 2,
             shutdown_delay: Duration::ZERO,
+            tls: None,
+            insecure: false,
         }
+    }
+}
+
+/// Checks that the token API's address fits its transport, naming `field`
+/// (`server.listen`, or `--listen` when the flag set it): plain TCP on an
+/// address other hosts can reach needs TLS or `insecure = true` (tokens
+/// would cross the network in clear), and a Unix socket takes no TLS (its
+/// callers are identified by uid and gid).
+pub fn check_listen(field: &str, server: &ServerConfig) -> Result<(), ConfigError> {
+    match &server.listen {
+        ListenAddr::Tcp(a)
+            if server.tls.is_none() && !server.insecure && !a.ip().to_canonical().is_loopback() =>
+        {
+            Err(ConfigError::new(
+                field,
+                format!(
+                    "plain TCP on {a} is reachable from other hosts: configure [server.tls], \
+                     listen on loopback or a Unix socket, or set server.insecure = true"
+                ),
+            ))
+        }
+        ListenAddr::Unix(_) if server.tls.is_some() => Err(ConfigError::new(
+            field,
+            "a Unix socket does not take [server.tls] (callers are identified by uid and gid): \
+             listen on IP:PORT or remove [server.tls]",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -165,6 +199,9 @@ pub struct CollectionConfig {
     pub prefetch: bool,
     /// Readiness waits for this collection to hold a servable token.
     pub required: bool,
+    /// The caller identities allowed to read it; `None`: anyone who can
+    /// connect. Enforced by the gRPC layer only.
+    pub readers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -263,6 +300,7 @@ impl Config {
                 policy,
                 prefetch: true,
                 required: true,
+                readers: None,
             }],
             store: None,
             admin: Some(AdminConfig::default()),

@@ -14,13 +14,14 @@ use crate::listen::ListenAddr;
 use crate::source::http::{HttpSettings, parse_ca_bundle};
 use crate::store::PgSettings;
 use crate::store::crypto::Keyring;
+use crate::tls::{ClientCert, TlsSettings};
 
 use super::checks::{check_fraction, check_positive, check_range};
 use super::secrets::{required_secret, secret_ref};
 use super::sources::{RawBroker, RawDemo, RawHttpJson, RawOAuth, RawOverDrive, SOURCE_KINDS};
 use super::{
     AdminConfig, CollectionConfig, CollectionName, Config, ConfigError, ServerConfig, SourceConfig,
-    WORKER_THREADS, check_shutdown_delay, parse_admin_listen,
+    WORKER_THREADS, check_listen, check_shutdown_delay, parse_admin_listen,
 };
 
 /// toml errors are multi-line with a source excerpt; keep logs and exit messages
@@ -100,8 +101,21 @@ section! {
         shutdown_grace: duration,
         worker_threads: count(*WORKER_THREADS.start(), *WORKER_THREADS.end()),
         shutdown_delay: duration,
+        insecure: flag,
     }
-    extra { listen: Option<String> }
+    extra { listen: Option<String>, tls: Option<RawTls> }
+}
+
+section! {
+    RawTls => TlsSettings {
+        reload_interval: duration(ms(100)),
+    }
+    extra {
+        cert_file: Option<PathBuf>,
+        key_file: Option<PathBuf>,
+        client_ca_file: Option<PathBuf>,
+        client_cert: Option<String>,
+    }
 }
 
 section! {
@@ -196,6 +210,8 @@ pub(super) struct RawCollection {
     required: bool,
     #[serde(default)]
     policy: RawPolicy,
+    /// Who may read the collection; absent: anyone who can connect.
+    readers: Option<Vec<String>>,
 }
 
 pub(super) fn yes() -> bool {
@@ -319,7 +335,52 @@ impl RawServer {
         }
         self.apply("server", &mut server)?;
         check_shutdown_delay("server.shutdown_delay", server.shutdown_delay)?;
+        server.tls = self.tls.map(RawTls::validate).transpose()?;
+        check_listen("server.listen", &server)?;
         Ok(server)
+    }
+}
+
+impl RawTls {
+    /// Checks the fields and loads the material once, so that a missing
+    /// file, a key that does not match or a bad CA fails at start.
+    pub(super) fn validate(self) -> Result<TlsSettings, ConfigError> {
+        let mut tls = TlsSettings::default();
+        self.apply("server.tls", &mut tls)?;
+        let required = |v: Option<PathBuf>, field: &str, what: &str| {
+            v.ok_or_else(|| {
+                ConfigError::new(format!("server.tls.{field}"), format!("missing: {what}"))
+            })
+        };
+        tls.cert_file = required(
+            self.cert_file,
+            "cert_file",
+            "the PEM certificate chain the token API presents",
+        )?;
+        tls.key_file = required(
+            self.key_file,
+            "key_file",
+            "the PEM private key of cert_file",
+        )?;
+        tls.client_ca_file = self.client_ca_file;
+        tls.client_cert = match self.client_cert.as_deref() {
+            None | Some("required") => ClientCert::Required,
+            Some("optional") => ClientCert::Optional,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "server.tls.client_cert",
+                    format!("must be \"required\" or \"optional\", got {other:?}"),
+                ));
+            }
+        };
+        if self.client_cert.is_some() && tls.client_ca_file.is_none() {
+            return Err(ConfigError::new(
+                "server.tls.client_cert",
+                "needs server.tls.client_ca_file (the CA that client certificates are verified against)",
+            ));
+        }
+        crate::tls::load(&tls).map_err(|e| ConfigError::new(e.field, e.reason))?;
+        Ok(tls)
     }
 }
 
@@ -386,12 +447,25 @@ impl RawCollection {
                 "a required collection must be prefetched (remove prefetch = false)",
             ));
         }
+        if let Some(readers) = &self.readers {
+            if readers.is_empty() {
+                return Err(ConfigError::new(
+                    field("readers"),
+                    "must not be empty: list the identities allowed to read this collection, or remove readers to let anyone who can connect read it",
+                ));
+            }
+            for r in readers {
+                crate::grpc::authz::check_reader(r)
+                    .map_err(|reason| ConfigError::new(field("readers"), reason))?;
+            }
+        }
         Ok(CollectionConfig {
             name,
             source,
             policy,
             prefetch: self.prefetch,
             required: self.required,
+            readers: self.readers,
         })
     }
 }

@@ -4,7 +4,9 @@
 //! field is INVALID_ARGUMENT naming it); domain errors become statuses in exactly
 //! one place ([`status`]); nothing below this module knows about protobuf.
 
+pub mod authz;
 mod convert;
+pub mod peer;
 pub mod remote;
 pub mod server;
 mod service;

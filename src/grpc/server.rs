@@ -2,7 +2,9 @@
 //! reflection (v1 and v1alpha), HTTP/2 keepalive, and graceful shutdown.
 //!
 //! Contract: `serve` takes an already-bound listener (tests bind port 0) and a
-//! cancellation token; on cancellation it stops accepting, ends watch streams,
+//! cancellation token; connections are accepted by [`super::peer::accept`]
+//! (TLS when configured, its material re-read by [`crate::tls::Reloader`]
+//! for as long as the server runs). On cancellation it stops accepting, ends watch streams,
 //! lets in-flight calls finish and returns within `shutdown_grace`. Health says
 //! SERVING for `""` and `token_broker.v1.TokenBroker` exactly while every
 //! required collection holds a servable token (readiness), and SERVING for
@@ -12,16 +14,17 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 use tracing::{info, warn};
 
+use super::authz::Authz;
 use super::pb::token_broker_server::TokenBrokerServer;
+use super::peer;
 use super::service::TokenBrokerService;
 use super::{DESCRIPTOR, SERVICE_NAME};
 use crate::broker::Broker;
@@ -34,6 +37,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The health service name that says the process is alive (for liveness
@@ -70,10 +75,12 @@ pub fn health_service(reporter: &HealthReporter) -> HealthServer<HealthService> 
 }
 
 /// Serves the token API (with health from `reporter`, and reflection) on
-/// `listener` until `shutdown`, then drains within `cfg.shutdown_grace`.
+/// `listener` until `shutdown`, then drains within `cfg.shutdown_grace`;
+/// over TLS when `cfg.tls` is set, with `authz` deciding who reads what.
 pub async fn serve(
     broker: Broker,
     cfg: &ServerConfig,
+    authz: Authz,
     listener: Listener,
     reporter: &HealthReporter,
     shutdown: CancellationToken,
@@ -92,7 +99,7 @@ pub async fn serve(
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             )
     };
-    let service = TokenBrokerServer::new(TokenBrokerService::new(broker, cfg))
+    let service = TokenBrokerServer::new(TokenBrokerService::new(broker.clone(), cfg, authz))
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes);
     let router = Server::builder()
@@ -103,33 +110,36 @@ pub async fn serve(
         .add_service(reflection().build_v1alpha()?)
         .add_service(service);
 
+    // TLS material is loaded again here (config loading checked it): the
+    // files may have changed since.
+    let reloader = cfg.tls.clone().map(crate::tls::Reloader::new).transpose()?;
+    let tls = reloader.as_ref().map(crate::tls::Reloader::current);
+    let reloading = async {
+        if let Some(r) = reloader {
+            let metrics = broker.metrics();
+            r.run(|ok| metrics.tls_reload(ok), shutdown.clone()).await;
+        }
+    };
+    match (&listener, tls.is_some()) {
+        (Listener::Tcp(l), tls) => {
+            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            info!(listen = %addr, tls, "serving");
+        }
+        (Listener::Unix(_, socket_file), _) => info!(listen = ?socket_file, "serving"),
+    }
+    // Connections come from our own accept loop (TLS handshakes, caller
+    // identities; see `peer`); the channel only hands them over.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let accepting = peer::accept(listener, tls, tx, shutdown.clone());
     let stop = shutdown.clone();
     let signal = async move { stop.cancelled().await };
-    let grace = cfg.shutdown_grace;
-    match listener {
-        Listener::Tcp(l) => {
-            info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
-            let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
-            drain(
-                router.serve_with_incoming_shutdown(incoming, signal),
-                &shutdown,
-                grace,
-            )
-            .await
-        }
-        Listener::Unix(l, socket_file) => {
-            info!(listen = ?socket_file, "serving");
-            let incoming = UnixListenerStream::new(l);
-            let result = drain(
-                router.serve_with_incoming_shutdown(incoming, signal),
-                &shutdown,
-                grace,
-            )
-            .await;
-            drop(socket_file);
-            result
-        }
-    }
+    let serving = drain(
+        router.serve_with_incoming_shutdown(ReceiverStream::new(rx), signal),
+        &shutdown,
+        cfg.shutdown_grace,
+    );
+    let (result, (), ()) = tokio::join!(serving, accepting, reloading);
+    result
 }
 
 /// Runs the server; once shutdown starts, gives it at most `grace` to drain.

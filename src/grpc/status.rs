@@ -7,6 +7,7 @@
 //! | no servable token, upstream failing transiently | UNAVAILABLE (class, next retry time) |
 //! | no servable token, upstream failing permanently | FAILED_PRECONDITION (class, next retry time) |
 //! | caller's deadline passed while waiting | DEADLINE_EXCEEDED |
+//! | caller not among the collection's readers (or unknown collection while some are protected) | PERMISSION_DENIED (names neither the collection nor a token) |
 //! | concurrency or stream limit reached | RESOURCE_EXHAUSTED |
 //! | server shutting down | UNAVAILABLE |
 //!
@@ -29,6 +30,9 @@ pub enum ApiError {
     InvalidArgument { field: &'static str, reason: String },
     #[error("{0}")]
     Overloaded(&'static str),
+    /// The same words whether the collection exists or not.
+    #[error("the caller is not permitted to read this collection")]
+    PermissionDenied,
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
@@ -48,6 +52,7 @@ impl From<ApiError> for Status {
         match e {
             ApiError::InvalidArgument { .. } => Status::invalid_argument(message),
             ApiError::Overloaded(_) => Status::resource_exhausted(message),
+            ApiError::PermissionDenied => Status::permission_denied(message),
             ApiError::Broker(b) => match b {
                 BrokerError::UnknownCollection(_) => Status::not_found(message),
                 BrokerError::UpstreamFailing {

@@ -25,6 +25,7 @@ mod refresh;
 mod sources;
 mod support;
 mod telemetry;
+mod tls;
 mod tree;
 mod unix_socket_and_shutdown;
 mod walkthrough;

@@ -7,6 +7,8 @@
 //! - `server`: `TestServer`, a broker and its gRPC API in this process;
 //! - `binary`: the real `token-broker` binary on a Unix socket (`Served`);
 //! - `upstream`: fake HTTP upstreams (OAuth2, OverDrive, any JSON endpoint);
+//! - `pki`: a throwaway CA, server and client certificates, and TLS files
+//!   rotated by symlink swap;
 //! - `postgres`: a fresh database per test, PgBouncer helpers;
 //! - `fault_proxy`: a TCP proxy that cuts, black-holes or delays connections;
 //! - `fleet`: several real sidecars on one database (`FleetEnv`, `Route`);
@@ -17,6 +19,7 @@ pub mod binary;
 pub mod fault_proxy;
 pub mod fleet;
 pub mod load;
+pub mod pki;
 pub mod postgres;
 pub mod scripted;
 pub mod server;

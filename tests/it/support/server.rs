@@ -1,7 +1,8 @@
 //! [`TestServer`]: a real broker (on a `MemoryStore`) and its gRPC API
 //! (`token_broker::app::serve_api`) on 127.0.0.1:0 or a given listener, in this
-//! process, driven through the generated client. Dropping it starts shutdown;
-//! `stop` waits for the server to return.
+//! process, driven through the generated client; from specs (anyone may read
+//! anything) or from a config (its TLS and `readers` too). Dropping it starts
+//! shutdown; `stop` waits for the server to return.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -9,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use token_broker::broker::{Broker, CollectionSpec};
 use token_broker::clock::Clock;
 use token_broker::config::{Config, ServerConfig};
+use token_broker::grpc::authz::Authz;
 use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
 use token_broker::listen::{ListenAddr, Listener};
 use token_broker::store::MemoryStore;
@@ -21,6 +23,8 @@ pub struct TestServer {
     pub addr: ListenAddr,
     pub clock: Clock,
     pub shutdown: CancellationToken,
+    /// For its metrics (`broker.metrics().encode()`).
+    pub broker: Broker,
     handle: Option<JoinHandle<()>>,
     /// Under `TB_TEST_THROUGH_LEAF`: the mid-tier broker this leaf follows.
     mid: Option<Box<TestServer>>,
@@ -52,7 +56,17 @@ impl TestServer {
         if std::env::var_os(THROUGH_LEAF).is_some() {
             return Self::leaf_of(specs, cfg, listener).await;
         }
-        Self::start_full(specs, cfg, listener, Arc::new(MemoryStore::new())).await
+        let store = Arc::new(MemoryStore::new());
+        Self::start_full(specs, cfg, Authz::open(), listener, store).await
+    }
+
+    /// A server built from a parsed config (its `[server]`, TLS included,
+    /// and its collections' `readers`) on `listener`.
+    pub async fn from_config(config: &Config, listener: Listener) -> Self {
+        let specs = token_broker::app::sources(config).unwrap();
+        let authz = token_broker::app::authz(config);
+        let store = Arc::new(MemoryStore::new());
+        Self::start_full(specs, config.server.clone(), authz, listener, store).await
     }
 
     /// The specs in a mid-tier broker on 127.0.0.1:0, and a leaf following
@@ -68,6 +82,7 @@ impl TestServer {
         let mid = Self::start_full(
             specs,
             cfg.clone(),
+            Authz::open(),
             mid_listener,
             Arc::new(MemoryStore::new()),
         )
@@ -89,6 +104,7 @@ impl TestServer {
         let mut leaf = Self::start_clocked(
             leaf_specs,
             cfg,
+            Authz::open(),
             listener,
             Arc::new(MemoryStore::new()),
             mid.clock.clone(),
@@ -106,22 +122,25 @@ impl TestServer {
         let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-        Self::start_full(specs, config.server, listener, store).await
+        let authz = token_broker::app::authz(&config);
+        Self::start_full(specs, config.server, authz, listener, store).await
     }
 
     async fn start_full(
         specs: Vec<CollectionSpec>,
         cfg: ServerConfig,
+        authz: Authz,
         listener: Listener,
         store: Arc<MemoryStore>,
     ) -> Self {
         let clock = Clock::tokio_anchored(SystemTime::now());
-        Self::start_clocked(specs, cfg, listener, store, clock).await
+        Self::start_clocked(specs, cfg, authz, listener, store, clock).await
     }
 
     async fn start_clocked(
         specs: Vec<CollectionSpec>,
         cfg: ServerConfig,
+        authz: Authz,
         listener: Listener,
         store: Arc<MemoryStore>,
         clock: Clock,
@@ -130,8 +149,9 @@ impl TestServer {
         let shutdown = CancellationToken::new();
         let broker = Broker::start(specs, store, clock.clone(), shutdown.clone());
         let stop = shutdown.clone();
+        let served = broker.clone();
         let handle = tokio::spawn(async move {
-            token_broker::app::serve_api(broker, &cfg, listener, stop)
+            token_broker::app::serve_api(served, &cfg, authz, listener, stop)
                 .await
                 .unwrap();
         });
@@ -139,6 +159,7 @@ impl TestServer {
             addr,
             clock,
             shutdown,
+            broker,
             handle: Some(handle),
             mid: None,
         }
