@@ -453,3 +453,112 @@ async fn a_hostile_remote_is_an_error_never_a_token() {
         server.abort();
     }
 }
+
+/// The tree over TLS, from the shipped example: a leaf built from
+/// `examples/follower.toml` (its addresses and files pointed at a mid tier
+/// here) presents its client certificate; the mid tier verifies it and its
+/// `readers` decide. A collection the leaf's identity may read is served
+/// with the mid tier's version; one it may not is a permanent failure at
+/// the leaf (`rejected`, from PERMISSION_DENIED), never a token; a leaf
+/// without a client certificate gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leaf_over_tls_is_served_what_its_identity_may_read() {
+    use crate::support::pki::{Ca, TlsDir};
+    use token_broker::config::Config;
+    use token_broker::listen::Listener;
+
+    const WEB: &str = "spiffe://cluster.local/ns/app/sa/web";
+    let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
+    let mid_dir = TlsDir::new(&server_ca.server(), &client_ca);
+    let mid_config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{}
+[collections.partner-api]
+readers = ["{WEB}"]
+source = {{ kind = "demo", ttl = "300s" }}
+
+[collections.payroll]
+readers = ["spiffe://cluster.local/ns/hr/sa/payroll"]
+source = {{ kind = "demo", ttl = "300s" }}
+"#,
+        mid_dir.toml("")
+    );
+    let mid_config = Config::parse(&mid_config).unwrap();
+    let listener = Listener::bind(&mid_config.server.listen).await.unwrap();
+    let mid = TestServer::from_config(&mid_config, listener).await;
+    let ListenAddr::Tcp(mid_addr) = mid.addr.clone() else {
+        panic!()
+    };
+    // The leaf's own files: its certificate (identity WEB) and the CA that
+    // signed the mid tier's.
+    let leaf_dir = TlsDir::new(&client_ca.client(&[WEB], &[]), &server_ca);
+
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/follower.toml"),
+    )
+    .unwrap();
+    let mut table: toml::Table = example.parse().unwrap();
+    table.remove("server");
+    let follower = |collection: &str, with_cert: bool| {
+        let mut table = table.clone();
+        let c = table["collections"]["partner-api"]["source"]
+            .as_table_mut()
+            .unwrap();
+        c.insert(
+            "addrs".into(),
+            toml::Value::Array(vec![toml::Value::String(format!("https://{mid_addr}"))]),
+        );
+        c.insert("collection".into(), collection.into());
+        c.insert("server_name".into(), "localhost".into());
+        c.insert("connect_timeout".into(), "500ms".into());
+        c.insert(
+            "ca_file".into(),
+            leaf_dir.path("ca.crt").display().to_string().into(),
+        );
+        if with_cert {
+            c.insert(
+                "cert_file".into(),
+                leaf_dir.path("tls.crt").display().to_string().into(),
+            );
+            c.insert(
+                "key_file".into(),
+                leaf_dir.path("tls.key").display().to_string().into(),
+            );
+        } else {
+            c.remove("cert_file");
+            c.remove("key_file");
+        }
+        toml::to_string(&table).unwrap()
+    };
+
+    let leaf =
+        TestServer::from_toml(&follower("partner-api", true), Arc::new(MemoryStore::new())).await;
+    let mut c = leaf.client().await;
+    let t = get(&mut c, "partner-api", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(t.version, 1);
+
+    let refused =
+        TestServer::from_toml(&follower("payroll", true), Arc::new(MemoryStore::new())).await;
+    let mut c = refused.client().await;
+    let err = get(&mut c, "partner-api", Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("rejected"), "{}", err.message());
+
+    let anonymous = TestServer::from_toml(
+        &follower("partner-api", false),
+        Arc::new(MemoryStore::new()),
+    )
+    .await;
+    let mut c = anonymous.client().await;
+    let err = get(&mut c, "partner-api", Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    drop(mid);
+}
