@@ -91,3 +91,35 @@ fn check_config(path: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Tree mode: the broker's config (`[server.tls]`, `readers`, the store) and
+/// the follower sidecar's (`kind = "broker"` collections over https) are
+/// accepted by the binary, once the Secret paths they name hold real PEM
+/// files (here a throwaway CA's, in place of the mounted Secrets).
+#[test]
+fn chart_tree_mode_configs_pass_check_config() {
+    use crate::support::pki::{Ca, TlsDir};
+    let dir = tempfile::tempdir().unwrap();
+    run_checks(&["--emit-configs".as_ref(), dir.path().as_os_str()]);
+    let (server_ca, client_ca) = (Ca::new("broker ca"), Ca::new("client ca"));
+    let broker_tls = TlsDir::new(&server_ca.server(), &client_ca);
+    let follower_tls = TlsDir::new(&client_ca.client(&["spiffe://x/y"], &[]), &server_ca);
+    for (name, mount, files) in [
+        ("broker.toml", "/etc/token-broker/tls/", &broker_tls),
+        (
+            "follower.toml",
+            "/etc/token-broker/broker-tls/",
+            &follower_tls,
+        ),
+    ] {
+        let path = dir.path().join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains(mount),
+            "{name} names no file under {mount}:\n{text}"
+        );
+        let local = format!("{}/", files.path("tls.crt").parent().unwrap().display());
+        std::fs::write(&path, text.replace(mount, &local)).unwrap();
+        check_config(&path);
+    }
+}
