@@ -281,22 +281,14 @@ impl Remote for RemoteBroker {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<RemoteToken, FetchError>> {
         Box::pin(async move {
-            let mut client = self.client(i)?;
-            let mut req = tonic::Request::new(pb::GetCollectionTokenRequest {
+            let req = pb::GetCollectionTokenRequest {
                 collection: self.spec.collection.clone(),
                 min_remaining: min_remaining.and_then(|d| prost_types::Duration::try_from(d).ok()),
-            });
-            req.set_timeout(timeout);
-            let answer = tokio::time::timeout(timeout, client.get_collection_token(req)).await;
-            let result = match answer {
-                Err(_) => Err(FetchError::new(FailureClass::Timeout, "no answer in time")),
-                Ok(Err(s)) => Err(classify(&s)),
-                Ok(Ok(r)) => remote_token(r.into_inner().token),
             };
-            if let Err(e) = &result {
-                self.forget(i, e);
-            }
-            result
+            self.unary(i, timeout, req, |mut c, req| async move {
+                Ok(c.get_collection_token(req).await?.into_inner().token)
+            })
+            .await
         })
     }
 
@@ -307,25 +299,46 @@ impl Remote for RemoteBroker {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<RemoteToken, FetchError>> {
         Box::pin(async move {
-            let mut client = self.client(i)?;
-            let mut req = tonic::Request::new(pb::InvalidateTokenRequest {
+            let req = pb::InvalidateTokenRequest {
                 collection: self.spec.collection.clone(),
                 version,
                 value: String::new(),
                 reason: "a follower was told this version is rejected".to_owned(),
-            });
-            req.set_timeout(timeout);
-            let answer = tokio::time::timeout(timeout, client.invalidate_token(req)).await;
-            let result = match answer {
-                Err(_) => Err(FetchError::new(FailureClass::Timeout, "no answer in time")),
-                Ok(Err(s)) => Err(classify(&s)),
-                Ok(Ok(r)) => remote_token(r.into_inner().token),
             };
-            if let Err(e) = &result {
-                self.forget(i, e);
-            }
-            result
+            self.unary(i, timeout, req, |mut c, req| async move {
+                Ok(c.invalidate_token(req).await?.into_inner().token)
+            })
+            .await
         })
+    }
+}
+
+impl RemoteBroker {
+    /// One unary call on endpoint `i` within `timeout` (sent as the call's
+    /// deadline too); its channel is forgotten after a connect failure.
+    async fn unary<M, F, Fut>(
+        &self,
+        i: usize,
+        timeout: Duration,
+        msg: M,
+        call: F,
+    ) -> Result<RemoteToken, FetchError>
+    where
+        F: FnOnce(TokenBrokerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<pb::Token>, Status>>,
+    {
+        let client = self.client(i)?;
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(timeout);
+        let result = match tokio::time::timeout(timeout, call(client, req)).await {
+            Err(_) => Err(FetchError::new(FailureClass::Timeout, "no answer in time")),
+            Ok(Err(s)) => Err(classify(&s)),
+            Ok(Ok(token)) => remote_token(token),
+        };
+        if let Err(e) = &result {
+            self.forget(i, e);
+        }
+        result
     }
 }
 
