@@ -155,6 +155,8 @@ pub struct Metrics {
     task_restarts: Family<TaskLabels, Counter>,
     authz_refusals: Family<RpcLabel, Counter>,
     tls_reloads: Family<OutcomeLabel, Counter>,
+    remote_following: Family<CollectionLabel, Gauge>,
+    remote_breaks: Family<CollectionLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -185,6 +187,8 @@ impl Metrics {
             task_restarts: Family::default(),
             authz_refusals: Family::default(),
             tls_reloads: Family::default(),
+            remote_following: Family::default(),
+            remote_breaks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -284,6 +288,16 @@ impl Metrics {
             "Changes of the token API's TLS files, by outcome: ok (new connections use them) or failed (the previous material stays)",
             m.tls_reloads.clone(),
         );
+        registry.register(
+            "remote_following",
+            "For a collection whose source is another token-broker: 1 while its WatchToken stream is open, else 0",
+            m.remote_following.clone(),
+        );
+        registry.register(
+            "remote_breaks",
+            "For a collection whose source is another token-broker: streams that broke or could not be opened (each followed by the next address)",
+            m.remote_breaks.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -305,6 +319,8 @@ impl Metrics {
             lease_waits: self.lease_waits.get_or_create_owned(&l),
             refreshes: self.refreshes.clone(),
             upstream_duration: self.upstream_duration.clone(),
+            remote_following: self.remote_following.clone(),
+            remote_breaks: self.remote_breaks.clone(),
         }
     }
 
@@ -390,9 +406,24 @@ pub struct CollectionMetrics {
     pub lease_waits: Counter,
     refreshes: Family<RefreshLabels, Counter>,
     upstream_duration: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    remote_following: Family<CollectionLabel, Gauge>,
+    remote_breaks: Family<CollectionLabel, Counter>,
 }
 
 impl CollectionMetrics {
+    /// A broker-source collection's stream opened (`true`) or broke.
+    pub fn remote_following(&self, following: bool) {
+        let l = CollectionLabel {
+            collection: self.name.clone(),
+        };
+        self.remote_following
+            .get_or_create(&l)
+            .set(i64::from(following));
+        if !following {
+            self.remote_breaks.get_or_create(&l).inc();
+        }
+    }
+
     pub fn refresh(&self, outcome: RefreshOutcome) {
         self.refreshes
             .get_or_create(&RefreshLabels {

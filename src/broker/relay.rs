@@ -117,6 +117,7 @@ impl Relay {
                             // not a failure, but move on to the next address.
                             debug!(collection = %self.c.name, endpoint = %self.remote.endpoint(self.endpoint), "remote ended the watch; reconnecting");
                             self.failures = 0;
+                            self.c.metrics.remote_following(false);
                             self.endpoint = (self.endpoint + 1) % self.n;
                             continue;
                         }
@@ -355,6 +356,7 @@ impl Relay {
         }
         self.failures = 0;
         self.logged = false;
+        self.c.metrics.remote_following(true);
         // A stream is open: a caller with nothing servable waits for it
         // instead of failing fast on an earlier failure.
         self.c.publish(&self.shared, |s| {
@@ -368,6 +370,7 @@ impl Relay {
     /// is nothing to serve (readers then fail fast with the remote's error).
     fn failed(&mut self, e: &FetchError) {
         self.failures = self.failures.saturating_add(1);
+        self.c.metrics.remote_following(false);
         self.log_failure(e);
         let now = self.shared.clock.now();
         let servable = self.c.state.borrow().servable(now).is_some();

@@ -29,6 +29,18 @@ source = {{ kind = "broker", addrs = ["http://{addr}"] {extra} }}
     )
 }
 
+/// A collection `c` metric of `server`'s (0 when absent).
+fn remote_metric(server: &TestServer, name: &str) -> u64 {
+    let series = format!("{name}{{collection=\"c\"}} ");
+    server
+        .broker
+        .metrics()
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 async fn leaf(mid: &TestServer, extra: &str) -> TestServer {
     TestServer::from_toml(&leaf_config(mid, extra), Arc::new(MemoryStore::new())).await
 }
@@ -191,6 +203,9 @@ policy = {{ backoff_initial = "50ms", backoff_max = "200ms" }}
     let mut c = leaf.client().await;
     let t = get(&mut c, "c", Duration::from_secs(5)).await.unwrap();
     assert_eq!(t.version, 1);
+    // The dead address counted as a break; the mid tier is followed.
+    assert!(remote_metric(&leaf, "token_broker_remote_breaks_total") >= 1);
+    assert_eq!(remote_metric(&leaf, "token_broker_remote_following"), 1);
     // The mid tier goes away: the leaf keeps serving the same token.
     mid.stop(Duration::from_secs(5)).await;
     for _ in 0..5 {
@@ -198,6 +213,8 @@ policy = {{ backoff_initial = "50ms", backoff_max = "200ms" }}
         assert_eq!((again.version, &again.value), (t.version, &t.value));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    assert_eq!(remote_metric(&leaf, "token_broker_remote_following"), 0);
 
     // A leaf that never reached any remote: no token, UNAVAILABLE, fast.
     let config = format!(
