@@ -155,8 +155,8 @@ impl Relay {
     /// Installs the stream's tokens and serves demand until the stream ends.
     async fn pump(&mut self, mut stream: crate::source::TokenStream) -> Result<(), FetchError> {
         self.succeeded();
-        // Demand recorded while the stream was down is served now.
-        self.serve(false).await;
+        // Demand recorded while the stream was down left a wake-up permit:
+        // the first turn of the loop serves it.
         let shutdown = self.shared.shutdown.clone();
         loop {
             let probe = self.probe_at();
@@ -234,14 +234,23 @@ impl Relay {
             s.started += 1;
         });
         let timeout = self.c.policy.fetch_timeout;
+        let shutdown = self.shared.shutdown.clone();
         let mut result = Err(FetchError::new(FailureClass::Connect, "no endpoint"));
         for step in 0..self.n {
             let i = (self.endpoint + step) % self.n;
-            result = match call {
-                Call::Invalidate(v) => self.remote.invalidate(i, v, timeout).await,
-                Call::Get(min) => self.remote.get(i, min, timeout).await,
-            }
-            .and_then(|r| {
+            let answer = async {
+                match call {
+                    Call::Invalidate(v) => self.remote.invalidate(i, v, timeout).await,
+                    Call::Get(min) => self.remote.get(i, min, timeout).await,
+                }
+            };
+            // A stop does not wait for a forwarded call (callers waiting
+            // for it are answered "shutting down" by the broker).
+            let answer = tokio::select! {
+                () = shutdown.cancelled() => return,
+                answer = answer => answer,
+            };
+            result = answer.and_then(|r| {
                 Ok(RemoteToken {
                     token: self.checked(r.token)?,
                     stale: r.stale,
