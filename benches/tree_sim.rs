@@ -27,9 +27,13 @@
 //!   per class the established TCP connections to Postgres' port held by the
 //!   mids' and by the leaves' processes (`/proc/<pid>/fd` against
 //!   `/proc/net/tcp`).
-//! - CPU: utime + stime from `/proc/<pid>/stat` per class (mids, leaves,
-//!   Postgres with its children, this driver) over the window (gross: the
-//!   idle rate is not subtracted, unlike fleet-sim's per-rotation figure).
+//! - CPU per class over the window (gross: the idle rate is not
+//!   subtracted, unlike fleet-sim's per-rotation figure): the mids', the
+//!   leaves' and this driver's from `/proc/<pid>/task/*/schedstat`
+//!   (nanoseconds: a leaf runs well under one clock tick per rotation, so
+//!   whole ticks summed over the leaves are mostly truncation); Postgres'
+//!   as fleet-sim counts it (utime + stime of the postmaster with its exited
+//!   children and of its live children, in ticks).
 //! - `--kill-mid`: readers (one `GetCollectionToken` client per leaf, 50-150
 //!   ms pause, as tests/it/support/load.rs `Readers`) run through the window;
 //!   halfway, mid 0 (leaf 0's primary) gets SIGKILL. Any failed read is a
@@ -100,7 +104,11 @@ struct Args {
     #[arg(long)]
     readers: bool,
     /// The token-broker binary to run.
-    #[arg(long, env = "TREE_SIM_BIN", default_value = "target/release/token-broker")]
+    #[arg(
+        long,
+        env = "TREE_SIM_BIN",
+        default_value = "target/release/token-broker"
+    )]
     bin: PathBuf,
     /// Write every number to this file as JSON.
     #[arg(long)]
@@ -818,7 +826,10 @@ impl Tier {
             .collect()
     }
 
-    fn exited(&mut self, except: &HashSet<usize>) -> Option<(usize, std::process::ExitStatus, String)> {
+    fn exited(
+        &mut self,
+        except: &HashSet<usize>,
+    ) -> Option<(usize, std::process::ExitStatus, String)> {
         self.procs.iter_mut().enumerate().find_map(|(i, p)| {
             if except.contains(&i) {
                 return None;
@@ -946,7 +957,11 @@ async fn await_tier(
     timeout: Duration,
     keep_flag: &AtomicBool,
     workp: &Path,
-) -> anyhow::Result<(Vec<TokenBrokerClient<Channel>>, Vec<f64>, Vec<(String, u64, u64)>)> {
+) -> anyhow::Result<(
+    Vec<TokenBrokerClient<Channel>>,
+    Vec<f64>,
+    Vec<(String, u64, u64)>,
+)> {
     let n = tier.procs.len();
     let until = t0 + timeout;
     let mut set = JoinSet::new();
@@ -1033,6 +1048,9 @@ struct Read {
     hash: u64,
 }
 
+/// Each reader's answers for one collection, in order, by leaf.
+type ReaderReads = Vec<(usize, Vec<Read>)>;
+
 struct Readers {
     stop: Arc<AtomicBool>,
     failures: Arc<AtomicUsize>,
@@ -1040,7 +1058,7 @@ struct Readers {
     failures_servable: Arc<AtomicUsize>,
     first_errors: Arc<Mutex<Vec<String>>>,
     /// Every reader's answers, in order.
-    reads: Arc<Mutex<Vec<(usize, Vec<Read>)>>>,
+    reads: Arc<Mutex<ReaderReads>>,
     tasks: JoinSet<()>,
 }
 
@@ -1064,11 +1082,13 @@ impl Readers {
                 collections.clone(),
             );
             tasks.spawn(async move {
-                let mut client = match connect(sock, Instant::now() + Duration::from_secs(10)).await {
+                let mut client = match connect(sock, Instant::now() + Duration::from_secs(10)).await
+                {
                     Ok(c) => c,
                     Err(e) => {
                         failures.fetch_add(1, Ordering::Relaxed);
-                        lock(&first_errors).push(format!("leaf {i}: reader could not connect: {e:#}"));
+                        lock(&first_errors)
+                            .push(format!("leaf {i}: reader could not connect: {e:#}"));
                         return;
                     }
                 };
@@ -1088,13 +1108,19 @@ impl Readers {
                             Some(t) => {
                                 if let Some(e) = t.expires_at.as_ref() {
                                     let at = SystemTime::UNIX_EPOCH
-                                        + Duration::new(e.seconds.max(0) as u64, e.nanos.max(0) as u32);
+                                        + Duration::new(
+                                            e.seconds.max(0) as u64,
+                                            e.nanos.max(0) as u32,
+                                        );
                                     expires.insert(col.clone(), at);
                                 }
-                                mine.push((col.clone(), Read {
-                                    version: t.version,
-                                    hash: hash_value(&t.value),
-                                }));
+                                mine.push((
+                                    col.clone(),
+                                    Read {
+                                        version: t.version,
+                                        hash: hash_value(&t.value),
+                                    },
+                                ));
                             }
                             None => {
                                 failures.fetch_add(1, Ordering::Relaxed);
@@ -1134,7 +1160,7 @@ impl Readers {
         }
     }
 
-    async fn finish(mut self) -> (usize, usize, Vec<String>, Vec<(usize, Vec<Read>)>) {
+    async fn finish(mut self) -> (usize, usize, Vec<String>, ReaderReads) {
         self.stop.store(true, Ordering::Relaxed);
         while self.tasks.join_next().await.is_some() {}
         (
@@ -1176,7 +1202,11 @@ fn pg_socket_inodes(port: u16) -> HashSet<u64> {
 fn held_by(pids: &[u32], inodes: &HashSet<u64>) -> usize {
     let mut n = 0;
     for pid in pids {
-        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if let Ok(target) = std::fs::read_link(e.path())
                 && let Some(s) = target.to_str()
                 && let Some(inode) = s.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']'))
@@ -1203,7 +1233,9 @@ async fn db_connections(admin: &PgPool) -> anyhow::Result<(i64, i64, i64)> {
     .await?)
 }
 
-/// CPU time (ms) used so far by each class.
+/// CPU time (ms) used so far by each class: the brokers' and this
+/// process's from schedstat, Postgres' from utime + stime in ticks (with its
+/// exited backends' times, as fleet-sim counts it).
 #[derive(Clone, Copy, serde::Serialize)]
 struct Cpu {
     mids: f64,
@@ -1213,17 +1245,33 @@ struct Cpu {
     unreadable: usize,
 }
 
+/// Time (ms) a live process's threads have run, from each thread's
+/// `/proc/<pid>/task/<tid>/schedstat` (nanoseconds, not whole ticks: a leaf
+/// runs well under one 10 ms tick per rotation, so tick counts summed over
+/// 200 leaves are mostly truncation).
+fn run_ms(pid: &str) -> Option<f64> {
+    let mut ns = 0u64;
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let s = std::fs::read_to_string(e.path().join("schedstat")).ok()?;
+        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e6)
+}
+
 fn cpu_now(mids: &[u32], leaves: &[u32], postmaster: Option<u32>, tick: f64) -> Cpu {
     let mut unreadable = 0;
-    let mut read = |pid: &str| match proc_times(pid) {
-        Some((_, t, _)) => t,
+    let mut read = |pid: &str| match run_ms(pid) {
+        Some(t) => t,
         None => {
             unreadable += 1;
-            0
+            0.0
         }
     };
-    let m: u64 = mids.iter().map(|p| read(&p.to_string())).sum();
-    let l: u64 = leaves.iter().map(|p| read(&p.to_string())).sum();
+    let m: f64 = mids.iter().map(|p| read(&p.to_string())).sum();
+    let l: f64 = leaves.iter().map(|p| read(&p.to_string())).sum();
     let d = read("self");
     let mut pg = 0;
     if let Some(pm) = postmaster
@@ -1241,10 +1289,10 @@ fn cpu_now(mids: &[u32], leaves: &[u32], postmaster: Option<u32>, tick: f64) -> 
         unreadable += 1;
     }
     Cpu {
-        mids: m as f64 * tick,
-        leaves: l as f64 * tick,
+        mids: m,
+        leaves: l,
         postgres: pg as f64 * tick,
-        driver: d as f64 * tick,
+        driver: d,
         unreadable,
     }
 }
@@ -1338,7 +1386,10 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     }
     let duration = args.duration.unwrap_or_else(|| args.rotation.mul_f64(3.5));
     let bin = std::fs::canonicalize(&args.bin).with_context(|| {
-        format!("--bin {}: not found (build with cargo build --release)", args.bin.display())
+        format!(
+            "--bin {}: not found (build with cargo build --release)",
+            args.bin.display()
+        )
     })?;
     let readers_on = args.readers || args.kill_mid;
     let collections: Arc<Vec<String>> =
@@ -1365,7 +1416,9 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let mid_socks: Vec<PathBuf> = (0..m)
         .map(|i| workp.join("mid").join(i.to_string()).join("tb.sock"))
         .collect();
-    let leaf_cfgs: Vec<PathBuf> = (0..m).map(|r| workp.join(format!("leaf{r}.toml"))).collect();
+    let leaf_cfgs: Vec<PathBuf> = (0..m)
+        .map(|r| workp.join(format!("leaf{r}.toml")))
+        .collect();
     for (r, p) in leaf_cfgs.iter().enumerate() {
         std::fs::write(p, leaf_config(&collections, &mid_socks, r))?;
     }
@@ -1387,19 +1440,35 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let mut mids = Tier::spawn("mid", m, &bin, workp, |_| mid_cfg.clone(), &mid_env)?;
     mids.release()?;
     let t_mids = Instant::now();
-    let (mid_clients, mid_ready, mid_tokens) =
-        await_tier(&mut mids, &collections, t_mids, args.ready_timeout, &keep_flag, workp).await?;
+    let (mid_clients, mid_ready, mid_tokens) = await_tier(
+        &mut mids,
+        &collections,
+        t_mids,
+        args.ready_timeout,
+        &keep_flag,
+        workp,
+    )
+    .await?;
     let mid_ready = dist(mid_ready);
-    say(format!("{m} mids ready after {:.2} s", mid_ready.max_ms / 1000.0));
+    say(format!(
+        "{m} mids ready after {:.2} s",
+        mid_ready.max_ms / 1000.0
+    ));
 
     let t_spawn_leaves = Instant::now();
     let mut leaves = Tier::spawn("leaf", n, &bin, workp, |k| leaf_cfgs[k % m].clone(), &[])?;
     let leaf_spawn_time = t_spawn_leaves.elapsed();
     leaves.release()?;
     let t_leaves = Instant::now();
-    let (leaf_clients, leaf_ready, leaf_tokens) =
-        await_tier(&mut leaves, &collections, t_leaves, args.ready_timeout, &keep_flag, workp)
-            .await?;
+    let (leaf_clients, leaf_ready, leaf_tokens) = await_tier(
+        &mut leaves,
+        &collections,
+        t_leaves,
+        args.ready_timeout,
+        &keep_flag,
+        workp,
+    )
+    .await?;
     let t_ready = Instant::now();
     let leaf_ready = dist(leaf_ready);
     let startup_calls = upstream.calls_between(t_spawn, t_ready);
@@ -1426,8 +1495,10 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     // Connections once everything is up.
     let (postmaster, tick) = (pg.postmaster_pid(), tick_ms());
     let inodes = pg_socket_inodes(pg.port);
-    let (mid_conns_start, leaf_conns_start) =
-        (held_by(&mids.pids(), &inodes), held_by(&leaves.pids(), &inodes));
+    let (mid_conns_start, leaf_conns_start) = (
+        held_by(&mids.pids(), &inodes),
+        held_by(&leaves.pids(), &inodes),
+    );
 
     // 6. The window.
     let readers = readers_on
@@ -1435,14 +1506,18 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let cpu0 = cpu_now(&mids.pids(), &leaves.pids(), postmaster, tick);
     // The mid to kill drops out of the later samples: its own time up to the kill is added.
     let killed_pid = mids.procs[0].child.id().to_string();
-    let killed_t0 = proc_times(&killed_pid).map_or(0, |t| t.1);
+    let killed_t0 = run_ms(&killed_pid).unwrap_or(0.0);
     let mut killed_ms = 0.0;
     let t_w0 = Instant::now();
     say(format!(
         "{} leaf + {} mid watchers open{}; measuring for {}",
         leaf_watchers.len(),
         mid_watchers.len(),
-        if readers_on { format!(", {n} readers") } else { String::new() },
+        if readers_on {
+            format!(", {n} readers")
+        } else {
+            String::new()
+        },
         humantime::format_duration(duration)
     ));
     let t_w1 = t_w0 + duration;
@@ -1453,31 +1528,39 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let mut cpu_before_kill = None;
     let mut polls = 0u64;
     while Instant::now() < t_w1 {
-        tokio::time::sleep(Duration::from_millis(500).min(t_w1.saturating_duration_since(Instant::now())))
-            .await;
+        tokio::time::sleep(
+            Duration::from_millis(500).min(t_w1.saturating_duration_since(Instant::now())),
+        )
+        .await;
         if let Ok(c) = db_connections(&admin).await
             && c.0 + c.1 + c.2 > conn_peak.0 + conn_peak.1 + conn_peak.2
         {
             conn_peak = c;
         }
         polls += 1;
-        if polls % 10 == 0 {
+        if polls.is_multiple_of(10) {
             leaf_conns_peak =
                 leaf_conns_peak.max(held_by(&leaves.pids(), &pg_socket_inodes(pg.port)));
         }
         if args.kill_mid && t_kill.is_none() && Instant::now() >= t_w0 + duration / 2 {
             cpu_before_kill = Some(cpu_now(&mids.pids(), &leaves.pids(), postmaster, tick));
-            killed_ms = proc_times(&killed_pid).map_or(0, |t| t.1).saturating_sub(killed_t0) as f64 * tick;
+            killed_ms = run_ms(&killed_pid).unwrap_or(killed_t0) - killed_t0;
             let p = &mut mids.procs[killed];
             p.child.kill().context("SIGKILL of the mid")?;
             t_kill = Some(Instant::now());
             let _ = p.child.wait();
-            say(format!("SIGKILLed mid {killed} (the primary of {} leaves)", n.div_ceil(m)));
+            say(format!(
+                "SIGKILLed mid {killed} (the primary of {} leaves)",
+                n.div_ceil(m)
+            ));
         }
     }
     let conns = db_connections(&admin).await?;
     let inodes = pg_socket_inodes(pg.port);
-    let (mid_conns, leaf_conns) = (held_by(&mids.pids(), &inodes), held_by(&leaves.pids(), &inodes));
+    let (mid_conns, leaf_conns) = (
+        held_by(&mids.pids(), &inodes),
+        held_by(&leaves.pids(), &inodes),
+    );
     let leaf_pids = leaves.pids();
     let (leaf_rss, leaf_rss_missing) = rss_kib(&leaf_pids);
     let (mid_rss, _) = rss_kib(&mids.pids());
@@ -1485,7 +1568,10 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     // Settle: every rotation whose upstream call fell in the window has
     // committed, and every live watcher has the latest version.
     let in_window = |ns: &[Notice], to: Instant| -> Vec<Notice> {
-        ns.iter().filter(|x| x.at >= t_w0 && x.at <= to).cloned().collect()
+        ns.iter()
+            .filter(|x| x.at >= t_w0 && x.at <= to)
+            .cloned()
+            .collect()
     };
     let is_dead_mid_watcher = |w: &Watcher| t_kill.is_some() && w.sidecar == killed;
     let settle_until = Instant::now() + SETTLE;
@@ -1537,7 +1623,14 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     for (c, v, h) in mid_tokens.iter().chain(&leaf_tokens) {
         by_version.entry((c.clone(), *v)).or_default().insert(*h);
     }
-    let leaf_p = propagation(&leaf_watchers, &rotations, &latest, |_, _| false, |_| false, &mut by_version);
+    let leaf_p = propagation(
+        &leaf_watchers,
+        &rotations,
+        &latest,
+        |_, _| false,
+        |_| false,
+        &mut by_version,
+    );
     let mid_p = propagation(
         &mid_watchers,
         &rotations,
@@ -1553,7 +1646,10 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let mut reads_backwards = 0;
     for (_, rs) in &reads {
         reads_total += rs.len();
-        reads_backwards += rs.windows(2).filter(|p| p[1].version < p[0].version).count();
+        reads_backwards += rs
+            .windows(2)
+            .filter(|p| p[1].version < p[0].version)
+            .count();
     }
     // (The reader's collection is not kept per read; values are checked per
     // version across collections, which is stricter.)
@@ -1570,19 +1666,33 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     };
     if collections.len() == 1 {
         for (v, hs) in &reader_versions {
-            by_version.entry((collections[0].clone(), *v)).or_default().extend(hs);
+            by_version
+                .entry((collections[0].clone(), *v))
+                .or_default()
+                .extend(hs);
         }
     }
-    let two_values = by_version.values().filter(|v| v.len() > 1).count().max(two_values_reads);
+    let two_values = by_version
+        .values()
+        .filter(|v| v.len() > 1)
+        .count()
+        .max(two_values_reads);
     let issued = lock(&upstream.issued).clone();
-    let not_issued = by_version.values().flatten().filter(|h| !issued.contains(h)).count();
+    let not_issued = by_version
+        .values()
+        .flatten()
+        .filter(|h| !issued.contains(h))
+        .count();
 
     // The kill: the next rotation after it, at the orphaned leaves.
     let mut kill_doc = serde_json::Value::Null;
     let mut kill_line = String::new();
     let mut orphan_missing = 0;
     if let Some(k) = t_kill {
-        let orphans: Vec<&Watcher> = leaf_watchers.iter().filter(|w| w.sidecar % m == killed).collect();
+        let orphans: Vec<&Watcher> = leaf_watchers
+            .iter()
+            .filter(|w| w.sidecar % m == killed)
+            .collect();
         let mut next_all = Vec::new();
         let mut next_commit = Vec::new();
         let mut commit_after_kill = Vec::new();
@@ -1653,7 +1763,12 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         say("no rotation committed in the window: make --duration longer than --rotation");
     }
     let calls_per_rotation = window_calls as f64 / rotations.len() as f64;
-    let cpu_s = (cpu1.mids - cpu0.mids + killed_ms, cpu1.leaves - cpu0.leaves, cpu1.postgres - cpu0.postgres, cpu1.driver - cpu0.driver);
+    let cpu_s = (
+        cpu1.mids - cpu0.mids + killed_ms,
+        cpu1.leaves - cpu0.leaves,
+        cpu1.postgres - cpu0.postgres,
+        cpu1.driver - cpu0.driver,
+    );
     let nrot = rotations.len().max(1) as f64;
 
     let leaf_d = dist(leaf_p.delays.clone());
@@ -1688,7 +1803,11 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         i = mid_d.max_ms,
         pgt = conns.0 + conns.1 + conns.2,
         missed = leaf_p.missed + mid_p.missed,
-        rf = if readers_on { read_failures.to_string() } else { "-".into() },
+        rf = if readers_on {
+            read_failures.to_string()
+        } else {
+            "-".into()
+        },
         rss = leaf_rss as f64 / 1024.0 / leaf_pids.len().max(1) as f64,
         cm = cpu_s.0 / window_secs,
         cl = cpu_s.1 / window_secs,
@@ -1697,7 +1816,10 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     );
     println!("{header}\n{sep}\n{row}\n");
     let top = |t: &[(String, usize)]| {
-        t.iter().map(|(k, c)| format!("    {c} x {k}")).collect::<Vec<_>>().join("\n")
+        t.iter()
+            .map(|(k, c)| format!("    {c} x {k}"))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
     println!(
         "{m} mids x {n} leaves x {c} collections, {ttl_secs} s tokens, window {window_secs:.1} s, run {:.1} s (wall); {}.\n\
@@ -1709,7 +1831,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
          - Commit -> mid watcher ({} deliveries): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (min {:.1} ms); last mid per rotation: p50 {:.1}, max {:.1} ms.\n\
          - Database connections: held by the mids {mid_conns} (at start {mid_conns_start}), by the leaves {leaf_conns} (at start {leaf_conns_start}, peak {leaf_conns_peak}); \
          pg_stat_activity of `{FLEET_DB}` at the end: {} token-broker listener + {} token-broker pool + {} other (this probe); peak sample {} (max_connections {max_connections}).\n\
-         - CPU in the window ({window_secs:.1} s, gross, {tick:.0} ms ticks): mids {:.0} ms ({:.1} ms/s), leaves {:.0} ms ({:.1} ms/s, {:.2} ms per leaf per rotation), \
+         - CPU in the window ({window_secs:.1} s, gross; brokers and driver from schedstat, Postgres in {tick:.0} ms ticks): mids {:.0} ms ({:.1} ms/s), leaves {:.0} ms ({:.1} ms/s, {:.2} ms per leaf per rotation), \
          Postgres {:.0} ms ({:.1} ms/s), driver {:.0} ms ({:.1} ms/s; watchers{}, upstream, probe); per rotation: mids {:.0}, leaves {:.0}, Postgres {:.0}, driver {:.0} ms{}.\n\
          - Memory (VmRSS): leaves {:.1} MiB in all, {:.1} MiB each{}; mids {:.1} MiB in all.\n\
          - Readers: {}.\n\
@@ -1759,15 +1881,26 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         cpu_s.1 / nrot,
         cpu_s.2 / nrot,
         cpu_s.3 / nrot,
-        if cpu1.unreadable > usize::from(t_kill.is_some()) { format!(" ({} unreadable)", cpu1.unreadable) } else { String::new() },
+        if cpu1.unreadable > usize::from(t_kill.is_some()) {
+            format!(" ({} unreadable)", cpu1.unreadable)
+        } else {
+            String::new()
+        },
         leaf_rss as f64 / 1024.0,
         leaf_rss as f64 / 1024.0 / leaf_pids.len().max(1) as f64,
-        if leaf_rss_missing > 0 { format!(" ({leaf_rss_missing} unreadable)") } else { String::new() },
+        if leaf_rss_missing > 0 {
+            format!(" ({leaf_rss_missing} unreadable)")
+        } else {
+            String::new()
+        },
         mid_rss as f64 / 1024.0,
         if readers_on {
             format!(
                 "{reads_total} reads on {n} leaves, {read_failures} failed ({read_failures_servable} while the reader's last token was unexpired){}",
-                read_errors.first().map(|e| format!("; first: {e}")).unwrap_or_default()
+                read_errors
+                    .first()
+                    .map(|e| format!("; first: {e}"))
+                    .unwrap_or_default()
             )
         } else {
             "none (--kill-mid or --readers runs them)".into()
@@ -1781,11 +1914,23 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         mid_p.not_latest,
         mid_p.streams_ended,
         window_calls != rotations.len(),
-        if ltop.is_empty() { String::new() } else { format!(" (most frequent:\n{})\n ", top(&ltop)) },
-        if mtop.is_empty() { String::new() } else { format!(" (most frequent:\n{})\n ", top(&mtop)) },
+        if ltop.is_empty() {
+            String::new()
+        } else {
+            format!(" (most frequent:\n{})\n ", top(&ltop))
+        },
+        if mtop.is_empty() {
+            String::new()
+        } else {
+            format!(" (most frequent:\n{})\n ", top(&mtop))
+        },
         leaf_stop.as_secs_f64(),
         mid_stop.as_secs_f64(),
-        if probe_errors.is_empty() { String::new() } else { format!("\n- Probe errors: {probe_errors:?}") },
+        if probe_errors.is_empty() {
+            String::new()
+        } else {
+            format!("\n- Probe errors: {probe_errors:?}")
+        },
         c = collections.len(),
     );
 
