@@ -48,40 +48,49 @@
 //!   when the run completed without violations (with `--notify-floor`:
 //!   without a missed arrival or a listener error), 1 otherwise (2 on bad
 //!   usage).
+//!
+//! The temp dir, Postgres, upstream, process tier, readiness, watcher, probe,
+//! `/proc`, statistics and `main` code is shared with benches/tree_sim.rs in
+//! benches/sim/common.rs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
-use std::io::Write as _;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use serde_json::json;
 use sqlx::Connection as _;
-use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgListener, PgPool};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
-use token_broker::grpc::pb::{GetCollectionTokenRequest, WatchTokenRequest};
-use token_broker::listen::ListenAddr;
 
-/// The database the sidecars use (the driver watches it from `postgres`).
-const FLEET_DB: &str = "fleet";
+#[path = "sim/common.rs"]
+mod common;
+use common::{
+    FLEET_DB, Notice, Proc, SETTLE, Tier, Upstream, WorkDir, as_pg_user, await_ready,
+    db_connections, diff_ms, dist, free_port, is_root, lock, ms, proc_times, rss_kib, run_quiet,
+    say, start_postgres, start_probe, start_upstream, tick_ms, watch,
+};
+
+/// This driver's name, for the shared code (progress lines, the temp dir).
+const SIM_NAME: &str = "fleet-sim";
+/// The prefix of the environment variables the shared code reads
+/// (`FLEET_SIM_PG_OPTS`, `FLEET_SIM_STATE`).
+const SIM_ENV: &str = "FLEET_SIM";
+
 /// Longest a backend's transaction counts wait before they reach
 /// `pg_stat_database` (Postgres 15 flushes an idle backend's pending stats
 /// after 10 s when it flushed less than 1 s before), plus a margin.
 const STATS_LAG: Duration = Duration::from_secs(12);
 /// Token lifetime the fake endpoint grants for the idle phase.
 const IDLE_TOKEN_SECS: u64 = 3600;
-/// Longest wait, after the window, for watchers and counters to settle.
-const SETTLE: Duration = Duration::from_secs(5);
-
 #[derive(Parser, Debug)]
 #[command(
     name = "fleet-sim",
@@ -152,229 +161,6 @@ struct Args {
     bench: bool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn hash_value(v: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
-}
-
-fn say(msg: impl std::fmt::Display) {
-    eprintln!("fleet-sim: {msg}");
-}
-
-// ---------------------------------------------------------------------------
-// Work dir
-
-/// The temp dir holding the cluster, sockets and logs; removed on drop unless kept.
-struct WorkDir {
-    path: PathBuf,
-    keep: Arc<AtomicBool>,
-}
-
-impl WorkDir {
-    fn create() -> anyhow::Result<Self> {
-        // Under /tmp: Unix socket paths must stay under 108 bytes.
-        let dir = tempfile::Builder::new()
-            .prefix("fleet-sim.")
-            .tempdir_in("/tmp")
-            .context("creating the temp dir")?;
-        let path = dir.keep();
-        // Traversable by the postgres user when we run it as root.
-        run_quiet(Command::new("chmod").arg("0711").arg(&path))?;
-        Ok(Self {
-            path,
-            keep: Arc::new(AtomicBool::new(false)),
-        })
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if self.keep.load(Ordering::Relaxed) {
-            say(format!("kept {}", self.path.display()));
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-/// A command run as the `postgres` user when we are root (initdb, postgres
-/// and pgbouncer refuse to run as root), else as ourselves.
-fn as_pg_user(root: bool, program: &Path) -> Command {
-    if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
-// ---------------------------------------------------------------------------
-// Postgres
-
-/// Newest `/usr/lib/postgresql/*/bin` with initdb and pg_ctl, else pg_ctl's
-/// dir on PATH (as scripts/pg-env finds them).
-fn pg_bin() -> anyhow::Result<PathBuf> {
-    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
-            Some((v, e.path().join("bin")))
-        })
-        .filter(|(_, d)| d.join("initdb").exists() && d.join("pg_ctl").exists())
-        .collect();
-    dirs.sort();
-    if let Some((_, d)) = dirs.pop() {
-        return Ok(d);
-    }
-    let out = Command::new("sh")
-        .args(["-c", "readlink -f \"$(command -v pg_ctl)\""])
-        .output()?;
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    match p.parent() {
-        Some(d) if d.join("initdb").exists() => Ok(d.to_owned()),
-        _ => bail!("no initdb/pg_ctl found (install Debian's postgresql package)"),
-    }
-}
-
-/// A throwaway cluster; stopped (immediate) on drop.
-struct PgCluster {
-    bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    root: bool,
-}
-
-impl PgCluster {
-    fn start(work: &Path, max_connections: usize, root: bool) -> anyhow::Result<Self> {
-        let bin = pg_bin()?;
-        let dir = work.join("pg");
-        std::fs::create_dir(&dir)?;
-        if root {
-            run_quiet(Command::new("chown").arg("postgres:").arg(&dir))?;
-        }
-        let data = dir.join("data");
-        run_quiet(
-            as_pg_user(root, &bin.join("initdb"))
-                .arg("-D")
-                .arg(&data)
-                .args([
-                    "-A",
-                    "trust",
-                    "-U",
-                    "postgres",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ]),
-        )
-        .context("initdb")?;
-        let mut last = anyhow!("no attempt");
-        for _ in 0..3 {
-            let port = free_port()?;
-            // FLEET_SIM_PG_OPTS: further server options, for a diagnosis
-            // (e.g. `-c log_statement=all`; the log is postgres.log in --keep's dir).
-            let opts = format!(
-                "-F -c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections={max_connections} \
-                 -c fsync=off -c full_page_writes=off {}",
-                dir.display(),
-                std::env::var("FLEET_SIM_PG_OPTS").unwrap_or_default()
-            );
-            let cluster = Self {
-                bin: bin.clone(),
-                data: data.clone(),
-                port,
-                root,
-            };
-            match run_quiet(
-                as_pg_user(root, &bin.join("pg_ctl"))
-                    .arg("-D")
-                    .arg(&data)
-                    .arg("-l")
-                    .arg(dir.join("postgres.log"))
-                    .args(["-w", "-t", "60", "-o", &opts, "start"]),
-            ) {
-                Ok(()) => return Ok(cluster),
-                Err(e) => {
-                    drop(cluster);
-                    last = e;
-                }
-            }
-        }
-        let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
-        Err(last.context(format!("postgres did not start; its log:\n{log}")))
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-
-    /// The postmaster's pid, from the first line of `postmaster.pid`.
-    fn postmaster_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.data.join("postmaster.pid"))
-            .ok()?
-            .lines()
-            .next()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    fn version(&self) -> String {
-        Command::new(self.bin.join("postgres"))
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        if self.data.join("postmaster.pid").exists() {
-            let _ = as_pg_user(self.root, &self.bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "immediate", "-w", "stop"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
 /// A transaction-mode PgBouncer in front of the cluster; killed on drop.
 struct PgBouncer {
     child: Child,
@@ -442,84 +228,9 @@ impl Drop for PgBouncer {
 }
 
 // ---------------------------------------------------------------------------
-// Fake upstream
+// Sidecars (a `Tier` named "sidecars": their dirs are `<work>/sidecars/<i>`)
 
-struct Upstream {
-    ttl_secs: std::sync::atomic::AtomicU64,
-    /// (collection, arrival) of every token request.
-    calls: Mutex<Vec<(String, Instant)>>,
-    /// Hashes of every token issued.
-    issued: Mutex<HashSet<u64>>,
-}
-
-impl Upstream {
-    fn calls_between(&self, from: Instant, to: Instant) -> usize {
-        lock(&self.calls)
-            .iter()
-            .filter(|(_, t)| *t >= from && *t <= to)
-            .count()
-    }
-
-    fn calls_per_collection(&self) -> BTreeMap<String, usize> {
-        let mut m = BTreeMap::new();
-        for (c, _) in lock(&self.calls).iter() {
-            *m.entry(c.clone()).or_insert(0) += 1;
-        }
-        m
-    }
-}
-
-async fn token_endpoint(
-    axum::extract::State(up): axum::extract::State<Arc<Upstream>>,
-    axum::extract::Path(collection): axum::extract::Path<String>,
-) -> impl axum::response::IntoResponse {
-    use rand::Rng as _;
-    lock(&up.calls).push((collection, Instant::now()));
-    let token: String = rand::rng()
-        .sample_iter(&rand::distr::Alphanumeric)
-        .take(40)
-        .map(char::from)
-        .collect();
-    lock(&up.issued).insert(hash_value(&token));
-    let body = json!({"access_token": token, "token_type": "Bearer", "expires_in": up.ttl_secs.load(Ordering::Relaxed)});
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-}
-
-async fn start_upstream(up: Arc<Upstream>) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let app = axum::Router::new()
-        .route("/c/{collection}/token", axum::routing::post(token_endpoint))
-        .with_state(up);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            say(format!("fake upstream stopped: {e}"));
-        }
-    });
-    Ok(addr)
-}
-
-// ---------------------------------------------------------------------------
-// Sidecars
-
-struct Sidecar {
-    dir: PathBuf,
-    child: Child,
-}
-
-impl Sidecar {
-    fn sock(&self) -> PathBuf {
-        self.dir.join("tb.sock")
-    }
-    fn log_path(&self) -> PathBuf {
-        self.dir.join("server.log")
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
+impl Proc {
     /// The admin address the sidecar logged.
     fn admin_addr(&self) -> Option<SocketAddr> {
         self.log()
@@ -536,77 +247,11 @@ impl Sidecar {
     }
 }
 
-/// Every sidecar; all stopped on drop (SIGTERM, then SIGKILL after 10 s).
-struct Fleet {
-    sidecars: Vec<Sidecar>,
-    /// The write end of the pipe every held `sh` reads one newline from
-    /// before it execs the broker; closing it unreleased makes them exit.
-    gate: Option<std::io::PipeWriter>,
-}
-
-impl Fleet {
-    fn pids(&self) -> Vec<u32> {
-        self.sidecars.iter().map(|s| s.child.id()).collect()
-    }
-
-    /// Stops every sidecar; returns how long it took and how many needed SIGKILL.
-    fn stop(&mut self) -> (Duration, usize) {
-        let t = Instant::now();
-        self.gate = None; // unreleased ones exit on EOF
-        let mut pids: Vec<String> = Vec::new();
-        for s in &mut self.sidecars {
-            if matches!(s.child.try_wait(), Ok(None)) {
-                pids.push(s.child.id().to_string());
-            }
-        }
-        for chunk in pids.chunks(500) {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .args(chunk)
-                .stderr(Stdio::null())
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut killed = 0;
-        loop {
-            let mut running = 0;
-            for s in &mut self.sidecars {
-                if matches!(s.child.try_wait(), Ok(None)) {
-                    running += 1;
-                }
-            }
-            if running == 0 {
-                break;
-            }
-            if Instant::now() > deadline {
-                for s in &mut self.sidecars {
-                    if matches!(s.child.try_wait(), Ok(None)) {
-                        killed += 1;
-                        let _ = s.child.kill();
-                        let _ = s.child.wait();
-                    }
-                }
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        (t.elapsed(), killed)
-    }
-}
-
-impl Fleet {
-    /// The first sidecar that has exited: its index, exit status and log.
-    fn exited(&mut self) -> Option<(usize, std::process::ExitStatus, String)> {
-        self.sidecars.iter_mut().enumerate().find_map(|(i, s)| {
-            let status = s.child.try_wait().ok()??;
-            Some((i, status, s.log()))
-        })
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        self.stop();
+impl Tier {
+    /// Every sidecar's pid, also of one that has exited (`pids` leaves
+    /// those out).
+    fn all_pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|s| s.child.id()).collect()
     }
 }
 
@@ -628,159 +273,6 @@ fn sidecar_config(collections: &[String], upstream: SocketAddr, listener_url: bo
         ));
     }
     c
-}
-
-/// Spawns `n` sidecars held at a gate: `sh` reading one newline from a pipe
-/// all of them share (`read` takes one byte at a time from a pipe, so each
-/// takes exactly one), then exec'ing the broker.
-fn spawn_fleet(
-    n: usize,
-    bin: &Path,
-    work: &Path,
-    config: &Path,
-    env: &[(&str, String)],
-) -> anyhow::Result<Fleet> {
-    let (gate_r, gate_w) = std::io::pipe().context("creating the start gate")?;
-    let mut fleet = Fleet {
-        sidecars: Vec::with_capacity(n),
-        gate: Some(gate_w),
-    };
-    for i in 0..n {
-        let dir = work.join("sidecars").join(i.to_string());
-        std::fs::create_dir_all(&dir)?;
-        let log = std::fs::File::create(dir.join("server.log"))?;
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg("read -r _ && exec \"$0\" \"$@\"")
-            .arg(bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .arg("--listen")
-            .arg(format!("unix:{}", dir.join("tb.sock").display()))
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::from(gate_r.try_clone()?))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawning sidecar {i}"))?;
-        fleet.sidecars.push(Sidecar { dir, child });
-    }
-    Ok(fleet)
-}
-
-async fn connect(sock: PathBuf, until: Instant) -> anyhow::Result<TokenBrokerClient<Channel>> {
-    let addr = ListenAddr::Unix(sock);
-    loop {
-        match token_broker::client::connect(&addr).await {
-            Ok(c) => return Ok(c),
-            Err(e) if Instant::now() > until => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
-        }
-    }
-}
-
-/// What one sidecar's readiness probe saw: when it had every collection, and
-/// each collection's (version, value hash).
-struct Ready {
-    at: Instant,
-    tokens: Vec<(String, u64, u64)>,
-}
-
-async fn await_ready(
-    sock: PathBuf,
-    collections: Arc<Vec<String>>,
-    until: Instant,
-) -> anyhow::Result<(TokenBrokerClient<Channel>, Ready)> {
-    let mut client = connect(sock, until).await?;
-    let mut tokens = Vec::new();
-    for c in collections.iter() {
-        loop {
-            let mut req = tonic::Request::new(GetCollectionTokenRequest {
-                collection: c.clone(),
-                min_remaining: None,
-            });
-            req.set_timeout(
-                until
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(100)),
-            );
-            match client.get_collection_token(req).await {
-                Ok(r) => {
-                    let t = r
-                        .into_inner()
-                        .token
-                        .ok_or_else(|| anyhow!("answer without a token"))?;
-                    tokens.push((c.clone(), t.version, hash_value(&t.value)));
-                    break;
-                }
-                Err(e) if Instant::now() > until => bail!("{c}: {}", e.code()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    }
-    Ok((
-        client,
-        Ready {
-            at: Instant::now(),
-            tokens,
-        },
-    ))
-}
-
-/// One token as a watcher received it.
-#[derive(Clone, Copy)]
-struct Seen {
-    version: u64,
-    hash: u64,
-    at: Instant,
-}
-
-struct Watcher {
-    sidecar: usize,
-    collection: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    ended: Arc<AtomicBool>,
-}
-
-async fn watch(
-    mut client: TokenBrokerClient<Channel>,
-    sidecar: usize,
-    collection: String,
-) -> anyhow::Result<Watcher> {
-    let mut stream = client
-        .watch_token(WatchTokenRequest {
-            collection: collection.clone(),
-            after_version: 0,
-        })
-        .await
-        .with_context(|| format!("WatchToken {collection} on sidecar {sidecar}"))?
-        .into_inner();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let ended = Arc::new(AtomicBool::new(false));
-    let (out, end) = (seen.clone(), ended.clone());
-    tokio::spawn(async move {
-        while let Ok(Some(msg)) = stream.message().await {
-            let at = Instant::now();
-            if let Some(t) = msg.token {
-                lock(&out).push(Seen {
-                    version: t.version,
-                    hash: hash_value(&t.value),
-                    at,
-                });
-            }
-        }
-        end.store(true, Ordering::Relaxed);
-    });
-    Ok(Watcher {
-        sidecar,
-        collection,
-        seen,
-        ended,
-    })
 }
 
 /// Sums `lease_acquisitions` + `lease_waits` over every sidecar's `/metrics`;
@@ -841,86 +333,6 @@ async fn lease_attempts(admins: &[Option<SocketAddr>]) -> (f64, f64, usize) {
     (granted, held, failed)
 }
 
-// ---------------------------------------------------------------------------
-// Probe and database samples
-
-/// The commits the probe saw, in arrival order.
-type Notices = Arc<Mutex<Vec<Notice>>>;
-
-/// A commit as the probe saw it.
-#[derive(Clone)]
-struct Notice {
-    collection: String,
-    version: u64,
-    at: Instant,
-}
-
-/// LISTENs on `token_broker` from its own thread (so that the watchers'
-/// work does not delay its stamps) until `stop`.
-fn start_probe(
-    url: String,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<(Notices, std::thread::JoinHandle<Vec<String>>)> {
-    let notices = Arc::new(Mutex::new(Vec::new()));
-    let out = notices.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        let mut errors = Vec::new();
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = ready_tx.send(Err(anyhow!(e)));
-                return errors;
-            }
-        };
-        rt.block_on(async {
-            let mut l = match PgListener::connect(&url).await {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow!(e)));
-                    return;
-                }
-            };
-            if let Err(e) = l.listen("token_broker").await {
-                let _ = ready_tx.send(Err(anyhow!(e)));
-                return;
-            }
-            let _ = ready_tx.send(Ok(()));
-            while !stop.load(Ordering::Relaxed) {
-                match tokio::time::timeout(Duration::from_millis(200), l.try_recv()).await {
-                    Err(_) => {}
-                    Ok(Ok(Some(n))) => {
-                        let at = Instant::now();
-                        let mut parts = n.payload().split(':');
-                        let c = parts.next().unwrap_or_default().to_owned();
-                        match parts.next().and_then(|v| v.parse().ok()) {
-                            Some(version) => lock(&out).push(Notice {
-                                collection: c,
-                                version,
-                                at,
-                            }),
-                            None => errors.push(format!("unparsed payload {:?}", n.payload())),
-                        }
-                    }
-                    Ok(Ok(None)) => errors.push("probe connection lost (reconnecting)".into()),
-                    Ok(Err(e)) => {
-                        errors.push(format!("probe: {e}"));
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
-        errors
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(15))
-        .map_err(|_| anyhow!("the probe did not connect within 15 s"))??;
-    Ok((notices, handle))
-}
-
 #[derive(Clone, Copy, Default)]
 struct DbSample {
     at: Option<Instant>,
@@ -943,15 +355,7 @@ async fn db_sample(admin: &PgPool) -> anyhow::Result<DbSample> {
     .bind(FLEET_DB)
     .fetch_one(admin)
     .await?;
-    let (listeners, pool, others): (i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE application_name LIKE 'token-broker listener%'),
-                count(*) FILTER (WHERE application_name = 'token-broker'),
-                count(*) FILTER (WHERE application_name NOT LIKE 'token-broker%')
-           FROM pg_stat_activity WHERE datname = $1",
-    )
-    .bind(FLEET_DB)
-    .fetch_one(admin)
-    .await?;
+    let (listeners, pool, others) = db_connections(admin).await?;
     Ok(DbSample {
         at: Some(Instant::now()),
         xacts,
@@ -977,58 +381,6 @@ fn start_sampler(
         }
     });
     (samples, h)
-}
-
-fn rss_kib(pids: &[u32]) -> (u64, usize) {
-    let mut total = 0;
-    let mut missing = 0;
-    for pid in pids {
-        let kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse::<u64>()
-                    .ok()
-            });
-        match kib {
-            Some(k) => total += k,
-            None => missing += 1,
-        }
-    }
-    (total, missing)
-}
-
-/// (ppid, utime + stime, cutime + cstime) of a process, in clock ticks.
-fn proc_times(pid: &str) -> Option<(u32, u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name (which may hold spaces): state, ppid, ..
-    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let num = |i: usize| f.get(i)?.parse::<u64>().ok();
-    Some((
-        f.get(1)?.parse().ok()?,
-        num(11)? + num(12)?,
-        num(13)? + num(14)?,
-    ))
-}
-
-/// Milliseconds per clock tick, the unit of `/proc/<pid>/stat` times.
-fn tick_ms() -> f64 {
-    let hz = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .filter(|hz| *hz > 0.0)
-        .unwrap_or(100.0);
-    1000.0 / hz
 }
 
 /// CPU time (ms) used so far by each class of process.
@@ -1119,136 +471,7 @@ fn cpu_class(
 }
 
 // ---------------------------------------------------------------------------
-// Statistics
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-#[derive(serde::Serialize, Clone, Copy, Default)]
-struct Dist {
-    count: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    min_ms: f64,
-}
-
-fn dist(mut v: Vec<f64>) -> Dist {
-    v.sort_by(|a, b| a.total_cmp(b));
-    Dist {
-        count: v.len(),
-        p50_ms: percentile(&v, 0.5),
-        p99_ms: percentile(&v, 0.99),
-        max_ms: v.last().copied().unwrap_or(f64::NAN),
-        min_ms: v.first().copied().unwrap_or(f64::NAN),
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Signed `a - b` in milliseconds.
-fn diff_ms(a: Instant, b: Instant) -> f64 {
-    if a >= b { ms(a - b) } else { -ms(b - a) }
-}
-
-/// A log line's text from its target on (`target::path: message fields`),
-/// without the span prefix (`refresh{collection=..}: `) that comes before.
-fn without_spans(rest: &str) -> &str {
-    let mut from = 0;
-    while let Some(i) = rest[from..].find(": ") {
-        let at = from + i + 2;
-        let word = rest[at..].split_whitespace().next().unwrap_or_default();
-        if word.contains("::") && !word.contains('{') {
-            return &rest[at..];
-        }
-        from = at;
-    }
-    rest
-}
-
-/// WARN and ERROR lines over every sidecar log, with the most frequent
-/// messages (timestamp dropped, cut at 120 characters).
-fn log_summary(fleet: &Fleet) -> (usize, usize, usize, Vec<(String, usize)>) {
-    let (mut warns, mut errors, mut with_any) = (0, 0, 0);
-    let mut kinds: HashMap<String, usize> = HashMap::new();
-    for s in &fleet.sidecars {
-        let mut any = false;
-        for line in s.log().lines() {
-            let level = if line.contains(" WARN ") {
-                warns += 1;
-                "WARN"
-            } else if line.contains(" ERROR ") {
-                errors += 1;
-                "ERROR"
-            } else {
-                continue;
-            };
-            any = true;
-            let rest = line
-                .split_once(&format!(" {level} "))
-                .map_or(line, |(_, r)| r.trim());
-            let key: String = format!("{level} {}", without_spans(rest))
-                .chars()
-                .take(160)
-                .collect();
-            *kinds.entry(key).or_insert(0) += 1;
-        }
-        if any {
-            with_any += 1;
-        }
-    }
-    let mut kinds: Vec<_> = kinds.into_iter().collect();
-    kinds.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    kinds.truncate(5);
-    (warns, errors, with_any, kinds)
-}
-
-// ---------------------------------------------------------------------------
 // The run
-
-/// The throwaway cluster (`max_connections` = 3N + 50) with database
-/// `FLEET_DB` created, and a small pool on database `postgres`.
-async fn start_postgres(
-    workp: &Path,
-    n: usize,
-    root: bool,
-) -> anyhow::Result<(PgCluster, PgPool, usize)> {
-    let max_connections = 3 * n + 50;
-    let pg = PgCluster::start(workp, max_connections, root)?;
-    // For scripts/fleet-sim: what to stop should this process die without cleaning up
-    // (postgres runs in a session of its own, outside our process group).
-    if let Some(state) = std::env::var_os("FLEET_SIM_STATE") {
-        std::fs::write(
-            state,
-            format!(
-                "{}\n{}\n{}\n",
-                workp.display(),
-                pg.bin.display(),
-                u8::from(root)
-            ),
-        )?;
-    }
-    say(format!(
-        "{} on 127.0.0.1:{} (max_connections {max_connections})",
-        pg.version(),
-        pg.port
-    ));
-    let admin = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&pg.url("postgres"))
-        .await
-        .context("connecting to the cluster")?;
-    // A literal: sqlx refuses unaudited dynamic SQL (FLEET_DB is "fleet").
-    sqlx::query("CREATE DATABASE fleet").execute(&admin).await?;
-    Ok((pg, admin, max_connections))
-}
 
 async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::Result<bool> {
     let started = Instant::now();
@@ -1332,14 +555,11 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
 
     // 4. Spawn held, release together.
     let t_spawn = Instant::now();
-    let mut fleet = spawn_fleet(n, &bin, workp, &config_path, &env)?;
+    let mut fleet = Tier::spawn("sidecars", n, &bin, workp, |_| config_path.clone(), &env)?;
     let spawn_time = t_spawn.elapsed();
     // One write releases them all (a sidecar left unreleased by a short
     // write exits on EOF and fails the run).
-    if let Some(mut g) = fleet.gate.take() {
-        g.write_all("\n".repeat(n).as_bytes())
-            .context("releasing the sidecars")?;
-    }
+    fleet.release()?;
     let t0 = Instant::now();
     let release_time = t0 - t_spawn - spawn_time;
     say(format!(
@@ -1350,7 +570,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
 
     let until = t0 + args.ready_timeout;
     let mut set = JoinSet::new();
-    for (i, s) in fleet.sidecars.iter().enumerate() {
+    for (i, s) in fleet.procs.iter().enumerate() {
         let (sock, cols) = (s.sock(), collections.clone());
         set.spawn(async move { (i, await_ready(sock, cols, until).await) });
     }
@@ -1368,7 +588,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
             _ = check.tick() => {
                 // A sidecar that exits before it is ready (a config the broker
                 // refuses, a crash) fails the run now, not at --ready-timeout.
-                if let Some((i, status, log)) = fleet.exited() {
+                if let Some((i, status, log)) = fleet.exited(&HashSet::new()) {
                     keep_flag.store(true, Ordering::Relaxed);
                     let tail: Vec<&str> = log.lines().rev().take(15).collect();
                     let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -1428,7 +648,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     while let Some(r) = set.join_next().await {
         watchers.push(r.map_err(|e| anyhow!("watch task: {e}"))??);
     }
-    let admins: Vec<Option<SocketAddr>> = fleet.sidecars.iter().map(Sidecar::admin_addr).collect();
+    let admins: Vec<Option<SocketAddr>> = fleet.procs.iter().map(Proc::admin_addr).collect();
     let admins_missing = admins.iter().filter(|a| a.is_none()).count();
     // Every watcher has its first token before the window opens.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1440,7 +660,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let (g0, h0, m0_failed) = lease_attempts(&admins).await;
     let x0 = db_sample(&admin).await?;
     let (postmaster, tick) = (pg.postmaster_pid(), tick_ms());
-    let cpu0 = cpu_sample(&fleet.pids(), postmaster, tick);
+    let cpu0 = cpu_sample(&fleet.all_pids(), postmaster, tick);
     let t_w0 = Instant::now();
     say(format!(
         "{} watchers open; measuring for {}",
@@ -1461,7 +681,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         }
     }
     let conns = db_sample(&admin).await?;
-    let (rss, rss_missing) = rss_kib(&fleet.pids());
+    let (rss, rss_missing) = rss_kib(&fleet.all_pids());
     // Settle: every rotation whose upstream call fell in the window has
     // committed, and every watcher has seen the last version.
     let in_window = |ns: &[Notice], to: Instant| -> Vec<Notice> {
@@ -1492,7 +712,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let t_end = Instant::now();
-    let cpu1 = cpu_sample(&fleet.pids(), postmaster, tick);
+    let cpu1 = cpu_sample(&fleet.all_pids(), postmaster, tick);
     let (g1, h1, m1_failed) = lease_attempts(&admins).await;
     let x1 = db_sample(&admin).await?;
 
@@ -1530,13 +750,13 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         };
         tokio::time::sleep((t_last + STATS_LAG).saturating_duration_since(Instant::now())).await;
         let i0 = db_sample(&admin).await?;
-        let c0 = cpu_sample(&fleet.pids(), postmaster, tick);
+        let c0 = cpu_sample(&fleet.all_pids(), postmaster, tick);
         say(format!(
             "counting idle transactions for {}",
             humantime::format_duration(args.idle)
         ));
         tokio::time::sleep(args.idle).await;
-        let c1 = cpu_sample(&fleet.pids(), postmaster, tick);
+        let c1 = cpu_sample(&fleet.all_pids(), postmaster, tick);
         let i1 = db_sample(&admin).await?;
         idle_phase = Some((i0, i1));
         idle_cpu = Some((c0, c1));
@@ -1697,7 +917,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
 
     // 7. Stop, logs.
     let (stop_time, stop_killed) = fleet.stop();
-    let (warns, errors, warn_sidecars, top_logs) = log_summary(&fleet);
+    let (warns, errors, warn_sidecars, top_logs) = fleet.log_summary();
     if violations > 0 {
         keep_flag.store(true, Ordering::Relaxed);
     }
@@ -2134,49 +1354,7 @@ async fn notify_floor(args: Args, work: &WorkDir) -> anyhow::Result<bool> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            say(format!("cannot build the runtime: {e}"));
-            return ExitCode::FAILURE;
-        }
-    };
-    let work = match WorkDir::create() {
-        Ok(w) => w,
-        Err(e) => {
-            say(format!("{e:#}"));
-            return ExitCode::FAILURE;
-        }
-    };
-    if args.keep {
-        work.keep.store(true, Ordering::Relaxed);
-    }
-    let keep = work.keep.clone();
-    let result = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = run(args, keep, &work) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted (SIGINT): stopping everything")),
-            _ = term.recv() => Err(anyhow!("terminated (SIGTERM): stopping everything")),
-        }
-    });
-    // The run's guards (sidecars, Postgres) are dropped by now; the work dir next.
-    let code = match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            say("violations seen, or nothing measured (see above)");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            say(format!("error: {e:#}"));
-            ExitCode::FAILURE
-        }
-    };
-    rt.shutdown_timeout(Duration::from_secs(2));
-    drop(work);
-    code
+    common::drive(args.keep, async |keep_flag, work| {
+        run(args, keep_flag, work).await
+    })
 }
