@@ -16,21 +16,56 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
 use crate::grpc::pb::{self, GetCollectionTokenRequest, InvalidateTokenRequest, WatchTokenRequest};
+use crate::grpc::remote::ClientTls;
 use crate::listen::ListenAddr;
 
-/// Connects to a broker at `addr` (TCP or `unix:` path).
-pub async fn connect(addr: &ListenAddr) -> anyhow::Result<TokenBrokerClient<Channel>> {
-    Ok(TokenBrokerClient::new(channel(addr).await?))
+/// Where a client command connects: a broker's address and, for TLS, the
+/// files to trust it and to present (see `ClientTls`).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: ListenAddr,
+    /// `Some`: TLS (an IP:PORT address only).
+    pub tls: Option<ClientTls>,
 }
 
-/// A gRPC channel to `addr` (TCP or `unix:` path).
-async fn channel(addr: &ListenAddr) -> anyhow::Result<Channel> {
-    Ok(match addr {
-        ListenAddr::Tcp(a) => Endpoint::from_shared(format!("http://{a}"))?
+impl From<ListenAddr> for Target {
+    fn from(addr: ListenAddr) -> Self {
+        Self { addr, tls: None }
+    }
+}
+
+/// Connects to a broker at `addr` (TCP or `unix:` path), without TLS.
+pub async fn connect(addr: &ListenAddr) -> anyhow::Result<TokenBrokerClient<Channel>> {
+    Ok(TokenBrokerClient::new(
+        channel(&Target::from(addr.clone())).await?,
+    ))
+}
+
+/// Connects to `target`, over TLS when it says so.
+pub async fn connect_to(target: &Target) -> anyhow::Result<TokenBrokerClient<Channel>> {
+    Ok(TokenBrokerClient::new(channel(target).await?))
+}
+
+/// A gRPC channel to `target` (TCP, TCP with TLS, or `unix:` path).
+async fn channel(target: &Target) -> anyhow::Result<Channel> {
+    let addr = &target.addr;
+    Ok(match (addr, &target.tls) {
+        (ListenAddr::Tcp(a), Some(tls)) => {
+            let config = tls.config().map_err(|e| anyhow::anyhow!(e))?;
+            Endpoint::from_shared(format!("https://{a}"))?
+                .tls_config(config)?
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {addr} (TLS)"))?
+        }
+        (ListenAddr::Unix(_), Some(_)) => {
+            anyhow::bail!("--ca-file: TLS needs an IP:PORT address, not a Unix socket")
+        }
+        (ListenAddr::Tcp(a), None) => Endpoint::from_shared(format!("http://{a}"))?
             .connect()
             .await
             .with_context(|| format!("cannot connect to {addr}"))?,
-        ListenAddr::Unix(path) => {
+        (ListenAddr::Unix(path), None) => {
             let path = path.clone();
             // The URI is required by the API but unused: the connector decides.
             Endpoint::try_from("http://localhost")?
@@ -55,7 +90,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// `addr` every `interval` until it answers SERVING, then prints how long it
 /// took. Fails after `timeout`, naming the last answer (cannot connect,
 /// NOT_SERVING, ...).
-pub async fn wait(addr: &ListenAddr, timeout: Duration, interval: Duration) -> anyhow::Result<()> {
+pub async fn wait(target: &Target, timeout: Duration, interval: Duration) -> anyhow::Result<()> {
+    let addr = &target.addr;
     use tokio::time::Instant;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -73,7 +109,7 @@ pub async fn wait(addr: &ListenAddr, timeout: Duration, interval: Duration) -> a
         }
         let bound = remaining.min(CHECK_TIMEOUT.max(interval));
         let check = async {
-            let mut client = HealthClient::new(channel(addr).await?);
+            let mut client = HealthClient::new(channel(target).await?);
             let req = with_timeout(
                 HealthCheckRequest {
                     service: String::new(),
@@ -116,13 +152,13 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 pub async fn get(
-    addr: &ListenAddr,
+    target: &Target,
     collection: String,
     min_remaining: Option<Duration>,
     timeout: Duration,
     value_only: bool,
 ) -> anyhow::Result<()> {
-    let mut client = connect(addr).await?;
+    let mut client = connect_to(target).await?;
     let msg = GetCollectionTokenRequest {
         collection,
         min_remaining: min_remaining.map(|d| d.try_into()).transpose()?,
@@ -142,13 +178,13 @@ pub async fn get(
 }
 
 pub async fn invalidate(
-    addr: &ListenAddr,
+    target: &Target,
     collection: String,
     version: u64,
     reason: String,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let mut client = connect(addr).await?;
+    let mut client = connect_to(target).await?;
     let msg = InvalidateTokenRequest {
         collection,
         version,
@@ -168,7 +204,7 @@ pub async fn invalidate(
 }
 
 pub async fn watch(
-    addr: &ListenAddr,
+    target: &Target,
     collection: String,
     mut after_version: u64,
     count: Option<u64>,
@@ -178,7 +214,7 @@ pub async fn watch(
     let mut delay = Duration::from_millis(250);
     loop {
         let result: anyhow::Result<()> = async {
-            let mut client = connect(addr).await?;
+            let mut client = connect_to(target).await?;
             let req = WatchTokenRequest {
                 collection: collection.clone(),
                 after_version,

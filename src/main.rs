@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use token_broker::client::Target;
 use token_broker::config::{self, Config};
+use token_broker::grpc::remote::ClientTls;
 use token_broker::listen::{ListenAddr, Origin};
 use token_broker::telemetry::{self, LogFormat};
 
@@ -46,6 +48,8 @@ enum Command {
         /// The broker's address: IP:PORT or unix:/path/to.sock.
         #[arg(long, default_value = "127.0.0.1:50051", env = "TOKEN_BROKER_ADDR")]
         addr: String,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Give up after this long.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -147,6 +151,51 @@ struct Conn {
     /// Deadline for the call.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS to a broker that serves `[server.tls]` (an IP:PORT address).
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Connect with TLS, trusting this CA bundle (PEM).
+    #[arg(long, env = "TOKEN_BROKER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// This client's certificate (PEM), for a broker that verifies callers.
+    #[arg(
+        long,
+        env = "TOKEN_BROKER_CERT_FILE",
+        requires = "key_file",
+        requires = "ca_file"
+    )]
+    cert_file: Option<PathBuf>,
+    /// The private key of --cert-file (PEM).
+    #[arg(long, env = "TOKEN_BROKER_KEY_FILE", requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// The name to verify in the broker's certificate (default: the address's IP).
+    #[arg(long, requires = "ca_file")]
+    server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// `--addr` with these TLS settings: a target, or a usage error (exit 2).
+    fn target(self, addr: &str) -> Result<Target, ExitCode> {
+        let addr = addr.parse::<ListenAddr>().map_err(|e| {
+            eprintln!("error: --addr: {e}");
+            ExitCode::from(2)
+        })?;
+        let tls = self.ca_file.map(|ca| ClientTls {
+            ca_file: Some(ca),
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            server_name: self.server_name,
+        });
+        if tls.is_some() && matches!(addr, ListenAddr::Unix(_)) {
+            eprintln!("error: --ca-file: TLS needs an IP:PORT address, not a Unix socket");
+            return Err(ExitCode::from(2));
+        }
+        Ok(Target { addr, tls })
+    }
 }
 
 fn config_error(field: &str, reason: impl std::fmt::Display) -> ExitCode {
@@ -195,24 +244,22 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve_cmd(args),
         Command::Wait {
             addr,
+            tls,
             timeout,
             interval,
-        } => match addr.parse::<ListenAddr>() {
-            Ok(addr) => run_current_thread(async move {
-                token_broker::client::wait(&addr, timeout, interval).await
+        } => match tls.target(&addr) {
+            Ok(target) => run_current_thread(async move {
+                token_broker::client::wait(&target, timeout, interval).await
             }),
-            Err(e) => {
-                eprintln!("error: --addr: {e}");
-                ExitCode::from(2)
-            }
+            Err(code) => code,
         },
         Command::Get {
             collection,
             conn,
             min_remaining,
             value,
-        } => client_cmd(&conn, |addr| async move {
-            token_broker::client::get(&addr, collection, min_remaining, conn.timeout, value).await
+        } => client_cmd(conn, |target, timeout| async move {
+            token_broker::client::get(&target, collection, min_remaining, timeout, value).await
         }),
         Command::Watch {
             collection,
@@ -220,33 +267,30 @@ fn main() -> ExitCode {
             after_version,
             count,
             value,
-        } => client_cmd(&conn, |addr| async move {
-            token_broker::client::watch(&addr, collection, after_version, count, value).await
+        } => client_cmd(conn, |target, _| async move {
+            token_broker::client::watch(&target, collection, after_version, count, value).await
         }),
         Command::Invalidate {
             collection,
             conn,
             version,
             reason,
-        } => client_cmd(&conn, |addr| async move {
-            token_broker::client::invalidate(&addr, collection, version, reason, conn.timeout).await
+        } => client_cmd(conn, |target, timeout| async move {
+            token_broker::client::invalidate(&target, collection, version, reason, timeout).await
         }),
     }
 }
 
-fn client_cmd<F, Fut>(conn: &Conn, f: F) -> ExitCode
+fn client_cmd<F, Fut>(conn: Conn, f: F) -> ExitCode
 where
-    F: FnOnce(ListenAddr) -> Fut,
+    F: FnOnce(Target, Duration) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let addr = match conn.addr.parse::<ListenAddr>() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: --addr: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    run_current_thread(async move { f(addr).await })
+    let timeout = conn.timeout;
+    match conn.tls.target(&conn.addr) {
+        Ok(target) => run_current_thread(async move { f(target, timeout).await }),
+        Err(code) => code,
+    }
 }
 
 /// The validated config of `serve`, with the command line's overrides

@@ -77,6 +77,31 @@ pub struct ClientTls {
     pub server_name: Option<String>,
 }
 
+impl ClientTls {
+    /// The TLS settings of a connection, read from the files now (so a
+    /// connection made after the files were rotated uses the new ones).
+    /// Errors name the setting and the path, never the content.
+    pub fn config(&self) -> Result<ClientTlsConfig, String> {
+        let read = |field: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| format!("tls {field} {}: {e}", p.display()))
+        };
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca_file {
+            config = config.ca_certificate(Certificate::from_pem(read("ca_file", ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+            config = config.identity(Identity::from_pem(
+                read("cert_file", cert)?,
+                read("key_file", key)?,
+            ));
+        }
+        if let Some(name) = &self.server_name {
+            config = config.domain_name(name.clone());
+        }
+        Ok(config)
+    }
+}
+
 /// A `broker` source as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerSpec {
@@ -175,7 +200,7 @@ impl RemoteBroker {
             )
             .connect_lazy()),
             RemoteAddr::Https(uri) => {
-                let tls = self.tls().map_err(setup)?;
+                let tls = self.spec.tls.config().map_err(setup)?;
                 let endpoint = tune(
                     Endpoint::from_shared(uri.clone()).map_err(|e| setup(format!("{uri}: {e}")))?,
                 )
@@ -198,28 +223,6 @@ impl RemoteBroker {
                 )
             }
         }
-    }
-
-    /// The TLS settings, read from the files now.
-    fn tls(&self) -> Result<ClientTlsConfig, String> {
-        let t = &self.spec.tls;
-        let read = |field: &str, p: &PathBuf| {
-            std::fs::read(p).map_err(|e| format!("tls {field} {}: {e}", p.display()))
-        };
-        let mut config = ClientTlsConfig::new();
-        if let Some(ca) = &t.ca_file {
-            config = config.ca_certificate(Certificate::from_pem(read("ca_file", ca)?));
-        }
-        if let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) {
-            config = config.identity(Identity::from_pem(
-                read("cert_file", cert)?,
-                read("key_file", key)?,
-            ));
-        }
-        if let Some(name) = &t.server_name {
-            config = config.domain_name(name.clone());
-        }
-        Ok(config)
     }
 
     fn endpoint_name(&self, i: usize) -> String {

@@ -533,3 +533,109 @@ fn tls_and_readers_config_errors_name_the_field() {
         "{out}"
     );
 }
+
+/// The client subcommands speak TLS: `get` and `wait` with `--ca-file`,
+/// `--cert-file`, `--key-file` and `--server-name` reach a broker that
+/// requires a client certificate and has `readers`; without `--ca-file` (plain
+/// TCP) or without a certificate they fail; TLS to a Unix socket and a
+/// certificate without its key are usage errors (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_commands_speak_tls() {
+    let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
+    let dir = TlsDir::new(&server_ca.server(), &client_ca);
+    let collections =
+        format!("[collections.secret]\nsource = {{ kind = \"demo\" }}\nreaders = [\"{WEB}\"]\n");
+    let (server, addr) = start(&config(&dir, "", &collections)).await;
+    // The client's own files: its certificate (WEB) and the server's CA.
+    let mine = TlsDir::new(&client_ca.client(&[WEB], &[]), &server_ca);
+    let path = |name: &str| mine.path(name).display().to_string();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || Command::new(BIN).args(&args).output().unwrap())
+    };
+    let tls = |cert: bool| {
+        let mut a = vec![
+            "--addr".to_owned(),
+            addr.to_string(),
+            "--ca-file".to_owned(),
+            path("ca.crt"),
+            "--server-name".to_owned(),
+            "localhost".to_owned(),
+        ];
+        if cert {
+            a.extend([
+                "--cert-file".to_owned(),
+                path("tls.crt"),
+                "--key-file".to_owned(),
+                path("tls.key"),
+            ]);
+        }
+        a
+    };
+
+    let mut args = vec!["get".to_owned(), "secret".to_owned()];
+    args.extend(tls(true));
+    let out = run(args).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("collection: secret"), "{stdout}");
+
+    let mut args = vec!["wait".to_owned(), "--timeout".to_owned(), "10s".to_owned()];
+    args.extend(tls(true));
+    let out = run(args).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Plain TCP to the TLS port, and TLS without a client certificate: no token.
+    let plain = run(vec![
+        "get".into(),
+        "secret".into(),
+        "--addr".into(),
+        addr.to_string(),
+        "--timeout".into(),
+        "3s".into(),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(plain.status.code(), Some(1), "plain TCP got an answer");
+    let mut args = vec!["get".to_owned(), "secret".to_owned()];
+    args.extend(tls(false));
+    let anonymous = run(args).await.unwrap();
+    assert_eq!(
+        anonymous.status.code(),
+        Some(1),
+        "no certificate got an answer"
+    );
+
+    // Usage errors.
+    let unix = run(vec![
+        "get".into(),
+        "secret".into(),
+        "--addr".into(),
+        "unix:/tmp/x.sock".into(),
+        "--ca-file".into(),
+        path("ca.crt"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(unix.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unix.stderr).contains("--ca-file"));
+    let no_key = run(vec![
+        "get".into(),
+        "secret".into(),
+        "--ca-file".into(),
+        path("ca.crt"),
+        "--cert-file".into(),
+        path("tls.crt"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(no_key.status.code(), Some(2));
+    server.stop(Duration::from_secs(10)).await;
+}
