@@ -15,9 +15,10 @@
 //!   `upstream_error`; the remote's `grpc-retry-pushback-ms` is kept as
 //!   `retry_after`. Details carry the code and the remote's message (which
 //!   never holds a token), cut short.
-//! - Each endpoint's channel is built lazily and rebuilt after a connect
-//!   failure, so TLS files (CA, client certificate) rotated on disk are read
-//!   again at the next connection.
+//! - Each endpoint's channel is built lazily, and rebuilt after a connect
+//!   failure or when its TLS files (CA, client certificate and key) changed
+//!   on disk (checked at each call by a hash of their contents), so a
+//!   rotated client certificate is presented from the next call on.
 //! - HTTP/2 keepalive pings detect a remote that vanished without closing
 //!   the connection.
 
@@ -78,6 +79,21 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
+    /// A hash of the files' contents as they are now (`None` when none is
+    /// set or one cannot be read: building the channel then says why).
+    pub fn fingerprint(&self) -> Option<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for p in [&self.ca_file, &self.cert_file, &self.key_file]
+            .into_iter()
+            .flatten()
+        {
+            h.update(std::fs::read(p).ok()?);
+            h.update([0]);
+        }
+        Some(h.finalize().into())
+    }
+
     /// The TLS settings of a connection, read from the files now (so a
     /// connection made after the files were rotated uses the new ones).
     /// Errors name the setting and the path, never the content.
@@ -149,24 +165,34 @@ impl Source for BrokerSource {
 
 struct RemoteBroker {
     spec: BrokerSpec,
-    /// One lazily built channel per address; `None` after a connect failure.
-    channels: Vec<Mutex<Option<Channel>>>,
+    /// One lazily built channel per address, with the fingerprint of the TLS
+    /// files it was built from; `None` after a connect failure.
+    channels: Vec<Mutex<Option<(Channel, Option<[u8; 32]>)>>>,
 }
 
 impl RemoteBroker {
+    /// A client on endpoint `i`'s channel, built anew when there is none or
+    /// the TLS files changed since it was built (a rotated client
+    /// certificate is presented from the next call on, not only after the
+    /// old one is refused).
     fn client(&self, i: usize) -> Result<TokenBrokerClient<Channel>, FetchError> {
         let slot = self
             .channels
             .get(i)
             .ok_or_else(|| FetchError::new(FailureClass::Internal, "no such endpoint"))?;
+        let addr = &self.spec.addrs[i];
+        let files = match addr {
+            RemoteAddr::Https(_) => self.spec.tls.fingerprint(),
+            RemoteAddr::Http(_) | RemoteAddr::Unix(_) => None,
+        };
         let mut slot = slot
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let channel = match &*slot {
-            Some(c) => c.clone(),
-            None => {
-                let c = self.channel(&self.spec.addrs[i])?;
-                *slot = Some(c.clone());
+            Some((c, built_from)) if *built_from == files => c.clone(),
+            _ => {
+                let c = self.channel(addr)?;
+                *slot = Some((c.clone(), files));
                 c
             }
         };

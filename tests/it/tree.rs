@@ -579,3 +579,65 @@ source = {{ kind = "demo", ttl = "300s" }}
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     drop(mid);
 }
+
+/// A leaf's client certificate rotated on disk is presented from its next
+/// call on: a leaf whose first identity the mid tier refuses for a
+/// collection gets it once its files hold a permitted identity, with no
+/// restart and no connection failure to trigger it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leaf_presents_a_rotated_client_certificate() {
+    use crate::support::pki::{Ca, TlsDir};
+    use token_broker::config::Config;
+    use token_broker::listen::Listener;
+
+    const OLD: &str = "spiffe://cluster.local/ns/app/sa/web";
+    const NEW: &str = "spiffe://cluster.local/ns/app/sa/web-v2";
+    let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
+    let mid_dir = TlsDir::new(&server_ca.server(), &client_ca);
+    let mid_config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}\n[collections.c]\nreaders = [\"{NEW}\"]\nsource = {{ kind = \"demo\", ttl = \"300s\" }}\n",
+        mid_dir.toml("")
+    );
+    let mid_config = Config::parse(&mid_config).unwrap();
+    let listener = Listener::bind(&mid_config.server.listen).await.unwrap();
+    let mid = TestServer::from_config(&mid_config, listener).await;
+    let ListenAddr::Tcp(mid_addr) = mid.addr.clone() else {
+        panic!()
+    };
+    let old = client_ca.client(&[OLD], &[]);
+    let mut leaf_dir = TlsDir::new(&old, &server_ca);
+    let config = format!(
+        r#"
+[collections.c]
+source = {{ kind = "broker", addrs = ["https://{mid_addr}"], server_name = "localhost", ca_file = {:?}, cert_file = {:?}, key_file = {:?} }}
+policy = {{ backoff_initial = "100ms", backoff_max = "200ms" }}
+"#,
+        leaf_dir.path("ca.crt"),
+        leaf_dir.path("tls.crt"),
+        leaf_dir.path("tls.key"),
+    );
+    let leaf = TestServer::from_toml(&config, Arc::new(MemoryStore::new())).await;
+    let mut c = leaf.client().await;
+    let err = get(&mut c, "c", Duration::from_secs(3)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let new = client_ca.client(&[NEW], &[]);
+    leaf_dir.write(&new.cert, &new.key, &server_ca.pem());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match get(&mut c, "c", Duration::from_secs(3)).await {
+            Ok(t) => {
+                assert_eq!(t.version, 1);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the rotated certificate was never presented: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    drop(mid);
+}
