@@ -167,8 +167,11 @@ struct RemoteBroker {
     spec: BrokerSpec,
     /// One lazily built channel per address, with the fingerprint of the TLS
     /// files it was built from; `None` after a connect failure.
-    channels: Vec<Mutex<Option<(Channel, Option<[u8; 32]>)>>>,
+    channels: Vec<Mutex<Option<Built>>>,
 }
+
+/// A channel and the fingerprint of the TLS files it was built from.
+type Built = (Channel, Option<[u8; 32]>);
 
 impl RemoteBroker {
     /// A client on endpoint `i`'s channel, built anew when there is none or
