@@ -39,6 +39,17 @@
 //!   halfway, mid 0 (leaf 0's primary) gets SIGKILL. Any failed read is a
 //!   violation; the time from the kill until every orphaned leaf's watcher
 //!   had the next rotation is reported.
+//! - `--tls`: the driver makes a throwaway PKI in its temp dir (`pki/`,
+//!   rcgen): a CA, one server certificate for `localhost` and 127.0.0.1
+//!   that every mid presents, one client certificate per leaf (URI SAN
+//!   `spiffe://tree-sim/leaf/<k>`) and one for the driver
+//!   (`spiffe://tree-sim/driver`). Each mid listens on `127.0.0.1:<free
+//!   port>` with `[server.tls]` requiring a client certificate from that CA,
+//!   and every collection's `readers` lists the 200 leaves and the driver;
+//!   the leaves follow `https://127.0.0.1:<port>` addresses with their own
+//!   certificate. The driver's watchers and readiness probes on the mids
+//!   connect over TLS as itself; on the leaves they keep the Unix sockets.
+//!   Keys are written to files (mode 0600) only, never printed.
 //! - Token values are never printed or written: only 64-bit hashes are kept.
 //! - Output: a markdown row (with its header) and a summary on stdout,
 //!   progress on stderr, every number in `--json FILE`. Exit status 0 when
@@ -60,7 +71,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use serde_json::json;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use token_broker::grpc::pb::GetCollectionTokenRequest;
 use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
@@ -68,9 +79,9 @@ use token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
 #[path = "sim/common.rs"]
 mod common;
 use common::{
-    FLEET_DB, Notice, Proc, SETTLE, Seen, Tier, Upstream, Watcher, WorkDir, await_ready, connect,
-    db_connections, diff_ms, dist, hash_value, is_root, lock, proc_times, rss_kib, say,
-    start_postgres, start_probe, start_upstream, tick_ms, watch,
+    Dial, FLEET_DB, Notice, Proc, SETTLE, Seen, Tier, Upstream, Watcher, WorkDir, await_ready,
+    connect, db_connections, diff_ms, dist, free_port, hash_value, is_root, lock, proc_times,
+    rss_kib, say, start_postgres, start_probe, start_upstream, tick_ms, watch,
 };
 
 /// This driver's name, for the shared code (progress lines, the temp dir).
@@ -108,6 +119,10 @@ struct Args {
     /// Readers on every leaf through the window (implied by --kill-mid).
     #[arg(long)]
     readers: bool,
+    /// Mids serve TLS on 127.0.0.1 TCP ports and require client certificates (a throwaway PKI:
+    /// one certificate per leaf); the leaves follow them over https:// instead of Unix sockets.
+    #[arg(long)]
+    tls: bool,
     /// The token-broker binary to run.
     #[arg(
         long,
@@ -132,34 +147,119 @@ struct Args {
 // ---------------------------------------------------------------------------
 // Configs and readiness
 
-fn mid_config(collections: &[String], upstream: SocketAddr) -> String {
-    let mut c = String::from(
+/// A mid's config; with `tls`, its TLS listener on `port` and every
+/// collection readable by the PKI's identities only.
+fn mid_config(collections: &[String], upstream: SocketAddr, tls: Option<(&Pki, u16)>) -> String {
+    let mut c = String::new();
+    if let Some((pki, port)) = tls {
+        c.push_str(&format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [server.tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\nclient_cert = \"required\"\n\n",
+            pki.mid_cert, pki.mid_key, pki.ca,
+        ));
+    }
+    c.push_str(
         "[store]\n\
          database_url_env = \"TREE_SIM_DATABASE_URL\"\n\
          encryption_key_env = \"TREE_SIM_ENCRYPTION_KEY\"\n\
          pool_size = 1\n",
     );
+    let readers = tls.map(|(pki, _)| {
+        let ids: Vec<String> = pki.readers.iter().map(|r| format!("{r:?}")).collect();
+        format!("readers = [{}]\n", ids.join(", "))
+    });
     for name in collections {
         c.push_str(&format!(
-            "\n[collections.{name}]\nprefetch = true\nrequired = true\n\
+            "\n[collections.{name}]\nprefetch = true\nrequired = true\n{}\
              source = {{ kind = \"oauth2_client_credentials\", token_url = \"http://{upstream}/c/{name}/token\", \
-             client_id = \"tree-sim\", client_secret_env = \"TREE_SIM_CLIENT_SECRET\" }}\n"
+             client_id = \"tree-sim\", client_secret_env = \"TREE_SIM_CLIENT_SECRET\" }}\n",
+            readers.as_deref().unwrap_or_default()
         ));
     }
     c
 }
 
-/// A leaf's config: every collection follows all the mids, `first` first.
-fn leaf_config(collections: &[String], mid_socks: &[PathBuf], first: usize) -> String {
-    let m = mid_socks.len();
+/// How the leaves reach the mids.
+enum MidAddrs {
+    Unix(Vec<PathBuf>),
+    /// The mids' TLS ports, with the PKI.
+    Tls(Vec<u16>, Arc<Pki>),
+}
+
+impl MidAddrs {
+    fn len(&self) -> usize {
+        match self {
+            Self::Unix(s) => s.len(),
+            Self::Tls(p, _) => p.len(),
+        }
+    }
+
+    /// Where the driver reaches mid `j` (`sock`: its Unix socket).
+    fn target(&self, j: usize, sock: PathBuf) -> anyhow::Result<To> {
+        Ok(match self {
+            Self::Unix(_) => To::Unix(sock),
+            Self::Tls(ports, pki) => To::Tls {
+                uri: format!("https://127.0.0.1:{}", ports[j]),
+                config: pki.driver_tls()?,
+            },
+        })
+    }
+}
+
+/// Where the driver reaches a broker: a Unix socket, or a mid over TLS as
+/// the driver's identity.
+#[derive(Clone)]
+enum To {
+    Unix(PathBuf),
+    Tls {
+        uri: String,
+        config: ClientTlsConfig,
+    },
+}
+
+impl Dial for To {
+    fn open(&self) -> impl Future<Output = anyhow::Result<TokenBrokerClient<Channel>>> + Send {
+        let this = self.clone();
+        async move {
+            match this {
+                To::Unix(sock) => sock.open().await,
+                To::Tls { uri, config } => Ok(TokenBrokerClient::new(
+                    Endpoint::from_shared(uri)?
+                        .tls_config(config)?
+                        .connect()
+                        .await?,
+                )),
+            }
+        }
+    }
+}
+
+/// Leaf `k`'s config: every collection follows all the mids, mid `k % M`
+/// first (over TLS: as `spiffe://tree-sim/leaf/<k>`).
+fn leaf_config(collections: &[String], mids: &MidAddrs, k: usize) -> String {
+    let m = mids.len();
+    let first = k % m;
     let addrs: Vec<String> = (0..m)
-        .map(|j| format!("\"unix:{}\"", mid_socks[(first + j) % m].display()))
+        .map(|j| match mids {
+            MidAddrs::Unix(socks) => format!("\"unix:{}\"", socks[(first + j) % m].display()),
+            MidAddrs::Tls(ports, _) => format!("\"https://127.0.0.1:{}\"", ports[(first + j) % m]),
+        })
         .collect();
+    let tls = match mids {
+        MidAddrs::Unix(_) => String::new(),
+        MidAddrs::Tls(_, pki) => {
+            let (cert, key) = pki.leaf(k);
+            format!(
+                "ca_file = {:?}, cert_file = {:?}, key_file = {:?}, server_name = \"localhost\", ",
+                pki.ca, cert, key
+            )
+        }
+    };
     let mut c = String::new();
     for name in collections {
         c.push_str(&format!(
             "[collections.{name}]\nprefetch = true\nrequired = true\n\
-             source = {{ kind = \"broker\", addrs = [{}], connect_timeout = \"500ms\" }}\n\
+             source = {{ kind = \"broker\", addrs = [{}], {tls}connect_timeout = \"500ms\" }}\n\
              policy = {{ backoff_initial = \"100ms\", backoff_max = \"1s\" }}\n\n",
             addrs.join(", ")
         ));
@@ -167,11 +267,131 @@ fn leaf_config(collections: &[String], mid_socks: &[PathBuf], first: usize) -> S
     c
 }
 
+// ---------------------------------------------------------------------------
+// The throwaway PKI (--tls)
+
+/// Paths of the PKI's files in `<work>/pki` (keys mode 0600, never printed).
+struct Pki {
+    ca: PathBuf,
+    mid_cert: PathBuf,
+    mid_key: PathBuf,
+    driver_cert: PathBuf,
+    driver_key: PathBuf,
+    dir: PathBuf,
+    /// The identities the mids' collections list: every leaf's, then the driver's.
+    readers: Vec<String>,
+}
+
+impl Pki {
+    /// A CA; a server certificate for `localhost` and 127.0.0.1; a client
+    /// certificate for the driver and one per leaf.
+    fn create(work: &Path, leaves: usize) -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose, SanType,
+        };
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = work.join("pki");
+        std::fs::create_dir(&dir)?;
+        let write = |name: &str, pem: &str, mode: u32| -> anyhow::Result<PathBuf> {
+            use std::io::Write as _;
+            let p = dir.join(name);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&p)
+                .and_then(|mut f| f.write_all(pem.as_bytes()))
+                .with_context(|| format!("writing {}", p.display()))?;
+            Ok(p)
+        };
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "tree-sim CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        let ca = write("ca.crt", &issuer.pem(), 0o644)?;
+        let sign = |params: CertificateParams, name: &str| -> anyhow::Result<(PathBuf, PathBuf)> {
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &issuer)?;
+            Ok((
+                write(&format!("{name}.crt"), &cert.pem(), 0o644)?,
+                write(&format!("{name}.key"), &key.serialize_pem(), 0o600)?,
+            ))
+        };
+        let mut server =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let (mid_cert, mid_key) = sign(server, "mid")?;
+        let client = |uri: &str, name: &str| -> anyhow::Result<(PathBuf, PathBuf)> {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            sign(params, name)
+        };
+        let mut readers = Vec::with_capacity(leaves + 1);
+        for k in 0..leaves {
+            let id = format!("spiffe://tree-sim/leaf/{k}");
+            client(&id, &format!("leaf-{k}"))?;
+            readers.push(id);
+        }
+        let driver_id = "spiffe://tree-sim/driver";
+        let (driver_cert, driver_key) = client(driver_id, "driver")?;
+        readers.push(driver_id.to_owned());
+        Ok(Self {
+            ca,
+            mid_cert,
+            mid_key,
+            driver_cert,
+            driver_key,
+            dir,
+            readers,
+        })
+    }
+
+    /// The driver's client TLS: trusting the CA, presenting its own
+    /// certificate, verifying the mids' as `localhost`.
+    fn driver_tls(&self) -> anyhow::Result<ClientTlsConfig> {
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)?))
+            .identity(Identity::from_pem(
+                read(&self.driver_cert)?,
+                read(&self.driver_key)?,
+            ))
+            .domain_name("localhost"))
+    }
+
+    /// Leaf `k`'s certificate and key.
+    fn leaf(&self, k: usize) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("leaf-{k}.crt")),
+            self.dir.join(format!("leaf-{k}.key")),
+        )
+    }
+}
+
+/// `n` distinct free ports on 127.0.0.1, found as Postgres' is.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let p = free_port()?;
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    Ok(ports)
+}
+
 /// Waits until every process of `tier` answers for every collection; fails
 /// early when one exits. Returns the clients, each one's ready delay (ms,
 /// from `t0`) and the tokens seen.
 async fn await_tier(
     tier: &mut Tier,
+    targets: Vec<To>,
     collections: &Arc<Vec<String>>,
     t0: Instant,
     timeout: Duration,
@@ -185,9 +405,9 @@ async fn await_tier(
     let n = tier.procs.len();
     let until = t0 + timeout;
     let mut set = JoinSet::new();
-    for (i, p) in tier.procs.iter().enumerate() {
-        let (sock, cols) = (p.sock(), collections.clone());
-        set.spawn(async move { (i, await_ready(sock, cols, until).await) });
+    for (i, target) in targets.into_iter().enumerate() {
+        let cols = collections.clone();
+        set.spawn(async move { (i, await_ready(target, cols, until).await) });
     }
     let mut clients: Vec<Option<TokenBrokerClient<Channel>>> = vec![None; n];
     let mut ready_at = Vec::with_capacity(n);
@@ -616,17 +836,52 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     });
     let up_addr = start_upstream(upstream.clone()).await?;
 
-    // 3. Configs: one for the mids, one per rotation of the mids' list.
-    let mid_cfg = workp.join("mid.toml");
-    std::fs::write(&mid_cfg, mid_config(&collections, up_addr))?;
+    // 3. Configs. Over Unix sockets: one for the mids, one per rotation of
+    // the mids' list (leaf k uses k % M). With --tls: one per mid (its port)
+    // and one per leaf (its certificate).
     let mid_socks: Vec<PathBuf> = (0..m)
         .map(|i| workp.join("mid").join(i.to_string()).join("tb.sock"))
         .collect();
-    let leaf_cfgs: Vec<PathBuf> = (0..m)
-        .map(|r| workp.join(format!("leaf{r}.toml")))
-        .collect();
-    for (r, p) in leaf_cfgs.iter().enumerate() {
-        std::fs::write(p, leaf_config(&collections, &mid_socks, r))?;
+    let mid_addrs = if args.tls {
+        let t = Instant::now();
+        let pki = Arc::new(Pki::create(workp, n)?);
+        say(format!(
+            "PKI in {}: a CA, the mids' server certificate, {n} leaf + 1 driver client certificates ({:.2} s)",
+            pki.dir.display(),
+            t.elapsed().as_secs_f64()
+        ));
+        MidAddrs::Tls(free_ports(m)?, pki)
+    } else {
+        MidAddrs::Unix(mid_socks.clone())
+    };
+    let mid_cfgs: Vec<PathBuf> = match &mid_addrs {
+        MidAddrs::Unix(_) => {
+            let p = workp.join("mid.toml");
+            std::fs::write(&p, mid_config(&collections, up_addr, None))?;
+            vec![p; m]
+        }
+        MidAddrs::Tls(ports, pki) => {
+            let mut v = Vec::with_capacity(m);
+            for (i, port) in ports.iter().enumerate() {
+                let p = workp.join(format!("mid{i}.toml"));
+                std::fs::write(&p, mid_config(&collections, up_addr, Some((pki, *port))))?;
+                v.push(p);
+            }
+            v
+        }
+    };
+    let leaf_cfgs: Vec<PathBuf> = match &mid_addrs {
+        MidAddrs::Unix(_) => (0..n)
+            .map(|k| workp.join(format!("leaf{}.toml", k % m)))
+            .collect(),
+        MidAddrs::Tls(..) => (0..n)
+            .map(|k| workp.join(format!("leaf{k}.toml")))
+            .collect(),
+    };
+    for (k, p) in leaf_cfgs.iter().enumerate() {
+        if !p.exists() {
+            std::fs::write(p, leaf_config(&collections, &mid_addrs, k))?;
+        }
     }
     let key: [u8; 32] = rand::random();
     let secret: [u8; 24] = rand::random();
@@ -643,11 +898,23 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
 
     // 4. The mids, then the leaves.
     let t_spawn = Instant::now();
-    let mut mids = Tier::spawn("mid", m, &bin, workp, |_| mid_cfg.clone(), &mid_env)?;
+    let mut mids = Tier::spawn_with(
+        "mid",
+        m,
+        &bin,
+        workp,
+        |i| mid_cfgs[i].clone(),
+        |_| !args.tls,
+        &mid_env,
+    )?;
     mids.release()?;
     let t_mids = Instant::now();
+    let mid_targets = (0..m)
+        .map(|j| mid_addrs.target(j, mids.procs[j].sock()))
+        .collect::<anyhow::Result<_>>()?;
     let (mid_clients, mid_ready, mid_tokens) = await_tier(
         &mut mids,
+        mid_targets,
         &collections,
         t_mids,
         args.ready_timeout,
@@ -662,12 +929,14 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     ));
 
     let t_spawn_leaves = Instant::now();
-    let mut leaves = Tier::spawn("leaf", n, &bin, workp, |k| leaf_cfgs[k % m].clone(), &[])?;
+    let mut leaves = Tier::spawn("leaf", n, &bin, workp, |k| leaf_cfgs[k].clone(), &[])?;
     let leaf_spawn_time = t_spawn_leaves.elapsed();
     leaves.release()?;
     let t_leaves = Instant::now();
+    let leaf_targets = leaves.procs.iter().map(|p| To::Unix(p.sock())).collect();
     let (leaf_clients, leaf_ready, leaf_tokens) = await_tier(
         &mut leaves,
+        leaf_targets,
         &collections,
         t_leaves,
         args.ready_timeout,
@@ -710,7 +979,9 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let readers = readers_on
         .then(|| Readers::start(leaves.procs.iter().map(Proc::sock).collect(), &collections));
     let cpu0 = cpu_now(&mids.pids(), &leaves.pids(), postmaster, tick);
-    // The mid to kill drops out of the later samples: its own time up to the kill is added.
+    // The mid to kill drops out of the later samples, while `cpu0` counts its
+    // time before the window: once killed, its time in the window is added
+    // and its time before (in `cpu0`) is taken back out of the difference.
     let killed_pid = mids.procs[0].child.id().to_string();
     let killed_t0 = run_ms(&killed_pid).unwrap_or(0.0);
     let mut killed_ms = 0.0;
@@ -970,7 +1241,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     }
     let calls_per_rotation = window_calls as f64 / rotations.len() as f64;
     let cpu_s = (
-        cpu1.mids - cpu0.mids + killed_ms,
+        cpu1.mids - cpu0.mids + killed_ms + if t_kill.is_some() { killed_t0 } else { 0.0 },
         cpu1.leaves - cpu0.leaves,
         cpu1.postgres - cpu0.postgres,
         cpu1.driver - cpu0.driver,
@@ -994,9 +1265,10 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let header = "| tree | collections | kill a mid | leaves ready after release | upstream calls at start-up | upstream calls / rotation | commit -> leaf watcher p50 / p99 / max | commit -> last leaf watcher p50 / p99 / max | commit -> mid watcher p50 / p99 / max | DB connections (mids + leaves; pg_stat_activity total) | missed | failed reads | leaf RSS each | CPU ms/s mids / leaves / Postgres / driver | violations |";
     let sep = "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
     let row = format!(
-        "| {m} mids x {n} leaves | {c} | {kill} | {ready:.2} s | {startup_calls} | {calls_per_rotation:.2} | {a:.1} / {b:.1} / {cc:.1} ms | {d:.1} / {e:.1} / {f:.1} ms | {g:.1} / {h:.1} / {i:.1} ms | {mid_conns} + {leaf_conns} ({pgt}) | {missed} | {rf} | {rss:.1} MiB | {cm:.0} / {cl:.0} / {cp:.0} / {cd:.0} | {violations} |",
+        "| {m} mids x {n} leaves{transport} | {c} | {kill} | {ready:.2} s | {startup_calls} | {calls_per_rotation:.2} | {a:.1} / {b:.1} / {cc:.1} ms | {d:.1} / {e:.1} / {f:.1} ms | {g:.1} / {h:.1} / {i:.1} ms | {mid_conns} + {leaf_conns} ({pgt}) | {missed} | {rf} | {rss:.1} MiB | {cm:.0} / {cl:.0} / {cp:.0} / {cd:.0} | {violations} |",
         c = collections.len(),
         kill = if args.kill_mid { "yes" } else { "no" },
+        transport = if args.tls { ", TLS" } else { "" },
         ready = leaf_ready.max_ms / 1000.0,
         a = leaf_d.p50_ms,
         b = leaf_d.p99_ms,
@@ -1028,7 +1300,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
             .join("\n")
     };
     println!(
-        "{m} mids x {n} leaves x {c} collections, {ttl_secs} s tokens, window {window_secs:.1} s, run {:.1} s (wall); {}.\n\
+        "{m} mids x {n} leaves x {c} collections, {}, {ttl_secs} s tokens, window {window_secs:.1} s, run {:.1} s (wall); {}.\n\
          - Start: mids ready {:.2} s after their release; {n} leaves spawned in {:.2} s, all ready {:.2} s after their release (p50 {:.2} s); \
          {startup_calls} upstream calls by then (expected {c}).\n\
          - Rotations in the window: {} (probe NOTIFY receipts); upstream calls in the window: {window_calls} ({calls_per_rotation:.2} per rotation); \
@@ -1046,6 +1318,11 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
          leaf DB connections {leaf_conns} (peak {leaf_conns_peak}); upstream calls != rotations: {}).{kill_line}\n\
          - Logs: leaves {lw} WARN / {le} ERROR on {lwith}{}; mids {mw} WARN / {me} ERROR on {mwith}{}.\n\
          - Stop: leaves {:.2} s ({leaf_killed} SIGKILLed), mids {:.2} s ({mid_killed} SIGKILLed).{}",
+        if args.tls {
+            "mids on TLS (127.0.0.1 TCP, client certificates required, one per leaf)"
+        } else {
+            "mids on Unix sockets"
+        },
         started.elapsed().as_secs_f64(),
         pg.version(),
         mid_ready.max_ms / 1000.0,
@@ -1147,6 +1424,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
             "collections": collections.len(),
             "token_lifetime_s": ttl_secs,
             "kill_mid": args.kill_mid,
+            "tls": args.tls,
             "readers": readers_on,
             "window_s": window_secs,
             "wall_s": started.elapsed().as_secs_f64(),

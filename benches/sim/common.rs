@@ -334,10 +334,24 @@ pub async fn start_upstream(up: Arc<Upstream>) -> anyhow::Result<SocketAddr> {
     });
     Ok(addr)
 }
-pub async fn connect(sock: PathBuf, until: Instant) -> anyhow::Result<TokenBrokerClient<Channel>> {
-    let addr = ListenAddr::Unix(sock);
+/// Where the driver reaches a broker: a Unix socket path (`PathBuf`), or a
+/// type of the including bench (tree-sim's mids over TLS).
+pub trait Dial: Send + Sync + 'static {
+    /// One connection attempt.
+    fn open(&self) -> impl Future<Output = anyhow::Result<TokenBrokerClient<Channel>>> + Send;
+}
+
+impl Dial for PathBuf {
+    fn open(&self) -> impl Future<Output = anyhow::Result<TokenBrokerClient<Channel>>> + Send {
+        let addr = ListenAddr::Unix(self.clone());
+        async move { token_broker::client::connect(&addr).await }
+    }
+}
+
+/// Connects to `to`, retrying every 25 ms until `until`.
+pub async fn connect(to: impl Dial, until: Instant) -> anyhow::Result<TokenBrokerClient<Channel>> {
     loop {
-        match token_broker::client::connect(&addr).await {
+        match to.open().await {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() > until => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
@@ -353,11 +367,11 @@ pub struct Ready {
 }
 
 pub async fn await_ready(
-    sock: PathBuf,
+    to: impl Dial,
     collections: Arc<Vec<String>>,
     until: Instant,
 ) -> anyhow::Result<(TokenBrokerClient<Channel>, Ready)> {
-    let mut client = connect(sock, until).await?;
+    let mut client = connect(to, until).await?;
     let mut tokens = Vec::new();
     for c in collections.iter() {
         loop {
@@ -717,12 +731,28 @@ pub struct Tier {
 }
 
 impl Tier {
+    /// Every process listens on its Unix socket (`--listen unix:<dir>/tb.sock`).
     pub fn spawn(
         name: &'static str,
         n: usize,
         bin: &Path,
         work: &Path,
         config: impl Fn(usize) -> PathBuf,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        Self::spawn_with(name, n, bin, work, config, |_| true, env)
+    }
+
+    /// As `spawn`, but process `i` gets `--listen unix:<dir>/tb.sock` only
+    /// when `unix(i)`; otherwise its config's `[server] listen` applies (and
+    /// `Proc::sock` names no socket).
+    pub fn spawn_with(
+        name: &'static str,
+        n: usize,
+        bin: &Path,
+        work: &Path,
+        config: impl Fn(usize) -> PathBuf,
+        unix: impl Fn(usize) -> bool,
         env: &[(&str, String)],
     ) -> anyhow::Result<Self> {
         let (gate_r, gate_w) = std::io::pipe().context("creating the start gate")?;
@@ -736,15 +766,18 @@ impl Tier {
             let dir = work.join(name).join(i.to_string());
             std::fs::create_dir_all(&dir)?;
             let log = std::fs::File::create(dir.join("server.log"))?;
-            let child = Command::new("sh")
-                .arg("-c")
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c")
                 .arg("read -r _ && exec \"$0\" \"$@\"")
                 .arg(bin)
                 .arg("serve")
                 .arg("--config")
-                .arg(config(i))
-                .arg("--listen")
-                .arg(format!("unix:{}", dir.join("tb.sock").display()))
+                .arg(config(i));
+            if unix(i) {
+                cmd.arg("--listen")
+                    .arg(format!("unix:{}", dir.join("tb.sock").display()));
+            }
+            let child = cmd
                 .args(["--admin-listen", "127.0.0.1:0"])
                 .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
                 .env_remove("RUST_LOG")
