@@ -123,6 +123,9 @@ struct Args {
     /// one certificate per leaf); the leaves follow them over https:// instead of Unix sockets.
     #[arg(long)]
     tls: bool,
+    /// The leaves' `connect_timeout` (per mid address: connecting and opening the watch).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    leaf_connect_timeout: Duration,
     /// The token-broker binary to run.
     #[arg(
         long,
@@ -236,7 +239,12 @@ impl Dial for To {
 
 /// Leaf `k`'s config: every collection follows all the mids, mid `k % M`
 /// first (over TLS: as `spiffe://tree-sim/leaf/<k>`).
-fn leaf_config(collections: &[String], mids: &MidAddrs, k: usize) -> String {
+fn leaf_config(
+    collections: &[String],
+    mids: &MidAddrs,
+    k: usize,
+    connect_timeout: Duration,
+) -> String {
     let m = mids.len();
     let first = k % m;
     let addrs: Vec<String> = (0..m)
@@ -259,9 +267,10 @@ fn leaf_config(collections: &[String], mids: &MidAddrs, k: usize) -> String {
     for name in collections {
         c.push_str(&format!(
             "[collections.{name}]\nprefetch = true\nrequired = true\n\
-             source = {{ kind = \"broker\", addrs = [{}], {tls}connect_timeout = \"500ms\" }}\n\
+             source = {{ kind = \"broker\", addrs = [{}], {tls}connect_timeout = \"{}ms\" }}\n\
              policy = {{ backoff_initial = \"100ms\", backoff_max = \"1s\" }}\n\n",
-            addrs.join(", ")
+            addrs.join(", "),
+            connect_timeout.as_millis()
         ));
     }
     c
@@ -615,8 +624,22 @@ impl Readers {
 // ---------------------------------------------------------------------------
 // Connections and CPU per class
 
-/// Inodes of the established TCP connections to `port` on 127.0.0.1.
-fn pg_socket_inodes(port: u16) -> HashSet<u64> {
+/// An instant as the brokers' log lines begin (UTC, microseconds), so that
+/// the two compare as strings.
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// The timestamps of a leaf's "remote broker failed ... failing over" WARN lines.
+fn failover_lines(log: &str) -> impl Iterator<Item = &str> {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("remote broker failed"))
+        .filter_map(|l| l.split_whitespace().next())
+}
+
+/// Inodes of the established TCP connections to `port` on 127.0.0.1
+/// (Postgres', or a TLS mid's).
+fn tcp_inodes_to(port: u16) -> HashSet<u64> {
     let mut out = HashSet::new();
     let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
         return out;
@@ -880,7 +903,10 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     };
     for (k, p) in leaf_cfgs.iter().enumerate() {
         if !p.exists() {
-            std::fs::write(p, leaf_config(&collections, &mid_addrs, k))?;
+            std::fs::write(
+                p,
+                leaf_config(&collections, &mid_addrs, k, args.leaf_connect_timeout),
+            )?;
         }
     }
     let key: [u8; 32] = rand::random();
@@ -969,7 +995,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
 
     // Connections once everything is up.
     let (postmaster, tick) = (pg.postmaster_pid(), tick_ms());
-    let inodes = pg_socket_inodes(pg.port);
+    let inodes = tcp_inodes_to(pg.port);
     let (mid_conns_start, leaf_conns_start) = (
         held_by(&mids.pids(), &inodes),
         held_by(&leaves.pids(), &inodes),
@@ -986,6 +1012,11 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let killed_t0 = run_ms(&killed_pid).unwrap_or(0.0);
     let mut killed_ms = 0.0;
     let t_w0 = Instant::now();
+    let wall_w0 = SystemTime::now();
+    let mut wall_kill = None;
+    // The leaves following the mid to kill when it is killed (TLS: holding a
+    // TCP connection to its port; Unix sockets: by configuration, its primaries).
+    let mut followers: Vec<usize> = Vec::new();
     say(format!(
         "{} leaf + {} mid watchers open{}; measuring for {}",
         leaf_watchers.len(),
@@ -1016,24 +1047,35 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         }
         polls += 1;
         if polls.is_multiple_of(10) {
-            leaf_conns_peak =
-                leaf_conns_peak.max(held_by(&leaves.pids(), &pg_socket_inodes(pg.port)));
+            leaf_conns_peak = leaf_conns_peak.max(held_by(&leaves.pids(), &tcp_inodes_to(pg.port)));
         }
         if args.kill_mid && t_kill.is_none() && Instant::now() >= t_w0 + duration / 2 {
             cpu_before_kill = Some(cpu_now(&mids.pids(), &leaves.pids(), postmaster, tick));
             killed_ms = run_ms(&killed_pid).unwrap_or(killed_t0) - killed_t0;
+            followers = match &mid_addrs {
+                MidAddrs::Tls(ports, _) => {
+                    let inodes = tcp_inodes_to(ports[killed]);
+                    (0..n)
+                        .filter(|&k| held_by(&[leaves.procs[k].child.id()], &inodes) > 0)
+                        .collect()
+                }
+                MidAddrs::Unix(_) => (0..n).filter(|k| k % m == killed).collect(),
+            };
             let p = &mut mids.procs[killed];
             p.child.kill().context("SIGKILL of the mid")?;
             t_kill = Some(Instant::now());
+            wall_kill = Some(SystemTime::now());
             let _ = p.child.wait();
             say(format!(
-                "SIGKILLed mid {killed} (the primary of {} leaves)",
+                "SIGKILLed mid {killed} (followed by {} leaves{}; the primary of {})",
+                followers.len(),
+                if args.tls { "" } else { " by configuration" },
                 n.div_ceil(m)
             ));
         }
     }
     let conns = db_connections(&admin).await?;
-    let inodes = pg_socket_inodes(pg.port);
+    let inodes = tcp_inodes_to(pg.port);
     let (mid_conns, leaf_conns) = (
         held_by(&mids.pids(), &inodes),
         held_by(&leaves.pids(), &inodes),
@@ -1168,7 +1210,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     if let Some(k) = t_kill {
         let orphans: Vec<&Watcher> = leaf_watchers
             .iter()
-            .filter(|w| w.sidecar % m == killed)
+            .filter(|w| followers.contains(&w.sidecar))
             .collect();
         let mut next_all = Vec::new();
         let mut next_commit = Vec::new();
@@ -1189,17 +1231,19 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
             }
         }
         let (to_all, from_commit) = (dist(next_all), dist(next_commit));
-        let failover_warns: usize = leaves
-            .procs
+        let after_kill = wall_kill.map(rfc3339).unwrap_or_default();
+        let failover_warns: usize = followers
             .iter()
-            .enumerate()
-            .filter(|(i, _)| i % m == killed)
-            .map(|(_, p)| p.log().matches("remote broker failed").count())
+            .map(|&k| {
+                failover_lines(&leaves.procs[k].log())
+                    .filter(|at| *at >= after_kill.as_str())
+                    .count()
+            })
             .sum();
         kill_line = format!(
             "\n- Kill: mid {killed} SIGKILLed {:.1} s into the window ({} orphaned leaves); the next commit came {:.1} s later; \
              every orphaned leaf's watcher had it {:.2} s after the kill ({:.1} ms after its commit; p50 {:.1} ms); \
-             {orphan_missing} orphaned watchers never had it; {failover_warns} failover WARN lines on the orphans.",
+             {orphan_missing} orphaned watchers never had it; {failover_warns} failover WARN lines on the orphans after the kill.",
             diff_ms(k, t_w0) / 1000.0,
             orphans.len() / collections.len(),
             commit_after_kill.iter().copied().fold(f64::NAN, f64::max) / 1000.0,
@@ -1215,7 +1259,8 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
             "kill_to_orphan_watcher": to_all,
             "next_commit_to_orphan_watcher": from_commit,
             "orphan_watchers_without_next": orphan_missing,
-            "failover_warn_lines": failover_warns,
+            "failover_warn_lines_after_kill": failover_warns,
+            "orphans_found_by": if args.tls { "tcp_connection_to_the_mid" } else { "configuration" },
             "cpu_before_kill": cpu_before_kill,
         });
     }
@@ -1257,6 +1302,22 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
     let (leaf_stop, leaf_killed) = leaves.stop();
     let (mid_stop, mid_killed) = mids.stop();
     let (lw, le, lwith, ltop) = leaves.log_summary();
+    // Failovers before the window: at start-up (a first mid not answering within
+    // --leaf-connect-timeout).
+    let before_window = rfc3339(wall_w0);
+    let startup_failovers: Vec<usize> = leaves
+        .procs
+        .iter()
+        .map(|p| {
+            failover_lines(&p.log())
+                .filter(|at| *at < before_window.as_str())
+                .count()
+        })
+        .collect();
+    let (sf_lines, sf_leaves) = (
+        startup_failovers.iter().sum::<usize>(),
+        startup_failovers.iter().filter(|c| **c > 0).count(),
+    );
     let (mw, me, mwith, mtop) = mids.log_summary();
     if violations > 0 {
         keep_flag.store(true, Ordering::Relaxed);
@@ -1316,6 +1377,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
          - Violations: {violations} (leaf: missed {}, out of order {}, not at the latest {}, streams ended {}; mid: missed {}, out of order {}, not at the latest {}, streams ended {}; \
          two values for one version {two_values}; value never issued {not_issued}; failed reads {read_failures}; reads going back {reads_backwards}; \
          leaf DB connections {leaf_conns} (peak {leaf_conns_peak}); upstream calls != rotations: {}).{kill_line}\n\
+         - Failovers before the window (start-up): {sf_lines} WARN lines on {sf_leaves} leaves (leaf connect_timeout {} ms).\n\
          - Logs: leaves {lw} WARN / {le} ERROR on {lwith}{}; mids {mw} WARN / {me} ERROR on {mwith}{}.\n\
          - Stop: leaves {:.2} s ({leaf_killed} SIGKILLed), mids {:.2} s ({mid_killed} SIGKILLed).{}",
         if args.tls {
@@ -1397,6 +1459,7 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
         mid_p.not_latest,
         mid_p.streams_ended,
         window_calls != rotations.len(),
+        args.leaf_connect_timeout.as_millis(),
         if ltop.is_empty() {
             String::new()
         } else {
@@ -1454,6 +1517,8 @@ async fn run(args: Args, keep_flag: Arc<AtomicBool>, work: &WorkDir) -> anyhow::
             "readers": {"reads": reads_total, "failed": read_failures, "failed_while_servable": read_failures_servable, "backwards": reads_backwards, "first_errors": read_errors},
             "kill": kill_doc,
             "violations": {"total": violations, "two_values_one_version": two_values, "not_issued": not_issued},
+            "leaf_connect_timeout_ms": args.leaf_connect_timeout.as_millis() as u64,
+            "startup_failovers": {"warn_lines": sf_lines, "leaves": sf_leaves},
             "logs": {"leaves": {"warn": lw, "error": le, "top": ltop}, "mids": {"warn": mw, "error": me, "top": mtop}},
             "probe_errors": probe_errors,
             "markdown_row": row,
