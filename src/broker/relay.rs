@@ -15,13 +15,14 @@
 //! | following endpoint `i` | the stream breaks or cannot open | following endpoint `i + 1` at once; after a whole round of failures, backing off (full jitter) | the current token is served until its hard expiry; nothing is invented |
 //! | not yet asked for (lazy) | the first demand (`activate`) | following | a lazy collection is not fetched at the root before anyone asks |
 //! | any | demand (`wake`) | one forwarded call; its token installed, or its failure recorded as backoff | a failure is never a token; callers with nothing servable fail fast while backing off |
-//! | current token `PROBE_GRACE` past `refresh_at`, nothing newer | probe (`GetCollectionToken`), again every `PROBE_EVERY` | the same token with the remote's new instants (a refetch of one value is not pushed), and `stale` when the remote says so | a follower serves stale exactly when its root does, and never past the remote's hard expiry |
+//! | current token `PROBE_GRACE` past `refresh_at`, nothing newer | probe (`GetCollectionToken`), again every `PROBE_EVERY` | the same token with the remote's new instants (a refetch of one value is not pushed), and `stale` when the remote says so | a follower serves stale when its root does (learned within `PROBE_GRACE` and a round trip), and never past the remote's hard expiry |
 //!
 //! Contract: no store is touched (a leaf needs no database); the token
 //! instants are the remote's, read on this sidecar's clock (tiers should
 //! keep their clocks in step, as for any expiry); a stream that resumes
-//! asks for the versions after L1's (`after_version`), so a break loses
-//! nothing but intermediate versions, and the latest always arrives.
+//! asks for the versions after L1's (`after_version`), so a break loses at
+//! most intermediate versions the remote no longer holds, and the latest
+//! always arrives.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
