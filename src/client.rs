@@ -11,12 +11,11 @@ use std::io::Write;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
 use crate::grpc::pb::{self, GetCollectionTokenRequest, InvalidateTokenRequest, WatchTokenRequest};
-use crate::grpc::remote::ClientTls;
+use crate::grpc::remote::{ClientTls, unix_connector};
 use crate::listen::ListenAddr;
 
 /// Where a client command connects: a broker's address and, for TLS, the
@@ -66,16 +65,9 @@ async fn channel(target: &Target) -> anyhow::Result<Channel> {
             .await
             .with_context(|| format!("cannot connect to {addr}"))?,
         (ListenAddr::Unix(path), None) => {
-            let path = path.clone();
             // The URI is required by the API but unused: the connector decides.
             Endpoint::try_from("http://localhost")?
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        let stream = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(TokioIo::new(stream))
-                    }
-                }))
+                .connect_with_connector(unix_connector(path.clone()))
                 .await
                 .with_context(|| format!("cannot connect to {addr}"))?
         }

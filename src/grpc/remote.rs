@@ -42,8 +42,6 @@ use crate::token::{Secret, Token};
 /// Keepalive of a remote connection: a ping this often, dead without an
 /// answer within the same time.
 const KEEPALIVE: Duration = Duration::from_secs(5);
-/// Longest part of a remote's status message kept in an error detail.
-const MAX_DETAIL: usize = 200;
 
 /// Where a remote broker listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,15 +239,7 @@ impl RemoteBroker {
                 let path = path.clone();
                 // The URI is required by the API but unused: the connector decides.
                 let endpoint = tune(Endpoint::from_static("http://localhost"));
-                Ok(
-                    endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                        let path = path.clone();
-                        async move {
-                            let stream = tokio::net::UnixStream::connect(path).await?;
-                            Ok::<_, std::io::Error>(TokioIo::new(stream))
-                        }
-                    })),
-                )
+                Ok(endpoint.connect_with_connector_lazy(unix_connector(path.clone())))
             }
         }
     }
@@ -374,6 +364,24 @@ impl RemoteBroker {
     }
 }
 
+/// A connector that dials the Unix socket at `path`, whatever URI it is
+/// given (tonic's API needs one; the path decides).
+pub fn unix_connector(
+    path: PathBuf,
+) -> impl tower::Service<
+    Uri,
+    Response = TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl std::future::Future<Output = std::io::Result<TokioIo<tokio::net::UnixStream>>> + Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move { Ok(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+    })
+}
+
 /// A unary answer's token with its `stale` flag.
 fn remote_token(t: Option<pb::Token>) -> Result<RemoteToken, FetchError> {
     let stale = t.as_ref().is_some_and(|t| t.stale);
@@ -440,13 +448,13 @@ fn classify(s: &Status) -> FetchError {
         .and_then(|v| v.to_str().ok())
         .and_then(FailureClass::parse)
         .unwrap_or(class);
-    let message: String = s.message().chars().take(MAX_DETAIL).collect();
+
     let mut e = FetchError::new(
         class,
         format!(
             "remote broker answered {:?}: {}",
             s.code(),
-            message.escape_debug()
+            super::convert::Loggable(s.message())
         ),
     );
     e.retry_after = s
