@@ -99,8 +99,16 @@ impl TokenBrokerService {
         collection: &str,
         caller: Option<&Caller>,
     ) -> Result<(), ApiError> {
-        let anonymous = Caller::default();
-        let caller = caller.unwrap_or(&anonymous);
+        // Every connection carries a caller (`peer::accept`); one without is
+        // anonymous. Built only then: this runs on every call.
+        let anonymous;
+        let caller = match caller {
+            Some(c) => c,
+            None => {
+                anonymous = Caller::default();
+                &anonymous
+            }
+        };
         if self.authz.allows(collection, caller) {
             return Ok(());
         }
