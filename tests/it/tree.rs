@@ -6,16 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use token_broker::grpc::pb::{
-    GetCollectionTokenRequest, InvalidateTokenRequest, WatchTokenRequest,
-};
+use token_broker::grpc::pb::{GetCollectionTokenRequest, InvalidateTokenRequest};
 use token_broker::listen::ListenAddr;
 use token_broker::store::MemoryStore;
 use tonic::Code;
 
 use crate::support::scripted::{Scripted, policy, spec};
 use crate::support::server::TestServer;
-use crate::support::{get, next_token, ts};
+use crate::support::{get, next_token, ts, watch};
 
 fn leaf_config(mid: &TestServer, extra: &str) -> String {
     let ListenAddr::Tcp(addr) = &mid.addr else {
@@ -70,24 +68,10 @@ async fn a_leaf_serves_watches_and_invalidates_through_its_mid_tier_as_through_a
         assert_eq!(ts(&t.expires_at), ts(&from_mid.expires_at));
         assert_eq!(ts(&t.refresh_at), ts(&from_mid.refresh_at));
         assert_eq!(ts(&t.fetched_at), ts(&from_mid.fetched_at));
-        let stream = c
-            .watch_token(WatchTokenRequest {
-                collection: "c".into(),
-                after_version: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let stream = watch(&mut c, "c", 0).await;
         watches.push(stream);
     }
-    let mut mid_watch = mid_client
-        .watch_token(WatchTokenRequest {
-            collection: "c".into(),
-            after_version: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut mid_watch = watch(&mut mid_client, "c", 0).await;
     assert_eq!(next_token(&mut mid_watch).await.version, from_mid.version);
     for w in &mut watches {
         assert_eq!(next_token(w).await.version, from_mid.version);
@@ -454,14 +438,7 @@ async fn a_hostile_remote_is_an_error_never_a_token() {
             "{what}: {}",
             err.message()
         );
-        let mut stream = c
-            .watch_token(WatchTokenRequest {
-                collection: "c".into(),
-                after_version: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = watch(&mut c, "c", 0).await;
         let next = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
         assert!(next.is_err(), "{what}: a hostile token was streamed");
         if !value.is_empty() {

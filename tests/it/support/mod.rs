@@ -35,6 +35,23 @@ use tonic::transport::Channel;
 pub use scripted::{Scripted, Step, policy, required, spec, steady};
 pub use server::TestServer;
 
+/// A `WatchToken` stream of `collection` after `after_version` (panics when
+/// it is refused).
+pub async fn watch(
+    client: &mut TokenBrokerClient<Channel>,
+    collection: &str,
+    after_version: u64,
+) -> tonic::Streaming<pb::WatchTokenResponse> {
+    client
+        .watch_token(pb::WatchTokenRequest {
+            collection: collection.to_owned(),
+            after_version,
+        })
+        .await
+        .expect("watch refused")
+        .into_inner()
+}
+
 /// The next token on a watch stream (panics on an error or end of stream).
 pub async fn next_token(stream: &mut tonic::Streaming<pb::WatchTokenResponse>) -> pb::Token {
     stream
