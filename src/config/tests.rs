@@ -380,3 +380,75 @@ fn store_section_is_checked_and_secrets_stay_out_of_errors() {
         "inline URLs are refused: {e}"
     );
 }
+
+#[test]
+fn broker_sources_are_checked_naming_the_field() {
+    use crate::grpc::remote::RemoteAddr;
+    let broker =
+        |fields: &str| format!("[collections.api]\nsource = {{ kind = \"broker\", {fields} }}\n");
+    // Defaults: the remote name is the collection's own; loopback http and
+    // Unix sockets need no TLS.
+    let c = Config::parse(&broker(
+        r#"addrs = ["http://127.0.0.1:7443", "http://localhost:7443", "unix:/run/tb.sock"]"#,
+    ))
+    .unwrap();
+    let SourceConfig::Broker(spec) = &c.collections[0].source else {
+        panic!("not a broker source")
+    };
+    assert_eq!(spec.collection, "api");
+    assert_eq!(spec.connect_timeout, Duration::from_secs(2));
+    assert_eq!(
+        spec.addrs[2],
+        RemoteAddr::Unix(std::path::PathBuf::from("/run/tb.sock"))
+    );
+
+    let cases = [
+        ("addrs = []", "collections.api.source.addrs"),
+        (
+            r#"addrs = ["ftp://127.0.0.1:1"]"#,
+            "collections.api.source.addrs[0]",
+        ),
+        (
+            r#"addrs = ["unix:relative.sock"]"#,
+            "collections.api.source.addrs[0]",
+        ),
+        (
+            r#"addrs = ["https://b:7443/path"]"#,
+            "collections.api.source.addrs[0]",
+        ),
+        // Tokens in clear across the network: refused without `insecure`.
+        (
+            r#"addrs = ["unix:/x.sock", "http://10.0.0.7:7443"]"#,
+            "collections.api.source.addrs[1]",
+        ),
+        (
+            r#"addrs = ["https://b:7443"]"#,
+            "collections.api.source.ca_file",
+        ),
+        (
+            r#"addrs = ["http://127.0.0.1:1"], ca_file = "/nonexistent/ca.crt""#,
+            "collections.api.source.ca_file",
+        ),
+        (
+            r#"addrs = ["127.0.0.1:1"], collection = "bad name""#,
+            "collections.api.source.addrs[0]",
+        ),
+        (
+            r#"addrs = ["unix:/x.sock"], collection = "bad name""#,
+            "collections.api.source.collection",
+        ),
+        (
+            r#"addrs = ["unix:/x.sock"], connect_timeout = "1ms""#,
+            "collections.api.source.connect_timeout",
+        ),
+    ];
+    for (fields, field) in cases {
+        let e = err(&broker(fields));
+        assert_eq!(e.field, field, "{fields}: {e}");
+    }
+    // `insecure = true` allows http to another host.
+    Config::parse(&broker(
+        r#"addrs = ["http://10.0.0.7:7443"], insecure = true"#,
+    ))
+    .unwrap();
+}
