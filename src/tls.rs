@@ -222,6 +222,58 @@ fn build(s: &TlsSettings, files: &Files) -> Result<Arc<rustls::ServerConfig>, Tl
     Ok(Arc::new(config))
 }
 
+/// Checks a client's TLS files (the `broker` source's) the way a
+/// connection will use them: a CA bundle of certificates that parse and,
+/// when given, a certificate chain with the private key of its first
+/// certificate. Errors name `ca_file`, `cert_file` or `key_file` (the
+/// caller prefixes its table) and never quote a file.
+pub fn check_client_files(
+    ca_file: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<(), TlsError> {
+    let read = |field: &'static str, p: &Path| {
+        std::fs::read(p)
+            .map_err(|e| TlsError::new(field, format!("cannot read {}: {e}", p.display())))
+    };
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for ca in certs("ca_file", ca_file, &read("ca_file", ca_file)?)? {
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::new("ca_file", format!("{}: {e}", ca_file.display())))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::new("ca_file", e.to_string()))?
+        .with_root_certificates(roots);
+    if let Some((cert_file, key_file)) = identity {
+        let chain = certs("cert_file", cert_file, &read("cert_file", cert_file)?)?;
+        let key = PrivateKeyDer::from_pem_slice(&read("key_file", key_file)?).map_err(|_| {
+            TlsError::new(
+                "key_file",
+                format!(
+                    "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                    key_file.display()
+                ),
+            )
+        })?;
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => TlsError::new(
+                    "key_file",
+                    format!(
+                        "{} does not match the certificate in {}",
+                        key_file.display(),
+                        cert_file.display()
+                    ),
+                ),
+                other => TlsError::new("cert_file", format!("{}: {other}", cert_file.display())),
+            })?;
+    }
+    Ok(())
+}
+
 /// Reads and checks the material `s` names: what config loading calls.
 pub fn load(s: &TlsSettings) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     build(s, &Files::read(s)?)

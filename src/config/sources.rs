@@ -169,25 +169,15 @@ impl RawBroker {
             ("cert_file", &self.cert_file),
             ("key_file", &self.key_file),
         ] {
-            if let Some(p) = path {
-                if !https {
-                    return Err(ConfigError::new(
-                        f(field),
-                        "only used with an https:// address",
-                    ));
-                }
-                let pem = std::fs::read(p).map_err(|e| {
-                    ConfigError::new(f(field), format!("cannot read {}: {e}", p.display()))
-                })?;
-                if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
-                    return Err(ConfigError::new(
-                        f(field),
-                        format!("{} is not a PEM file", p.display()),
-                    ));
-                }
+            if path.is_some() && !https {
+                return Err(ConfigError::new(
+                    f(field),
+                    "only used with an https:// address",
+                ));
             }
         }
-        match (&self.cert_file, &self.key_file) {
+        let identity = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
             (Some(_), None) => {
                 return Err(ConfigError::new(f("key_file"), "needs cert_file's key"));
             }
@@ -197,13 +187,19 @@ impl RawBroker {
                     "needs key_file's certificate",
                 ));
             }
-            _ => {}
-        }
-        if https && self.ca_file.is_none() {
-            return Err(ConfigError::new(
-                f("ca_file"),
-                "an https:// address needs the CA bundle that signed the remote's certificate",
-            ));
+            (None, None) => None,
+        };
+        match &self.ca_file {
+            // Read and checked as a connection will use them.
+            Some(ca) => crate::tls::check_client_files(ca, identity)
+                .map_err(|e| ConfigError::new(f(e.field), e.reason))?,
+            None if https => {
+                return Err(ConfigError::new(
+                    f("ca_file"),
+                    "an https:// address needs the CA bundle that signed the remote's certificate",
+                ));
+            }
+            None => {}
         }
         if let Some(n) = &self.server_name {
             non_empty(&f("server_name"), n)?;

@@ -446,6 +446,41 @@ fn broker_sources_are_checked_naming_the_field() {
         let e = err(&broker(fields));
         assert_eq!(e.field, field, "{fields}: {e}");
     }
+    // TLS files are checked as a connection uses them: a CA bundle that
+    // parses, a key that is the certificate's.
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let a = rcgen::generate_simple_self_signed(vec!["a.example".to_owned()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["b.example".to_owned()]).unwrap();
+    let ca = write("ca.crt", &a.cert.pem());
+    let cert = write("tls.crt", &a.cert.pem());
+    let key = write("tls.key", &a.signing_key.serialize_pem());
+    let other_key = write("other.key", &b.signing_key.serialize_pem());
+    let garbage = write("garbage.pem", "-----BEGIN CERTIFICATE-----\nnot base64\n");
+    let tls = |ca: &str, cert: &str, key: &str| {
+        broker(&format!(
+            r#"addrs = ["https://b:7443"], ca_file = "{ca}", cert_file = "{cert}", key_file = "{key}""#
+        ))
+    };
+    Config::parse(&tls(&ca, &cert, &key)).unwrap();
+    for (text, field) in [
+        (tls(&garbage, &cert, &key), "collections.api.source.ca_file"),
+        (tls(&ca, &garbage, &key), "collections.api.source.cert_file"),
+        (
+            tls(&ca, &cert, &other_key),
+            "collections.api.source.key_file",
+        ),
+        (tls(&ca, &cert, &garbage), "collections.api.source.key_file"),
+    ] {
+        let e = err(&text);
+        assert_eq!(e.field, field, "{e}");
+        assert!(!e.reason.contains("BEGIN"), "a file's content in {e}");
+    }
+
     // `insecure = true` allows http to another host.
     Config::parse(&broker(
         r#"addrs = ["http://10.0.0.7:7443"], insecure = true"#,
