@@ -243,13 +243,6 @@ impl RemoteBroker {
             }
         }
     }
-
-    fn endpoint_name(&self, i: usize) -> String {
-        self.spec
-            .addrs
-            .get(i)
-            .map_or_else(String::new, ToString::to_string)
-    }
 }
 
 impl Remote for RemoteBroker {
@@ -258,7 +251,10 @@ impl Remote for RemoteBroker {
     }
 
     fn endpoint(&self, i: usize) -> String {
-        self.endpoint_name(i)
+        self.spec
+            .addrs
+            .get(i)
+            .map_or_else(String::new, ToString::to_string)
     }
 
     fn watch(
@@ -274,13 +270,20 @@ impl Remote for RemoteBroker {
             };
             // The stream is open once the remote answers with its headers;
             // bound that by the connect timeout plus a little.
-            let opened = tokio::time::timeout(
+            let opened = match tokio::time::timeout(
                 self.spec.connect_timeout + Duration::from_secs(1),
                 client.watch_token(req),
             )
             .await
-            .map_err(|_| FetchError::new(FailureClass::Connect, "watch not opened in time"))?
-            .map_err(|s| classify(&s));
+            {
+                Err(_) => Err(FetchError::new(
+                    FailureClass::Connect,
+                    "watch not opened in time",
+                )),
+                Ok(answer) => answer.map_err(|s| classify(&s)),
+            };
+            // A remote that did not answer in time may hold a dead
+            // connection: it is forgotten like a refused one.
             let stream = match opened {
                 Ok(r) => r.into_inner(),
                 Err(e) => {

@@ -618,3 +618,36 @@ policy = {{ backoff_initial = "100ms", backoff_max = "200ms" }}
     }
     drop(mid);
 }
+
+/// A remote that accepts connections and never answers (a black hole, a
+/// hung process) is left within its connect timeout: the leaf fails over
+/// to the next address and serves its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leaf_leaves_a_silent_remote_for_the_next_address() {
+    // Connections complete in the kernel's backlog; nothing ever reads them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let mid = TestServer::start(vec![spec(
+        "c",
+        Scripted::tokens(Duration::from_secs(300)),
+        policy(),
+        true,
+    )])
+    .await;
+    let ListenAddr::Tcp(mid_addr) = mid.addr.clone() else {
+        panic!()
+    };
+    let config = format!(
+        r#"
+[collections.c]
+source = {{ kind = "broker", addrs = ["http://{silent_addr}", "http://{mid_addr}"], connect_timeout = "200ms" }}
+"#
+    );
+    let leaf = TestServer::from_toml(&config, Arc::new(MemoryStore::new())).await;
+    let mut c = leaf.client().await;
+    // Within the caller's deadline: the silent remote is given up on.
+    let t = get(&mut c, "c", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(t.version, 1);
+    assert!(remote_metric(&leaf, "token_broker_remote_breaks_total") >= 1);
+    drop(silent);
+}
